@@ -1,0 +1,2 @@
+"""The training driver: flags, initialisation, model, data, loop and checkpoints
+around the pinned pip package megatron-core (`megatron.core`)."""

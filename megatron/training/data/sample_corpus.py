@@ -1,0 +1,80 @@
+"""A small real English corpus that every Python installation ships, and a
+sentencepiece tokenizer trained on it: what the quickstart and the tests use,
+so nothing is ever downloaded.
+
+The text is the Python language reference shipped in `pydoc_data.topics`
+(about 460 KB of prose and code samples), cut into documents of a few
+paragraphs each.
+"""
+
+import json
+import os
+from typing import Iterator, List
+
+
+def sample_documents(max_chars: int = 2000) -> List[str]:
+    """The corpus as a list of documents, in a fixed order."""
+    import pydoc_data.topics
+
+    docs = []
+    for name in sorted(pydoc_data.topics.topics):
+        text = pydoc_data.topics.topics[name]
+        current: List[str] = []
+        size = 0
+        for para in text.split("\n\n"):
+            para = para.strip("\n")
+            if not para.strip():
+                continue
+            current.append(para)
+            size += len(para)
+            if size >= max_chars:
+                docs.append("\n\n".join(current))
+                current, size = [], 0
+        if current:
+            docs.append("\n\n".join(current))
+    return docs
+
+
+def _records(docs: List[str], key: str) -> Iterator[str]:
+    for i, doc in enumerate(docs):
+        yield json.dumps({"id": i, key: doc}, ensure_ascii=False) + "\n"
+
+
+def write_sample_corpus(path: str, key: str = "text", repeat: int = 1, max_chars: int = 2000) -> int:
+    """Write the corpus as jsonl (`{"id", key}` per line), `repeat` times over.
+    Returns the number of documents written. The file is written aside and
+    renamed, so a reader never sees half of it."""
+    docs = sample_documents(max_chars) * repeat
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(_records(docs, key))
+    os.replace(tmp, path)
+    return len(docs)
+
+
+def train_sample_tokenizer(corpus_jsonl: str, model_prefix: str, vocab_size: int = 1000, key: str = "text") -> str:
+    """Train a Llama-style sentencepiece BPE model (byte fallback, BOS=1,
+    EOS=2, UNK=0, no pad) on a jsonl corpus; returns the `.model` path."""
+    import sentencepiece
+
+    def sentences():
+        with open(corpus_jsonl, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)[key]
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=sentences(),
+        model_prefix=model_prefix,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        max_sentence_length=1 << 16,
+        num_threads=2,
+        minloglevel=2,
+    )
+    return model_prefix + ".model"
