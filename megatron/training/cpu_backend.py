@@ -24,6 +24,8 @@ The reroutes (each one has a test in tests/training/test_cpu_backend.py):
 5. Type-string checks (`param.type() == 'torch.cuda.FloatTensor'`) in the
    functions listed in `_FUNCTIONS_WITH_TYPE_CHECKS`: while those functions run,
    `Tensor.type()` reports CPU tensors under their CUDA names.
+6. The RNG tracker's warning "CPU RNG state changed within GPU RNG context"
+   is filtered: on the CPU the forked stream *is* the CPU generator.
 
 The pinned megatron-core version is checked first: if it changes, the list
 above must be re-verified, so activation fails with a message saying so.
@@ -32,6 +34,7 @@ above must be re-verified, so activation fails with a message saying so.
 import contextlib
 import functools
 import importlib
+import logging
 import threading
 
 import torch
@@ -193,6 +196,11 @@ def _patch_torch_cuda():
     tp_random._set_cuda_rng_state = set_state
 
 
+class _DropCpuRngWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def activate() -> bool:
     """Install the reroutes when CUDA is absent. Returns True if they are active.
 
@@ -210,5 +218,6 @@ def activate() -> bool:
             if not isinstance(module.torch, _TorchOnCpu):
                 module.torch = _TorchOnCpu(torch)
         _patch_type_checks()
+        logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropCpuRngWarning())
         _active = True
     return True

@@ -1,0 +1,304 @@
+"""Checkpoints in Megatron-LM's per-rank layout (`--ckpt-format torch`):
+
+    SAVE/latest_checkpointed_iteration.txt        the last complete iteration
+    SAVE/iter_0000100/mp_rank_00/model_optim_rng.pt          (PP = 1)
+    SAVE/iter_0000100/mp_rank_01_002/model_optim_rng.pt      (TP rank 1, PP rank 2)
+    SAVE/iter_0000100/mp_rank_01_002/distrib_optim.pt        (--use-distributed-optimizer)
+
+`model_optim_rng.pt` holds `model` (or `model0`, `model1`, ... per virtual
+stage) under megatron-core's own state-dict names, `optimizer`,
+`opt_param_scheduler`, `rng_state`, `iteration`, `consumed_train_samples`,
+`checkpoint_version` and `args` (a plain dict, so the file loads with
+`torch.load(weights_only=True)`). The distributed optimizer's shards are
+gathered to data-parallel rank 0 (megatron-core's dp-zero format), so a run can
+resume with a different data-parallel size.
+
+Crash safety: every rank writes into `iter_XXXXXXX.partial/`, each file is
+fsynced; after a barrier rank 0 renames the directory to `iter_XXXXXXX` and
+only then replaces the tracker file (written aside, fsynced, renamed). A crash
+at any moment leaves the tracker naming the previous complete checkpoint.
+"""
+
+import os
+import random
+import shutil
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron.training.arguments import args_to_dict
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+PARTIAL_SUFFIX = ".partial"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as asked; the message says what to change."""
+
+
+def iteration_dir(root: str, iteration: int, release: bool = False) -> str:
+    return os.path.join(root, "release" if release else f"iter_{iteration:07d}")
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    if pp_size == 1:
+        return f"mp_rank_{tp_rank:02d}"
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def read_tracker(root: str) -> Tuple[Optional[int], bool]:
+    """(iteration, is_release) from the tracker file; (None, False) if absent."""
+    path = os.path.join(root, TRACKER_FILENAME)
+    if not os.path.isfile(path):
+        return None, False
+    text = open(path).read().strip()
+    if text == "release":
+        return 0, True
+    try:
+        return int(text), False
+    except ValueError:
+        raise CheckpointError(f"{path} should hold an iteration number or 'release', not {text!r}")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary name, fsync, then rename onto `path`."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "random_rng_state": list(random.getstate()[1]),
+        "random_rng_pos": random.getstate()[2],
+        "np_rng_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "np_rng_pos": int(np_state[2]),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["random_rng_state"]), state["random_rng_pos"]))
+    np.random.set_state(("MT19937", state["np_rng_keys"].numpy().astype(np.uint32), state["np_rng_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available() and state.get("cuda_rng_state") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _layout(args) -> dict:
+    return {
+        "tensor_model_parallel_size": args.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+        "virtual_pipeline_model_parallel_size": args.virtual_pipeline_model_parallel_size,
+    }
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def _model_keys(n_chunks: int) -> List[str]:
+    return ["model"] if n_chunks == 1 else [f"model{i}" for i in range(n_chunks)]
+
+
+def _param_state_optimizers(optimizer):
+    """The distributed optimizers inside a (possibly chained) megatron optimizer."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in parts if hasattr(o, "get_parameter_state_dp_zero")]
+
+
+def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, consumed_train_samples: int) -> str:
+    """Save this rank's part of a checkpoint at `iteration` under args.save.
+    Collective: every rank calls it. Returns the iteration directory."""
+    root = args.save
+    final_dir = iteration_dir(root, iteration)
+    staging = final_dir + PARTIAL_SUFFIX
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+        os.makedirs(staging)
+    torch.distributed.barrier()
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    rank_dir = os.path.join(staging, rank_dir_name(tp_rank, pp_rank, args.pipeline_model_parallel_size))
+    dp_rank = parallel_state.get_data_parallel_rank()
+
+    # Collective over the data-parallel group: every DP rank takes part.
+    param_states = None
+    if optimizer is not None and not args.no_save_optim and args.use_distributed_optimizer:
+        param_states = [o.get_parameter_state_dp_zero() for o in _param_state_optimizers(optimizer)]
+
+    if dp_rank == 0:
+        os.makedirs(rank_dir, exist_ok=True)
+        state = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "consumed_train_samples": consumed_train_samples,
+            "args": args_to_dict(args),
+            "layout": _layout(args),
+        }
+        for key, chunk in zip(_model_keys(len(model)), model):
+            state[key] = _unwrap(chunk).state_dict()
+        if optimizer is not None and not args.no_save_optim:
+            state["optimizer"] = optimizer.state_dict()
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        if not args.no_save_rng:
+            state["rng_state"] = _rng_state()
+        atomic_torch_save(state, os.path.join(rank_dir, "model_optim_rng.pt"))
+        if param_states is not None:
+            atomic_torch_save(param_states, os.path.join(rank_dir, "distrib_optim.pt"))
+    torch.distributed.barrier()
+
+    if rank == 0:
+        _fsync_dir(staging)
+        if os.path.exists(final_dir):
+            # Re-saving an iteration: keep the old copy until the new one is in place.
+            old = final_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final_dir, old)
+            os.replace(staging, final_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, final_dir)
+        _fsync_dir(root)
+        atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(iteration))
+    torch.distributed.barrier()
+    return final_dir
+
+
+def _layouts_present(iter_dir: str) -> str:
+    names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
+    tps = {n.split("_")[2] for n in names}
+    pps = {n.split("_")[3] for n in names if len(n.split("_")) > 3}
+    return f"TP={len(tps)}, PP={max(len(pps), 1)}"
+
+
+def checkpoint_file_for_rank(load_dir: str, args) -> Tuple[str, int, bool]:
+    """(path of this rank's model_optim_rng.pt, iteration, is_release)."""
+    iteration, release = read_tracker(load_dir)
+    if iteration is None:
+        raise FileNotFoundError(load_dir)
+    iter_dir = iteration_dir(load_dir, iteration, release)
+    if not os.path.isdir(iter_dir):
+        raise CheckpointError(f"{load_dir}/{TRACKER_FILENAME} names iteration {iteration} but {iter_dir} is missing")
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    path = os.path.join(iter_dir, rank_dir_name(tp_rank, pp_rank, args.pipeline_model_parallel_size), "model_optim_rng.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{iter_dir} holds a checkpoint saved with {_layouts_present(iter_dir)}, but this run uses "
+            f"TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size}: run with that layout, "
+            f"or reshard it with tools/checkpoint/util.py --loader megatron --saver megatron "
+            f"--target-tensor-parallel-size {args.tensor_model_parallel_size} "
+            f"--target-pipeline-parallel-size {args.pipeline_model_parallel_size}"
+        )
+    return path, iteration, release
+
+
+def _check_layout(saved: dict, args, path: str) -> None:
+    current = _layout(args)
+    diffs = [f"{k}: checkpoint {saved.get(k)} vs this run {v}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(
+            f"{path} does not fit this run's layout ({'; '.join(diffs)}): use the checkpoint's layout or "
+            "reshard it with tools/checkpoint/util.py"
+        )
+
+
+def read_checkpoint_args(load_dir: str) -> dict:
+    """The flags a checkpoint was saved with (for --use-checkpoint-args)."""
+    iteration, release = read_tracker(load_dir)
+    if iteration is None:
+        raise CheckpointError(f"--use-checkpoint-args: no {TRACKER_FILENAME} in {load_dir}")
+    iter_dir = iteration_dir(load_dir, iteration, release)
+    first = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))[0]
+    state = torch.load(os.path.join(iter_dir, first, "model_optim_rng.pt"), map_location="cpu", weights_only=True)
+    return state["args"]
+
+
+def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
+    """Load args.load into the model (and, unless told otherwise, optimizer,
+    scheduler and RNG). Returns (iteration, consumed_train_samples); (0, 0)
+    when there is no checkpoint to load."""
+    try:
+        path, iteration, release = checkpoint_file_for_rank(args.load, args)
+    except FileNotFoundError:
+        if args.exit_on_missing_checkpoint:
+            raise CheckpointError(f"--load {args.load} has no {TRACKER_FILENAME} and --exit-on-missing-checkpoint is set")
+        if torch.distributed.get_rank() == 0:
+            print(f"no checkpoint found in {args.load}: starting from scratch", flush=True)
+        return 0, 0
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "layout" in state:
+        _check_layout(state["layout"], args, path)
+    for key, chunk in zip(_model_keys(len(model)), model):
+        if key not in state:
+            raise CheckpointError(f"{path} has no '{key}' entry: was it saved with a different "
+                                  "--num-layers-per-virtual-pipeline-stage?")
+        _unwrap(chunk).load_state_dict(state[key], strict=True)
+
+    fresh_start = args.finetune or release
+    if optimizer is not None and not fresh_start and not args.no_load_optim:
+        if "optimizer" not in state:
+            raise CheckpointError(f"{path} was saved without optimizer state (--no-save-optim): "
+                                  "load it with --no-load-optim or --finetune")
+        optimizer.load_state_dict(state["optimizer"])
+        if args.use_distributed_optimizer:
+            _load_distributed_optimizer_state(optimizer, os.path.join(os.path.dirname(path), "distrib_optim.pt"))
+        if scheduler is not None:
+            scheduler.load_state_dict(state["opt_param_scheduler"])
+    if not fresh_start and not args.no_load_rng:
+        if "rng_state" not in state:
+            raise CheckpointError(f"{path} was saved without RNG state (--no-save-rng): load it with --no-load-rng")
+        _set_rng_state(state["rng_state"])
+
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        print(f"loaded checkpoint {os.path.dirname(os.path.dirname(path))} (iteration {iteration})", flush=True)
+    if fresh_start:
+        return 0, 0
+    return iteration, state.get("consumed_train_samples", 0)
+
+
+def _load_distributed_optimizer_state(optimizer, path: str) -> None:
+    states = None
+    if parallel_state.get_data_parallel_rank() == 0:
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing: the checkpoint was saved without --use-distributed-optimizer; "
+                                  "resume without it, or load with --no-load-optim")
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    for i, opt in enumerate(_param_state_optimizers(optimizer)):
+        opt.load_parameter_state_from_dp_zero(states[i] if states is not None else None)

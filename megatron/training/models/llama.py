@@ -1,0 +1,58 @@
+"""Llama-family GPT models on megatron-core's `GPTModel`.
+
+Llama = RMSNorm + SwiGLU + RoPE + no biases (+ GQA, tied or untied
+embeddings); all of it is megatron-core's own modules, selected by a layer
+spec. Transformer Engine's spec is used when `--transformer-impl
+transformer_engine` (the default when it imports); otherwise the local spec,
+whose core attention is swapped for `SDPAttention` with `--use-flash-attn`.
+"""
+
+import copy
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import gpt_layer_specs
+
+from megatron.training.models.sdpa_attention import SDPAttention
+
+
+def build_llama_layer_spec(args):
+    """The transformer layer spec for the flags' implementation choice."""
+    if args.transformer_impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=False, normalization=args.normalization)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=args.normalization)
+    if args.use_flash_attn:
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def attention_backend_name(args) -> str:
+    """What attention implementation runs, for the start-up log."""
+    if args.transformer_impl == "transformer_engine":
+        return "Transformer Engine"
+    return "local + torch SDPA (fused)" if args.use_flash_attn else "local (unfused softmax)"
+
+
+def build_gpt_model(args, config, pre_process=None, post_process=None, vp_stage=None) -> GPTModel:
+    """One model chunk for this rank's pipeline stage (or virtual stage)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=build_llama_layer_spec(args),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        vp_stage=vp_stage,
+    )
