@@ -6,11 +6,24 @@ tools' fast path) and `detokenize(ids)`. Token ids are the same as
 Megatron-LM's tokenizers of the same name produce, so data prepared by either
 tool trains with either driver.
 
+Megatron-LM has two tokenizer systems and they disagree on special tokens:
+- `legacy=True` (the default here): `megatron/training/tokenizer`, what
+  Megatron-LM's training driver uses and what its `preprocess_data.py` uses
+  with `--legacy-tokenizer`. Llama2Tokenizer puts BOS before every text,
+  HuggingFaceTokenizer adds the special tokens its configuration asks for,
+  SentencePieceTokenizer appends <CLS> <SEP> <EOD> <MASK> (and pad/bos/eos
+  when missing) to the vocabulary and ends documents with <EOD>.
+- `legacy=False`: `megatron.core.tokenizers`, what Megatron-LM's
+  `preprocess_data.py` uses by default: plain sentencepiece / HF ids with no
+  special tokens added, EOS ends a document.
+
 `build_tokenizer(tokenizer_type, ...)` picks the class from `TOKENIZERS`, a
 table keyed by Megatron-LM's `--tokenizer-type` names.
 """
 
+import json
 import os
+import re
 from typing import Dict, List, Optional, Sequence
 
 
@@ -18,15 +31,37 @@ class TokenizerError(ValueError):
     pass
 
 
-class Llama2Tokenizer:
-    """A sentencepiece `.model` file, Llama 2 conventions: BOS before each text,
-    EOS as end-of-document (Megatron-LM's `Llama2Tokenizer`)."""
+class _TokenizerBase:
+    """What megatron-core's datasets read besides vocab_size and eod: a
+    description for their cache hash, and a pad id (-1: none, never in data)."""
 
-    def __init__(self, tokenizer_model: str):
+    _pad = None
+
+    @property
+    def pad(self) -> int:
+        return -1 if self._pad is None or self._pad < 0 else self._pad
+
+    @pad.setter
+    def pad(self, value) -> None:
+        self._pad = value
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"class": type(self).__name__, "model": getattr(self, "model_path", None),
+                "vocab_size": self.vocab_size}
+
+
+class Llama2Tokenizer(_TokenizerBase):
+    """A sentencepiece `.model` file, Llama 2 conventions: EOS ends a document;
+    with `legacy=True` BOS goes before each text (Megatron-LM's
+    `Llama2Tokenizer`), with `legacy=False` no special token is added."""
+
+    def __init__(self, tokenizer_model: str, legacy: bool = True):
         import sentencepiece
 
         _require_file(tokenizer_model, "--tokenizer-model", "a sentencepiece tokenizer.model file")
         self.model_path = tokenizer_model
+        self.legacy = legacy
         self._sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
         self.bos = self._sp.bos_id()
         self.eos = self._sp.eos_id()
@@ -40,48 +75,123 @@ class Llama2Tokenizer:
     def eod(self) -> int:
         return self.eos
 
-    def tokenize(self, text: str, bos: bool = True, eos: bool = False) -> List[int]:
+    def tokenize(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> List[int]:
+        bos = self.legacy if bos is None else bos
         ids = self._sp.encode(text)
         return ([self.bos] if bos else []) + ids + ([self.eos] if eos else [])
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [[self.bos] + ids for ids in self._sp.encode(list(texts))]
+        # one thread: the data tools parallelize with worker processes
+        batch = self._sp.encode(list(texts), num_threads=1)
+        return [[self.bos] + ids for ids in batch] if self.legacy else batch
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))
 
 
 class SentencePieceTokenizer(Llama2Tokenizer):
-    """A plain sentencepiece model without an implicit BOS."""
+    """A plain sentencepiece model, no implicit BOS. With `legacy=True`
+    (Megatron-LM's `SentencePieceTokenizer`) the special tokens <CLS> <SEP>
+    <EOD> <MASK>, pad, bos and eos get ids (appended after the model's pieces
+    when the model lacks them), <EOD> ends a document, and those strings in
+    the text become their ids."""
 
-    def tokenize(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
-        return super().tokenize(text, bos=bos, eos=eos)
+    def __init__(self, tokenizer_model: str, legacy: bool = True):
+        super().__init__(tokenizer_model, legacy=legacy)
+        self._specials: Dict[str, int] = {}
+        if legacy:
+            self._add_legacy_specials()
 
-    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return self._sp.encode(list(texts))
+    def _add_legacy_specials(self) -> None:
+        n = self._sp.get_piece_size()
 
+        def piece_or(idx: int, fallback: str) -> str:
+            return self._sp.id_to_piece(idx) if 0 <= idx < n else fallback
 
-class HuggingFaceTokenizer:
-    """Any tokenizer `transformers.AutoTokenizer` loads from a local directory
-    (or a tokenizer.json file). Special tokens are added as the tokenizer's own
-    configuration says, like Megatron-LM's `HuggingFaceTokenizer`."""
-
-    def __init__(self, tokenizer_model: str):
-        _require_path(tokenizer_model, "--tokenizer-model", "an HF tokenizer directory or tokenizer.json")
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-        self.model_path = tokenizer_model
-        if os.path.isfile(tokenizer_model):
-            self._tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_model)
-        else:
-            self._tok = AutoTokenizer.from_pretrained(tokenizer_model, local_files_only=True)
-        self.bos = self._tok.bos_token_id
-        self.eos = self._tok.eos_token_id
-        self.pad = self._tok.pad_token_id
+        names = ["<CLS>", "<SEP>", "<EOD>", "<MASK>", piece_or(self.pad, "<PAD>"),
+                 piece_or(self.bos, "<BOS>"), piece_or(self.eos, "<EOS>")]
+        extra = 0
+        for name in names:
+            if name in self._specials:
+                continue
+            idx = self._sp.piece_to_id(name)
+            if self._sp.id_to_piece(idx) != name:  # unknown piece: appended after the vocabulary
+                idx = n + extra
+                extra += 1
+            self._specials[name] = idx
+        self._legacy_vocab_size = n + extra
+        self.pad = self._specials[names[4]]
+        self.bos = self._specials[names[5]]
+        self.eos = self._specials[names[6]]
+        # leftmost match, ties to the earliest-added token, as Megatron-LM's scan does
+        self._special_re = re.compile("|".join(re.escape(t) for t in self._specials))
 
     @property
     def vocab_size(self) -> int:
-        return len(self._tok)
+        return self._legacy_vocab_size if self.legacy else self._sp.vocab_size()
+
+    @property
+    def eod(self) -> int:
+        return self._specials["<EOD>"] if self.legacy else self.eos
+
+    def tokenize(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
+        if not self.legacy:
+            return super().tokenize(text, bos=bos, eos=eos)
+        ids: List[int] = []
+        start = 0
+        for m in self._special_re.finditer(text):
+            ids.extend(self._sp.encode(text[start:m.start()]))
+            ids.append(self._specials[m.group()])
+            start = m.end()
+        ids.extend(self._sp.encode(text[start:]))
+        return ([self.bos] if bos else []) + ids + ([self.eos] if eos else [])
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        if self.legacy:
+            return [self.tokenize(t) for t in texts]
+        return self._sp.encode(list(texts), num_threads=1)
+
+
+class HuggingFaceTokenizer(_TokenizerBase):
+    """Any tokenizer `transformers.AutoTokenizer` loads from a local directory
+    (or a tokenizer.json file). With `legacy=True` special tokens are added as
+    the tokenizer's own configuration says (Megatron-LM's
+    `HuggingFaceTokenizer`); with `legacy=False` none are (megatron-core's).
+
+    With `legacy=False` and a directory holding tokenizer.json, the `tokenizers`
+    library is used directly: the same ids without importing transformers
+    (which takes seconds), so the data tools start fast."""
+
+    def __init__(self, tokenizer_model: str, legacy: bool = True):
+        _require_path(tokenizer_model, "--tokenizer-model", "an HF tokenizer directory or tokenizer.json")
+        self.model_path = tokenizer_model
+        self.legacy = legacy
+        self._tok = None
+        self._fast = None if legacy else _load_plain_tokenizers(tokenizer_model)
+        if self._fast is not None:
+            self._backend, self.bos, self.eos, self.pad = self._fast
+            self._len = self._backend.get_vocab_size(with_added_tokens=True)
+        else:
+            tok = self.hf_tokenizer
+            self._backend = getattr(tok, "_tokenizer", None)
+            self.bos, self.eos, self.pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+            self._len = len(tok)
+
+    @property
+    def hf_tokenizer(self):
+        """The `transformers` tokenizer (loaded on first use)."""
+        if self._tok is None:
+            from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+            if os.path.isfile(self.model_path):
+                self._tok = PreTrainedTokenizerFast(tokenizer_file=self.model_path)
+            else:
+                self._tok = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self._len
 
     @property
     def eod(self) -> int:
@@ -92,57 +202,91 @@ class HuggingFaceTokenizer:
             )
         return self.eos
 
-    @property
-    def hf_tokenizer(self):
-        return self._tok
-
     def tokenize(self, text: str) -> List[int]:
-        return self._tok(text).input_ids
+        return self.tokenize_batch([text])[0]
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return self._tok(list(texts)).input_ids
+        if self._backend is not None and (self._fast is not None or not self.legacy):
+            # encode_batch_fast skips offsets; the ids are the same
+            encs = self._backend.encode_batch_fast(list(texts), add_special_tokens=self.legacy)
+            return [e.ids for e in encs]
+        return self.hf_tokenizer(list(texts), add_special_tokens=self.legacy).input_ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids))
+        if self._fast is not None:
+            return self._backend.decode(list(ids), skip_special_tokens=False)
+        return self.hf_tokenizer.decode(list(ids))
 
 
-class GPT2BPETokenizer:
+def _load_plain_tokenizers(path: str):
+    """(tokenizers.Tokenizer, bos, eos, pad) read without transformers, or None
+    when the directory needs transformers to be read the same way."""
+    tj = path if os.path.isfile(path) else os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tj):
+        return None
+    config = {}
+    cfg_path = os.path.join(os.path.dirname(tj), "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tj)
+    ids = []
+    for name in ("bos_token", "eos_token", "pad_token"):
+        token = config.get(name)
+        if isinstance(token, dict):
+            token = token.get("content")
+        idx = tok.token_to_id(token) if token else None
+        if token and idx is None:
+            return None  # transformers would add it to the vocabulary: let it
+        ids.append(idx)
+    return (tok, *ids)
+
+
+class GPT2BPETokenizer(_TokenizerBase):
     """GPT-2 byte-level BPE from `--vocab-file` (vocab.json) and `--merge-file`
-    (merges.txt); `<|endoftext|>` ends a document."""
+    (merges.txt); `<|endoftext|>` ends a document; no special token is added
+    to a text (Megatron-LM's `GPT2BPETokenizer`, in both systems). Built with
+    the `tokenizers` library: GPT-2's byte-level pre-tokenizer and merges."""
 
-    def __init__(self, vocab_file: str, merge_file: str):
+    def __init__(self, vocab_file: str, merge_file: str, legacy: bool = True):
         _require_file(vocab_file, "--vocab-file", "a GPT-2 vocab.json")
         _require_file(merge_file, "--merge-file", "a GPT-2 merges.txt")
-        from transformers import GPT2TokenizerFast
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-        self._tok = GPT2TokenizerFast(vocab_file=vocab_file, merges_file=merge_file)
-        self.eos = self._tok.convert_tokens_to_ids("<|endoftext|>")
+        self._tok = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tok.decoder = decoders.ByteLevel()
+        self.eos = self._tok.token_to_id("<|endoftext|>")
+        if self.eos is None:
+            raise TokenizerError(f"--vocab-file {vocab_file} has no <|endoftext|> token: give GPT-2's vocab.json")
         self.bos = self.eos
         self.pad = None
 
     @property
     def vocab_size(self) -> int:
-        return len(self._tok)
+        return self._tok.get_vocab_size()
 
     @property
     def eod(self) -> int:
         return self.eos
 
     def tokenize(self, text: str) -> List[int]:
-        return self._tok(text).input_ids
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return self._tok(list(texts)).input_ids
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids))
 
 
-class NullTokenizer:
+class NullTokenizer(_TokenizerBase):
     """Text is already token ids separated by spaces; `--vocab-size V` ids plus
     one end-of-document id V (Megatron-LM's `NullTokenizer`)."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, legacy: bool = True):
         if vocab_size is None or vocab_size <= 0:
             raise TokenizerError("NullTokenizer needs --vocab-size N (the number of token ids in the data)")
         self._vocab = int(vocab_size)
@@ -183,19 +327,21 @@ def build_tokenizer(
     vocab_file: Optional[str] = None,
     merge_file: Optional[str] = None,
     vocab_size: Optional[int] = None,
+    legacy: bool = True,
 ):
-    """Build the tokenizer named by a Megatron-LM `--tokenizer-type`."""
+    """Build the tokenizer named by a Megatron-LM `--tokenizer-type`;
+    `legacy` picks which of Megatron-LM's two systems to match (module doc)."""
     if tokenizer_type not in TOKENIZERS:
         raise TokenizerError(
             f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZERS)}"
         )
     if tokenizer_type == "NullTokenizer":
-        return NullTokenizer(vocab_size)
+        return NullTokenizer(vocab_size, legacy=legacy)
     if tokenizer_type == "GPT2BPETokenizer":
-        return GPT2BPETokenizer(vocab_file, merge_file)
+        return GPT2BPETokenizer(vocab_file, merge_file, legacy=legacy)
     if not tokenizer_model:
         raise TokenizerError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model PATH")
-    return TOKENIZERS[tokenizer_type](tokenizer_model)
+    return TOKENIZERS[tokenizer_type](tokenizer_model, legacy=legacy)
 
 
 def _require_path(path: Optional[str], flag: str, what: str) -> None:

@@ -78,3 +78,31 @@ def train_sample_tokenizer(corpus_jsonl: str, model_prefix: str, vocab_size: int
         minloglevel=2,
     )
     return model_prefix + ".model"
+
+
+def train_sample_hf_tokenizer(corpus_jsonl: str, out_dir: str, vocab_size: int = 1000, key: str = "text") -> str:
+    """Train a GPT-2 style byte-level BPE with the `tokenizers` library on a
+    jsonl corpus and save it as a directory `transformers.AutoTokenizer`
+    loads (tokenizer.json + tokenizer_config.json, eos `<|endoftext|>`,
+    no BOS added). Returns `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def texts():
+        with open(corpus_jsonl, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)[key]
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(out_dir)
+    return out_dir
