@@ -1,0 +1,187 @@
+"""Streaming writer and merger for megatron-core's indexed datasets
+(`{prefix}.bin` + `{prefix}.idx`), byte-identical to what megatron-core's
+`IndexedDatasetBuilder` writes, in flat memory.
+
+`IndexedDatasetBuilder` keeps every sequence length and document boundary in
+Python lists until `finalize`; for a 1 TB corpus that alone is tens of GB.
+Here they go to two scratch files next to the output and the `.idx` is
+assembled from them in fixed-size chunks at the end. Everything is written
+under temporary names and renamed only when complete, so an interrupted run
+never leaves a dataset that looks whole.
+
+The `.idx` layout (megatron-core `_IndexWriter`, little endian):
+    b"MMIDIDX\\x00\\x00", u64 version=1, u8 dtype code,
+    u64 sequence count S, u64 document count D+1,
+    i32[S] sequence lengths, i64[S] byte offsets, i64[D+1] document indices
+    (sequence index at which each document ends, starting with 0).
+"""
+
+import os
+import shutil
+import struct
+from typing import Iterable, List, Optional, Tuple
+
+import numpy as np
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+# megatron-core's DType codes (indexed_dataset.DType)
+DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
+               np.float64: 6, np.float32: 7, np.uint16: 8}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_CHUNK = 1 << 20  # entries per chunk when assembling the index
+
+
+class DatasetFormatError(ValueError):
+    pass
+
+
+def optimal_dtype(vocab_size: Optional[int]) -> type:
+    """megatron-core's `DType.optimal_dtype`: uint16 below 65,500 ids, else int32."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+def temp_name(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}"
+
+
+class IndexedDatasetWriter:
+    """Append documents to `{prefix}.bin/.idx`; `finalize()` makes them
+    visible, `abort()` removes every partial file."""
+
+    def __init__(self, prefix: str, dtype: type):
+        self.prefix = prefix
+        self.dtype = np.dtype(dtype).type
+        if self.dtype not in DTYPE_CODES:
+            raise DatasetFormatError(f"dtype {dtype} cannot be stored in an indexed dataset")
+        self._bin_tmp = temp_name(prefix + ".bin")
+        self._idx_tmp = temp_name(prefix + ".idx")
+        self._lengths_tmp = temp_name(prefix + ".lengths")
+        self._docs_tmp = temp_name(prefix + ".docs")
+        self._bin = open(self._bin_tmp, "wb")
+        self._lengths = open(self._lengths_tmp, "wb")
+        self._docs = open(self._docs_tmp, "wb")
+        self.sequences = 0
+        self.documents = 0
+        self.tokens = 0
+
+    def add_documents(self, tokens: np.ndarray, sequence_lengths: np.ndarray, doc_sequences: np.ndarray) -> None:
+        """Append documents given as flat arrays: all their tokens, the length
+        of every sequence (sentence), and how many sequences each document has."""
+        if tokens.dtype != self.dtype:
+            tokens = tokens.astype(self.dtype)
+        self._bin.write(tokens.tobytes())
+        self._lengths.write(np.asarray(sequence_lengths, dtype=np.int32).tobytes())
+        ends = self.sequences + np.cumsum(doc_sequences, dtype=np.int64)
+        self._docs.write(ends.tobytes())
+        self.sequences += int(len(sequence_lengths))
+        self.documents += int(len(doc_sequences))
+        self.tokens += int(tokens.size)
+
+    def add_document(self, tokens: Iterable[int], sequence_lengths: Optional[List[int]] = None) -> None:
+        arr = np.asarray(list(tokens), dtype=self.dtype)
+        lengths = [arr.size] if sequence_lengths is None else sequence_lengths
+        self.add_documents(arr, np.asarray(lengths, np.int32), np.asarray([len(lengths)], np.int64))
+
+    def add_dataset(self, prefix: str) -> None:
+        """Append a whole finished dataset (streaming copy, for merging)."""
+        header = read_index_header(prefix)
+        if header.dtype != self.dtype:
+            raise DatasetFormatError(
+                f"{prefix}.idx stores {np.dtype(header.dtype).name} but the merged dataset is "
+                f"{np.dtype(self.dtype).name}: merge only datasets made with tokenizers of the same "
+                "vocabulary size class (all < 65,500 ids, or all above)"
+            )
+        with open(prefix + ".bin", "rb") as f:
+            shutil.copyfileobj(f, self._bin, 16 << 20)
+        with open(prefix + ".idx", "rb") as f:
+            f.seek(header.lengths_offset)
+            _copy_bytes(f, self._lengths, 4 * header.sequences)
+            f.seek(header.doc_indices_offset + 8)  # skip the leading 0
+            remaining = header.documents
+            while remaining:
+                n = min(remaining, _CHUNK)
+                ends = np.frombuffer(f.read(8 * n), dtype=np.int64) + self.sequences
+                self._docs.write(ends.tobytes())
+                remaining -= n
+        self.sequences += header.sequences
+        self.documents += header.documents
+        self.tokens += os.path.getsize(prefix + ".bin") // np.dtype(self.dtype).itemsize
+
+    def finalize(self) -> Tuple[str, str]:
+        """Write the `.idx`, rename both files into place; returns their paths."""
+        for f in (self._bin, self._lengths, self._docs):
+            f.close()
+        itemsize = np.dtype(self.dtype).itemsize
+        with open(self._idx_tmp, "wb") as idx:
+            idx.write(INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", DTYPE_CODES[self.dtype]))
+            idx.write(struct.pack("<Q", self.sequences) + struct.pack("<Q", self.documents + 1))
+            with open(self._lengths_tmp, "rb") as f:
+                shutil.copyfileobj(f, idx, 16 << 20)
+            offset = np.int64(0)
+            with open(self._lengths_tmp, "rb") as f:
+                while True:
+                    lengths = np.frombuffer(f.read(4 * _CHUNK), dtype=np.int32)
+                    if lengths.size == 0:
+                        break
+                    ends = np.cumsum(lengths, dtype=np.int64) * itemsize + offset
+                    idx.write(np.concatenate(([offset], ends[:-1])).astype(np.int64).tobytes())
+                    offset = ends[-1]
+            idx.write(np.zeros(1, np.int64).tobytes())
+            with open(self._docs_tmp, "rb") as f:
+                shutil.copyfileobj(f, idx, 16 << 20)
+        os.replace(self._bin_tmp, self.prefix + ".bin")
+        os.replace(self._idx_tmp, self.prefix + ".idx")
+        _remove(self._lengths_tmp, self._docs_tmp)
+        return self.prefix + ".bin", self.prefix + ".idx"
+
+    def abort(self) -> None:
+        for f in (self._bin, self._lengths, self._docs):
+            f.close()
+        _remove(self._bin_tmp, self._idx_tmp, self._lengths_tmp, self._docs_tmp)
+
+
+class IndexHeader:
+    """The fixed-size start of an `.idx` file and where its arrays begin."""
+
+    def __init__(self, path: str, dtype: type, sequences: int, documents: int):
+        self.path = path
+        self.dtype = dtype
+        self.sequences = sequences
+        self.documents = documents  # real documents (the stored count minus the leading 0)
+        self.lengths_offset = len(INDEX_HEADER) + 8 + 1 + 16
+        self.pointers_offset = self.lengths_offset + 4 * sequences
+        self.doc_indices_offset = self.pointers_offset + 8 * sequences
+
+
+def read_index_header(prefix: str) -> IndexHeader:
+    path = prefix + ".idx"
+    if not os.path.exists(prefix + ".bin"):
+        raise DatasetFormatError(f"{path} has no partner {prefix}.bin: copy it next to the .idx or remove the .idx")
+    if not os.path.exists(path):
+        raise DatasetFormatError(f"{prefix}.bin has no partner {path}: copy it next to the .bin or remove the .bin")
+    with open(path, "rb") as f:
+        head = f.read(len(INDEX_HEADER) + 8 + 1 + 16)
+    if len(head) < 34 or head[:9] != INDEX_HEADER:
+        raise DatasetFormatError(f"{path} is not a Megatron indexed-dataset index (bad header)")
+    code = head[17]
+    if code not in CODE_DTYPES:
+        raise DatasetFormatError(f"{path} has unknown dtype code {code}")
+    sequences, documents = struct.unpack("<QQ", head[18:34])
+    return IndexHeader(path, CODE_DTYPES[code], sequences, documents - 1)
+
+
+def _copy_bytes(src, dst, n: int) -> None:
+    while n:
+        chunk = src.read(min(n, 16 << 20))
+        if not chunk:
+            raise DatasetFormatError(f"{src.name} is truncated")
+        dst.write(chunk)
+        n -= len(chunk)
+
+
+def _remove(*paths: str) -> None:
+    for p in paths:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,147 @@
+"""Streaming jsonl input for the data tools: which files, read in blocks of
+whole lines, and each line turned into texts or a named reason to skip it.
+
+The reader never holds more than one block (a few MB) of a file; blocks carry
+the file name and the number of their first line, so a bad line is reported
+as `file:line` by whoever parses it (a worker process).
+"""
+
+import glob
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+# Reasons a line is skipped, in report order.
+BAD_REASONS = ("invalid_utf8", "not_json", "missing_key", "not_text", "empty")
+
+# --json-format: how a record becomes the text of each --json-keys dataset.
+# "title_content" is PandaLLM's pretraining record: title and content joined
+# by a newline into one document, stored as the dataset key "text".
+TITLE_CONTENT_SEPARATOR = "\n"
+JSON_FORMATS = ("keys", "title_content")
+
+
+class InputError(ValueError):
+    pass
+
+
+@dataclass
+class Block:
+    path: str
+    first_line: int  # 1-based number of the block's first line in its file
+    first_index: int  # 0-based index of the first line over all input files
+    data: bytes  # whole lines, each ending in b"\n" (except maybe a file's last)
+
+
+def find_input_files(spec: str) -> List[str]:
+    """A file, a folder (its *.jsonl, *.json and *.jsonl.gz files), or a glob;
+    sorted so the order of documents does not depend on the file system."""
+    if os.path.isdir(spec):
+        files = [os.path.join(spec, n) for n in os.listdir(spec)
+                 if n.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))]
+    elif os.path.isfile(spec):
+        files = [spec]
+    else:
+        files = [p for p in glob.glob(spec) if os.path.isfile(p)]
+    if not files:
+        raise InputError(
+            f"--input {spec} matches no file: give a .jsonl or .jsonl.gz file, a folder holding "
+            "them, or a quoted glob such as 'data/*.jsonl'"
+        )
+    return sorted(files)
+
+
+def read_blocks(paths: Sequence[str], block_bytes: int = 1 << 20) -> Iterator[Block]:
+    """Yield blocks of about `block_bytes` of whole lines from each file in turn."""
+    index = 0
+    for path in paths:
+        opener = gzip.open if path.endswith(".gz") else open
+        line_no = 1
+        with opener(path, "rb") as f:
+            carry = b""
+            while True:
+                chunk = f.read(block_bytes)
+                if not chunk:
+                    break
+                chunk = carry + chunk
+                cut = chunk.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a block: keep reading it
+                    carry = chunk
+                    continue
+                data, carry = chunk[:cut], chunk[cut:]
+                lines = data.count(b"\n")
+                yield Block(path, line_no, index, data)
+                line_no += lines
+                index += lines
+            if carry:
+                yield Block(path, line_no, index, carry)
+                index += 1
+
+
+def split_lines(data: bytes) -> List[bytes]:
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def parse_record(line: bytes, keys: Sequence[str], json_format: str) -> Union[str, Dict[str, Union[str, list]]]:
+    """The texts of one jsonl line by dataset key, or the reason (one of
+    BAD_REASONS) to skip it. A list of strings is taken as the document
+    already split into sentences, as Megatron-LM does."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return "invalid_utf8"
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return "not_json" if text.strip() else "empty"
+    if not isinstance(record, dict):
+        return "not_json"
+    if json_format == "title_content":
+        if "title" not in record and "content" not in record:
+            return "missing_key"
+        parts = [record.get("title") or "", record.get("content") or ""]
+        if not all(isinstance(p, str) for p in parts):
+            return "not_text"
+        record = {"text": TITLE_CONTENT_SEPARATOR.join(p for p in parts if p)}
+    out = {}
+    for key in keys:
+        if key not in record:
+            return "missing_key"
+        value = record[key]
+        if isinstance(value, list):
+            if not all(isinstance(v, str) for v in value):
+                return "not_text"
+            if not any(value):
+                return "empty"
+        elif not isinstance(value, str):
+            return "not_text"
+        elif not value:
+            return "empty"
+        out[key] = value
+    return out
+
+
+def describe_bad(reason: str) -> str:
+    return {
+        "invalid_utf8": "not valid UTF-8",
+        "not_json": "not a JSON object",
+        "missing_key": "lacks a --json-keys key",
+        "not_text": "value is not a string",
+        "empty": "empty text",
+    }[reason]
+
+
+def bad_summary(counts: Dict[str, int], examples: Dict[str, List[Tuple[str, int]]]) -> Optional[str]:
+    """One line per reason with its first locations, or None when all lines were good."""
+    lines = []
+    for reason in BAD_REASONS:
+        n = counts.get(reason, 0)
+        if n:
+            where = ", ".join(f"{p}:{ln}" for p, ln in examples.get(reason, [])[:3])
+            lines.append(f"  {reason:<13}{n:>10,}  ({describe_bad(reason)}; first at {where})")
+    return "\n".join(lines) if lines else None

@@ -1,0 +1,308 @@
+"""jsonl -> megatron-core indexed datasets (`{prefix}_{key}_{document|sentence}.bin/.idx`).
+
+How the work is split, so that the main process never becomes the bottleneck:
+- the main process only reads the input in blocks of whole lines (raw bytes,
+  ~1 MB) and appends finished token bytes to the output files;
+- worker processes decode, parse, split and tokenize a whole block at a time
+  (the tokenizer's batch call) and send back compact numpy arrays: the flat
+  tokens, the sequence lengths and the sequences per document;
+- at most a few blocks are in flight, so memory stays flat in the input size.
+
+Documents come out in input order, or, with `--partitions N`, in the order
+Megatron-LM's tool produces for N partitions (line i goes to partition
+i mod N, partitions concatenated), so the bytes are the same as its output.
+"""
+
+import itertools
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megatron.training.data.indexed_writer import IndexedDatasetWriter, optimal_dtype, temp_name
+from megatron.training.data.jsonl_reader import (
+    BAD_REASONS, Block, InputError, bad_summary, find_input_files, parse_record, read_blocks, split_lines,
+)
+
+_SPLIT_CHUNK_CHARS = 1_000_000  # Megatron-LM splits sentences in pieces of this many characters
+
+
+@dataclass
+class PreprocessConfig:
+    input: str
+    output_prefix: str
+    tokenizer_type: str
+    tokenizer_model: Optional[str] = None
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    vocab_size: Optional[int] = None
+    legacy_tokenizer: bool = False
+    json_keys: List[str] = field(default_factory=lambda: ["text"])
+    json_format: str = "keys"
+    split_sentences: bool = False
+    keep_newlines: bool = False
+    lang: str = "english"
+    append_eod: bool = False
+    workers: int = 1
+    partitions: int = 1
+    log_interval: int = 1000
+    strict: bool = False
+    block_bytes: int = 1 << 20
+    max_bad_reports: int = 10
+
+    @property
+    def keys(self) -> List[str]:
+        return ["text"] if self.json_format == "title_content" else list(self.json_keys)
+
+    @property
+    def level(self) -> str:
+        return "sentence" if self.split_sentences else "document"
+
+    def output_name(self, key: str) -> str:
+        return f"{self.output_prefix}_{key}_{self.level}"
+
+
+@dataclass
+class Report:
+    documents: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    lines: int = 0
+    bad: Dict[str, int] = field(default_factory=dict)
+    bad_examples: Dict[str, List[Tuple[str, int]]] = field(default_factory=dict)
+    startup_s: float = 0.0
+    elapsed_s: float = 0.0
+    outputs: List[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        rate = self.documents / self.elapsed_s if self.elapsed_s else 0.0
+        mbs = self.bytes / 1e6 / self.elapsed_s if self.elapsed_s else 0.0
+        out = [
+            f"documents {self.documents:,}   tokens {self.tokens:,}   input {self.bytes / 1e6:,.1f} MB "
+            f"in {self.elapsed_s:.1f} s (start-up {self.startup_s:.2f} s): {rate:,.0f} docs/s, {mbs:.2f} MB/s",
+            f"skipped lines {sum(self.bad.values()):,} of {self.lines:,}",
+        ]
+        summary = bad_summary(self.bad, self.bad_examples)
+        if summary:
+            out.append(summary)
+        out += [f"wrote {p}" for p in self.outputs]
+        return "\n".join(out)
+
+
+# ---- worker side -------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _build_tokenizer(cfg: PreprocessConfig):
+    from megatron.training.tokenizer import build_tokenizer
+
+    return build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file, cfg.merge_file,
+                           cfg.vocab_size, legacy=cfg.legacy_tokenizer)
+
+
+def _init_worker(cfg: PreprocessConfig) -> None:
+    # the main process handles Ctrl-C and SIGTERM (it terminates the pool)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # the worker count is the parallelism: keep each tokenizer on one thread
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if _WORKER.get("cfg") is not cfg:  # not inherited through fork
+        _WORKER["tokenizer"] = _build_tokenizer(cfg)
+    if cfg.split_sentences:
+        from megatron.training.data.sentence_split import build_splitter
+
+        _WORKER["splitter"] = build_splitter(cfg.lang, cfg.keep_newlines)
+    _WORKER["cfg"] = cfg
+
+
+def _sentences(value, splitter) -> List[str]:
+    if isinstance(value, list):
+        return value
+    if splitter is None:
+        return [value]
+    return [s for i in range(0, len(value), _SPLIT_CHUNK_CHARS) for s in splitter(value[i:i + _SPLIT_CHUNK_CHARS])]
+
+
+def encode_block(block: Block) -> dict:
+    """Parse and tokenize one block; the result holds, per partition and key,
+    (tokens, sequence lengths, sequences per document) as numpy arrays."""
+    cfg: PreprocessConfig = _WORKER["cfg"]
+    tok, splitter = _WORKER["tokenizer"], _WORKER.get("splitter")
+    dtype = optimal_dtype(tok.vocab_size)
+    bad: List[Tuple[str, int]] = []
+    good: List[Tuple[int, Dict]] = []  # (line index within block, texts by key)
+    lines = split_lines(block.data)
+    for i, line in enumerate(lines):
+        rec = parse_record(line, cfg.keys, cfg.json_format)
+        if isinstance(rec, str):
+            bad.append((rec, block.first_line + i))
+        else:
+            good.append((i, rec))
+
+    # tokenize every sentence of every key with one batch call per key
+    per_key: Dict[str, List[List[List[int]]]] = {}
+    for key in cfg.keys:
+        sents = [_sentences(rec[key], splitter) for _, rec in good]
+        flat = tok.tokenize_batch([s for doc in sents for s in doc]) if sents else []
+        docs, pos = [], 0
+        for doc in sents:
+            docs.append([ids for ids in flat[pos:pos + len(doc)] if ids])
+            pos += len(doc)
+        per_key[key] = docs
+
+    parts = [{key: ([], [], []) for key in cfg.keys} for _ in range(cfg.partitions)]
+    documents = tokens = 0
+    for d, (i, _) in enumerate(good):
+        if any(not per_key[key][d] for key in cfg.keys):
+            bad.append(("empty", block.first_line + i))
+            continue
+        part = parts[(block.first_index + i) % cfg.partitions]
+        documents += 1
+        for key in cfg.keys:
+            seqs = per_key[key][d]
+            lists, lengths, counts = part[key]
+            lists.extend(seqs)
+            lengths.extend(len(s) for s in seqs)
+            if cfg.append_eod:
+                lists.append([tok.eod])
+                lengths[-1] += 1
+            counts.append(len(seqs))
+    out_parts = []
+    for part in parts:
+        arrays = {}
+        for key, (lists, lengths, counts) in part.items():
+            n = sum(lengths)
+            tokens += n
+            arrays[key] = (np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=n),
+                           np.asarray(lengths, dtype=np.int32), np.asarray(counts, dtype=np.int64))
+        out_parts.append(arrays)
+    bad.sort(key=lambda b: b[1])
+    return {"path": block.path, "bad": bad, "lines": len(lines), "bytes": len(block.data),
+            "documents": documents, "tokens": tokens, "parts": out_parts}
+
+
+# ---- main process ------------------------------------------------------------
+
+
+def preprocess(cfg: PreprocessConfig, log=None) -> Report:
+    """Run the whole conversion; returns the report. On any error (bad input
+    with `strict`, Ctrl-C, SIGTERM) every partial output is removed."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.time()
+    files = find_input_files(cfg.input)
+    if cfg.partitions < 1 or cfg.workers < 1:
+        raise InputError("--workers and --partitions must be at least 1")
+    tok = _build_tokenizer(cfg)
+    if cfg.append_eod:
+        tok.eod  # a tokenizer without an end-of-document token fails here, before any work
+    dtype = optimal_dtype(tok.vocab_size)
+    if cfg.split_sentences:
+        from megatron.training.data.sentence_split import splitter_description
+
+        log(f"splitting sentences with the {splitter_description(cfg.lang)}")
+    _WORKER.update(cfg=cfg, tokenizer=tok)  # inherited by forked workers
+
+    writers = _open_writers(cfg, dtype)
+    report = Report()
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
+    try:
+        report.startup_s = time.time() - start
+        t0 = time.time()
+        next_log = cfg.log_interval
+        inflight: deque = deque()
+        blocks = read_blocks(files, cfg.block_bytes)
+        while True:
+            while len(inflight) < 2 * cfg.workers + 2:
+                block = next(blocks, None)
+                if block is None:
+                    break
+                inflight.append(pool.apply_async(encode_block, (block,)))
+            if not inflight:
+                break
+            result = inflight.popleft().get()
+            _account(cfg, report, result, log)
+            for p, arrays in enumerate(result["parts"]):
+                for key, (tokens, lengths, counts) in arrays.items():
+                    if counts.size:
+                        writers[p][key].add_documents(tokens, lengths, counts)
+            if cfg.log_interval and report.documents >= next_log:
+                el = time.time() - t0
+                log(f"Processed {report.documents:,} documents ({report.documents / el:,.0f} docs/s, "
+                    f"{report.bytes / 1e6 / el:.2f} MB/s).")
+                next_log = (report.documents // cfg.log_interval + 1) * cfg.log_interval
+        pool.close()
+        pool.join()
+        report.outputs = _finalize(cfg, writers, dtype)
+    except BaseException:
+        pool.terminate()
+        for per_key in writers:
+            for w in per_key.values():
+                w.abort()
+        raise
+    report.elapsed_s = time.time() - start
+    return report
+
+
+def _account(cfg: PreprocessConfig, report: Report, result: dict, log) -> None:
+    report.lines += result["lines"]
+    report.bytes += result["bytes"]
+    report.documents += result["documents"]
+    report.tokens += result["tokens"]
+    for reason, line in result["bad"]:
+        where = f"{result['path']}:{line}"
+        if cfg.strict:
+            raise InputError(f"{where}: line {_describe(reason)} (--strict stops here; "
+                             "drop --strict to skip and count such lines)")
+        n = report.bad.get(reason, 0) + 1
+        report.bad[reason] = n
+        report.bad_examples.setdefault(reason, []).append((result["path"], line)) if n <= 3 else None
+        if sum(report.bad.values()) <= cfg.max_bad_reports:
+            log(f"skipping {where}: {_describe(reason)}")
+
+
+def _describe(reason: str) -> str:
+    from megatron.training.data.jsonl_reader import describe_bad
+
+    assert reason in BAD_REASONS
+    return describe_bad(reason)
+
+
+def _open_writers(cfg: PreprocessConfig, dtype) -> List[Dict[str, IndexedDatasetWriter]]:
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
+    if cfg.partitions == 1:
+        return [{k: IndexedDatasetWriter(cfg.output_name(k), dtype) for k in cfg.keys}]
+    # partition shards live under temporary names until merged into the output
+    return [{k: IndexedDatasetWriter(temp_name(f"{cfg.output_name(k)}.part{p}"), dtype) for k in cfg.keys}
+            for p in range(cfg.partitions)]
+
+
+def _finalize(cfg: PreprocessConfig, writers, dtype) -> List[str]:
+    if cfg.partitions == 1:
+        return [path for w in writers[0].values() for path in w.finalize()]
+    outputs = []
+    for key in cfg.keys:
+        shards = [per_key[key] for per_key in writers]
+        for w in shards:
+            w.finalize()
+        merged = IndexedDatasetWriter(cfg.output_name(key), dtype)
+        try:
+            for w in shards:
+                merged.add_dataset(w.prefix)
+            outputs += merged.finalize()
+        except BaseException:
+            merged.abort()
+            raise
+        finally:
+            for w in shards:
+                for ext in (".bin", ".idx"):
+                    if os.path.exists(w.prefix + ext):
+                        os.remove(w.prefix + ext)
+    return outputs
