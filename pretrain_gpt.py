@@ -36,7 +36,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
-    return loss, {"lm loss": loss.detach()}
+    # The schedule scales the returned loss in place (1 / micro-batches), so
+    # the reported value must be a copy, not a view.
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def forward_step(args, data_iterator, model):

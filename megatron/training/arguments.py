@@ -417,6 +417,11 @@ def transformer_config_from_args(args):
         persist_layer_norm=args.persist_layer_norm and kernels["persist_layer_norm"],
         gradient_accumulation_fusion=args.gradient_accumulation_fusion and kernels["grad_accum_fusion"],
         deallocate_pipeline_outputs=True,
+        # With gloo, batched isend/irecv may pair two messages between the same two
+        # ranks in the wrong order (interleaved PP=2: the next and previous stage
+        # are one rank), silently swapping activations and gradients of equal
+        # shape; the per-message path orders them. NCCL keeps megatron's default.
+        batch_p2p_comm=args.distributed_backend == "nccl",
     )
 
 

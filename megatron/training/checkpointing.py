@@ -123,7 +123,10 @@ def _layout(args) -> dict:
 
 
 def _unwrap(chunk):
-    return chunk.module if hasattr(chunk, "module") else chunk
+    """The GPTModel inside DDP / Float16Module wrappers (checkpoint keys are its names)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def _model_keys(n_chunks: int) -> List[str]:
@@ -198,42 +201,35 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
     return final_dir
 
 
-def _layouts_present(iter_dir: str) -> str:
-    names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
-    tps = {n.split("_")[2] for n in names}
-    pps = {n.split("_")[3] for n in names if len(n.split("_")) > 3}
-    return f"TP={len(tps)}, PP={max(len(pps), 1)}"
-
-
-def checkpoint_file_for_rank(load_dir: str, args) -> Tuple[str, int, bool]:
-    """(path of this rank's model_optim_rng.pt, iteration, is_release)."""
+def _iteration_dir_from_tracker(load_dir: str) -> Tuple[str, int, bool]:
     iteration, release = read_tracker(load_dir)
     if iteration is None:
         raise FileNotFoundError(load_dir)
     iter_dir = iteration_dir(load_dir, iteration, release)
     if not os.path.isdir(iter_dir):
         raise CheckpointError(f"{load_dir}/{TRACKER_FILENAME} names iteration {iteration} but {iter_dir} is missing")
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    path = os.path.join(iter_dir, rank_dir_name(tp_rank, pp_rank, args.pipeline_model_parallel_size), "model_optim_rng.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(
-            f"{iter_dir} holds a checkpoint saved with {_layouts_present(iter_dir)}, but this run uses "
-            f"TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size}: run with that layout, "
-            f"or reshard it with tools/checkpoint/util.py --loader megatron --saver megatron "
-            f"--target-tensor-parallel-size {args.tensor_model_parallel_size} "
-            f"--target-pipeline-parallel-size {args.pipeline_model_parallel_size}"
-        )
-    return path, iteration, release
+    return iter_dir, iteration, release
+
+
+def _rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return os.path.join(iter_dir, rank_dir_name(tp_rank, pp_rank, pp_size), "model_optim_rng.pt")
+
+
+def _saved_layout(iter_dir: str) -> dict:
+    first = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
+    if not first:
+        raise CheckpointError(f"{iter_dir} holds no mp_rank_* directories: it is not a checkpoint of this format")
+    state = torch.load(os.path.join(iter_dir, first[0], "model_optim_rng.pt"), map_location="cpu", weights_only=True)
+    return dict(state["layout"], num_layers=state["args"]["num_layers"], swiglu=state["args"]["swiglu"])
 
 
 def _check_layout(saved: dict, args, path: str) -> None:
-    current = _layout(args)
-    diffs = [f"{k}: checkpoint {saved.get(k)} vs this run {v}" for k, v in current.items() if saved.get(k) != v]
+    diffs = [f"{k}: checkpoint {saved.get(k)} vs this run {v}" for k, v in _layout(args).items() if saved.get(k) != v]
     if diffs:
         raise CheckpointError(
-            f"{path} does not fit this run's layout ({'; '.join(diffs)}): use the checkpoint's layout or "
-            "reshard it with tools/checkpoint/util.py"
+            f"{path} was saved with another parallel layout ({'; '.join(diffs)}). Resume with the checkpoint's "
+            "layout; or load the weights alone into this layout (resharded on load) with --finetune, or with "
+            "--no-load-optim --no-load-rng; or reshard it with tools/checkpoint/util.py"
         )
 
 
@@ -253,7 +249,7 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
     scheduler and RNG). Returns (iteration, consumed_train_samples); (0, 0)
     when there is no checkpoint to load."""
     try:
-        path, iteration, release = checkpoint_file_for_rank(args.load, args)
+        iter_dir, iteration, release = _iteration_dir_from_tracker(args.load)
     except FileNotFoundError:
         if args.exit_on_missing_checkpoint:
             raise CheckpointError(f"--load {args.load} has no {TRACKER_FILENAME} and --exit-on-missing-checkpoint is set")
@@ -261,14 +257,22 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
             print(f"no checkpoint found in {args.load}: starting from scratch", flush=True)
         return 0, 0
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "layout" in state:
-        _check_layout(state["layout"], args, path)
-    for key, chunk in zip(_model_keys(len(model)), model):
-        if key not in state:
-            raise CheckpointError(f"{path} has no '{key}' entry: was it saved with a different "
-                                  "--num-layers-per-virtual-pipeline-stage?")
-        _unwrap(chunk).load_state_dict(state[key], strict=True)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    path = _rank_file(iter_dir, tp_rank, pp_rank, args.pipeline_model_parallel_size)
+    saved_layout = _saved_layout(iter_dir)
+    weights_only_load = args.finetune or release or (args.no_load_optim and args.no_load_rng)
+    if any(saved_layout[k] != v for k, v in _layout(args).items()):
+        if not weights_only_load:
+            _check_layout(saved_layout, args, iter_dir)
+        _load_model_resharded(args, model, iter_dir, saved_layout)
+        state = {"iteration": iteration}
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key, chunk in zip(_model_keys(len(model)), model):
+            if key not in state:
+                raise CheckpointError(f"{path} has no '{key}' entry")
+            _unwrap(chunk).load_state_dict(state[key], strict=True)
 
     fresh_start = args.finetune or release
     if optimizer is not None and not fresh_start and not args.no_load_optim:
@@ -302,3 +306,55 @@ def _load_distributed_optimizer_state(optimizer, path: str) -> None:
         states = torch.load(path, map_location="cpu", weights_only=True)
     for i, opt in enumerate(_param_state_optimizers(optimizer)):
         opt.load_parameter_state_from_dp_zero(states[i] if states is not None else None)
+
+
+def _load_model_resharded(args, model: list, iter_dir: str, saved: dict) -> None:
+    """Load model weights saved under another TP/PP/VP layout: merge the
+    source shards into full tensors, then cut this rank's part. Every rank
+    reads the source files of all source ranks (fine up to a few billion
+    parameters; the checkpoint tools reshard larger models offline)."""
+    from megatron.training import sharding
+
+    src_tp, src_pp = saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]
+    src_vp = saved["virtual_pipeline_model_parallel_size"]
+    if saved["num_layers"] != args.num_layers:
+        raise CheckpointError(f"{iter_dir} has {saved['num_layers']} layers, this run --num-layers {args.num_layers}")
+    gated = bool(saved["swiglu"])
+    full: dict = {}
+    src_offsets = sharding.layer_offsets(saved["num_layers"], src_pp, src_vp)
+    for p in range(src_pp):
+        states = [torch.load(_rank_file(iter_dir, t, p, src_pp), map_location="cpu", weights_only=True)
+                  for t in range(src_tp)]
+        for v, key in enumerate(_model_keys(src_vp or 1)):
+            merged = sharding.merge_tp_states([s[key] for s in states], gated)
+            full.update(sharding.to_global_names(merged, src_offsets[(p, v)]))
+    offsets = sharding.layer_offsets(args.num_layers, args.pipeline_model_parallel_size,
+                                     args.virtual_pipeline_model_parallel_size)
+    per_chunk = args.num_layers // (args.pipeline_model_parallel_size * len(model))
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    for v, chunk in enumerate(model):
+        target = _unwrap(chunk).state_dict()
+        local = sharding.to_local_names(full, offsets[(pp_rank, v)], per_chunk)
+        missing = [n for n in target if n not in local and not n.endswith("_extra_state")]
+        if missing:
+            raise CheckpointError(f"{iter_dir} lacks {missing[:3]}: it is not a checkpoint of this model")
+        names = [n for n in target if n in local]
+        shard = sharding.shard_for_rank(_fit_vocab(local, target, args.tensor_model_parallel_size), tp_rank,
+                                        args.tensor_model_parallel_size, gated, names)
+        _unwrap(chunk).load_state_dict(shard, strict=False)
+
+
+def _fit_vocab(local: dict, target: dict, tp: int) -> dict:
+    """Pad (zeros) or trim the vocabulary rows of full embedding/output
+    matrices to this run's padded vocabulary size."""
+    out = dict(local)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in local and name in target:
+            rows = target[name].shape[0] * tp
+            full = local[name]
+            if full.shape[0] > rows:
+                out[name] = full[:rows]
+            elif full.shape[0] < rows:
+                out[name] = torch.cat([full, full.new_zeros(rows - full.shape[0], full.shape[1])])
+    return out

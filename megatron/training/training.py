@@ -47,6 +47,8 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     step = _bind_forward_step(forward_step_func, args)
     if not args.skip_train and state.iteration < args.train_iters:
         train(args, step, model, optimizer, scheduler, train_iter, valid_iter, state)
+    elif args.save and args.train_iters == 0:
+        save(args, state, model, optimizer, scheduler)  # an initial checkpoint
     evaluated_just_now = args.eval_interval and state.iteration % args.eval_interval == 0 and not args.skip_train
     if args.eval_iters and valid_iter is not None and not evaluated_just_now:
         evaluate_and_log(args, step, model, valid_iter, state.iteration, "validation")
@@ -119,6 +121,7 @@ def build_model(args, model_provider) -> list:
     megatron-core's DistributedDataParallel."""
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
 
     config = arguments_module.transformer_config_from_args(args)
     vp = args.virtual_pipeline_model_parallel_size
@@ -126,6 +129,9 @@ def build_model(args, model_provider) -> list:
     device = initialize.device()
     for chunk in chunks:
         chunk.to(device)
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    if args.fp16 or args.bf16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = arguments_module.ddp_config_from_args(args)
     model = [
         DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=(i > 0))
@@ -139,7 +145,6 @@ def build_model(args, model_provider) -> list:
         config.grad_sync_func = [c.start_grad_sync for c in model] if len(model) > 1 else model[0].start_grad_sync
     if args.overlap_param_gather:
         config.param_sync_func = [c.start_param_sync for c in model] if len(model) > 1 else model[0].start_param_sync
-    n_params = sum(p.numel() for c in chunks for p in c.parameters())
     print_rank_0(f"> parameters on rank 0 (TP x PP shard): {n_params:,}")
     return model
 
@@ -153,11 +158,17 @@ def build_optimizer(args, model: list):
     model[0].config.grad_scale_func = optimizer.scale_loss
     gbs = args.global_batch_size
     train_samples = args.train_samples or args.train_iters * gbs
-    decay = args.lr_decay_samples or (args.lr_decay_iters * gbs if args.lr_decay_iters else train_samples)
+    decay = max(args.lr_decay_samples or (args.lr_decay_iters * gbs if args.lr_decay_iters else train_samples), 1)
     if args.lr_warmup_fraction is not None:
         warmup = int(args.lr_warmup_fraction * decay)
     else:
         warmup = args.lr_warmup_samples or args.lr_warmup_iters * gbs
+    if warmup >= decay:
+        if args.train_iters:
+            raise arguments_module.ArgumentError(
+                f"the LR warm-up ({warmup} samples) is not shorter than the LR decay ({decay} samples): "
+                "shorten --lr-warmup-iters/--lr-warmup-samples or lengthen --lr-decay-iters/--train-iters")
+        decay = warmup + 1  # no training steps (an initial checkpoint): the schedule is never used
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=decay, lr_decay_style=args.lr_decay_style,

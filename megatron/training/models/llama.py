@@ -12,20 +12,25 @@ import copy
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from megatron.training.models.norms import LocalNorm
 from megatron.training.models.sdpa_attention import SDPAttention
 
 
-def build_llama_layer_spec(args):
-    """The transformer layer spec for the flags' implementation choice."""
+def build_llama_layer_spec(args, num_layers_in_chunk: int):
+    """The transformer spec for the flags' implementation choice: Transformer
+    Engine's layer spec, or the local one as a block spec whose norms
+    (`LocalNorm`) support sequence parallelism."""
     if args.transformer_impl == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=False, normalization=args.normalization)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=args.normalization)
+    layer = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization=args.normalization))
+    layer.submodules.input_layernorm = LocalNorm
+    layer.submodules.pre_mlp_layernorm = LocalNorm
     if args.use_flash_attn:
-        spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+        layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_in_chunk, layer_norm=LocalNorm)
 
 
 def attention_backend_name(args) -> str:
@@ -43,7 +48,7 @@ def build_gpt_model(args, config, pre_process=None, post_process=None, vp_stage=
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
         config=config,
-        transformer_layer_spec=build_llama_layer_spec(args),
+        transformer_layer_spec=build_llama_layer_spec(args, _layers_in_chunk(args)),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -56,3 +61,7 @@ def build_gpt_model(args, config, pre_process=None, post_process=None, vp_stage=
         seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
         vp_stage=vp_stage,
     )
+
+
+def _layers_in_chunk(args) -> int:
+    return args.num_layers // (args.pipeline_model_parallel_size * (args.virtual_pipeline_model_parallel_size or 1))

@@ -1,0 +1,108 @@
+"""How megatron-core lays a GPT model's state dict out over tensor- and
+pipeline-parallel ranks, as data, and the split/merge functions built on it.
+
+Used to load a checkpoint saved under one TP/PP layout into another (model
+weights), and by the checkpoint tools. Nothing here is specific to Llama: the
+names are megatron-core's own GPTModel state-dict names.
+
+Tensor parallelism: a sharded tensor is cut along `dim` into TP x stride
+equal chunks and rank r holds chunks r, r + TP, r + 2 TP, ... (stride 2 is
+the gated MLP's fc1, whose rows are [gate; up] and each rank keeps its part
+of both). Pipeline parallelism: `decoder.layers.<i>.` indices are local to a
+model chunk; the global index adds the chunk's layer offset.
+"""
+
+import re
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+# (state-dict name suffix, partition dim, stride or "glu": 2 when the MLP is gated).
+TP_PARTITIONS: Tuple[Tuple[str, int, object], ...] = (
+    ("embedding.word_embeddings.weight", 0, 1),
+    ("output_layer.weight", 0, 1),
+    ("self_attention.linear_qkv.weight", 0, 1),
+    ("self_attention.linear_qkv.bias", 0, 1),
+    ("self_attention.linear_proj.weight", 1, 1),
+    ("mlp.linear_fc1.weight", 0, "glu"),
+    ("mlp.linear_fc1.bias", 0, "glu"),
+    ("mlp.linear_fc2.weight", 1, 1),
+)
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def tp_partition(name: str, gated_mlp: bool) -> Optional[Tuple[int, int]]:
+    """(dim, stride) if `name` is split over tensor-parallel ranks, else None
+    (replicated: norms, row-parallel biases, rotary buffers)."""
+    for suffix, dim, stride in TP_PARTITIONS:
+        if name.endswith(suffix):
+            return dim, (2 if gated_mlp else 1) if stride == "glu" else stride
+    return None
+
+
+def split_tp(full: torch.Tensor, dim: int, stride: int, tp: int) -> List[torch.Tensor]:
+    """The TP shards of a full tensor, rank by rank."""
+    if full.shape[dim] % (tp * stride):
+        raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not split into {tp} x {stride} parts")
+    chunks = torch.split(full, full.shape[dim] // (tp * stride), dim=dim)
+    return [torch.cat(chunks[r::tp], dim=dim).contiguous() for r in range(tp)]
+
+
+def merge_tp(shards: List[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of split_tp."""
+    tp = len(shards)
+    per_rank = [torch.split(s, s.shape[dim] // stride, dim=dim) for s in shards]
+    return torch.cat([per_rank[r][k] for k in range(stride) for r in range(tp)], dim=dim)
+
+
+def layer_offsets(num_layers: int, pp: int, vp: Optional[int]) -> Dict[Tuple[int, int], int]:
+    """{(pp_rank, vp_stage): global index of the chunk's first layer}."""
+    chunks = vp or 1
+    per_chunk = num_layers // (pp * chunks)
+    return {(p, v): v * (num_layers // chunks) + p * per_chunk for p in range(pp) for v in range(chunks)}
+
+
+def to_global_names(state: Dict[str, torch.Tensor], offset: int) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        m = _LAYER.match(name)
+        out[f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else name] = value
+    return out
+
+
+def to_local_names(state: Dict[str, torch.Tensor], first: int, count: int) -> Dict[str, torch.Tensor]:
+    """Entries of layers [first, first + count) renamed to chunk-local indices,
+    plus the non-layer entries."""
+    out = {}
+    for name, value in state.items():
+        m = _LAYER.match(name)
+        if m is None:
+            out[name] = value
+        elif first <= int(m.group(1)) < first + count:
+            out[f"decoder.layers.{int(m.group(1)) - first}.{m.group(2)}"] = value
+    return out
+
+
+def merge_tp_states(states: List[Dict[str, torch.Tensor]], gated_mlp: bool) -> Dict[str, torch.Tensor]:
+    """One state dict from the TP ranks' state dicts of one pipeline chunk."""
+    merged = {}
+    for name, first in states[0].items():
+        if not isinstance(first, torch.Tensor):
+            merged[name] = first
+            continue
+        part = tp_partition(name, gated_mlp)
+        merged[name] = first if part is None else merge_tp([s[name] for s in states], *part)
+    return merged
+
+
+def shard_for_rank(full_chunk: Dict[str, torch.Tensor], tp_rank: int, tp: int, gated_mlp: bool,
+                   names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """This TP rank's part of a (pipeline-chunk-local) full state dict,
+    restricted to `names` when given."""
+    out = {}
+    for name in (names if names is not None else full_chunk):
+        value = full_chunk[name]
+        part = tp_partition(name, gated_mlp) if isinstance(value, torch.Tensor) else None
+        out[name] = value if part is None else split_tp(value, part[0], part[1], tp)[tp_rank]
+    return out

@@ -1,0 +1,38 @@
+"""Run pretrain_gpt.py in-process on N gloo processes and collect its losses."""
+
+import os
+import sys
+
+from tests.distributed.launcher import ROOT, run_distributed
+
+# A tiny Llama: RMSNorm, SwiGLU, RoPE, GQA, untied embeddings, no biases, no dropout.
+TINY_LLAMA = [
+    "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+    "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32", "--max-position-embeddings", "32",
+    "--normalization", "RMSNorm", "--swiglu", "--use-rotary-position-embeddings", "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0",
+    "--make-vocab-size-divisible-by", "64",
+]
+MOCK_DATA = ["--mock-data", "--vocab-size", "256", "--split", "98,1,1"]
+SCHEDULE = ["--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
+            "--weight-decay", "0.1", "--clip-grad", "1.0", "--log-interval", "1", "--eval-interval", "1000",
+            "--eval-iters", "0", "--seed", "1234"]
+
+
+def _worker(rank, world_size, argv):
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import pretrain_gpt
+    from megatron.training.initialize import destroy
+
+    try:
+        state = pretrain_gpt.main(list(argv))
+    finally:
+        destroy()
+    return [(h["iteration"], h["lm loss"], h["grad_norm"]) for h in state.history if "lm loss" in h]
+
+
+def run_pretrain(argv, world_size=1):
+    """Losses [(iteration, loss, grad_norm)] logged by the last rank."""
+    results = run_distributed(_worker, world_size=world_size, args=(tuple(argv),))
+    return results[-1]
