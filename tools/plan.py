@@ -1,0 +1,33 @@
+"""Plan a training run on a machine without GPUs, from pretrain_gpt.py's flags.
+
+    python tools/plan.py $(DRY_RUN=1 PRINT=flags bash scripts/llama_70B.sh) --world-size 32 --gpu A100 --mfu 0.5
+    python tools/plan.py --num-layers 80 ... --world-size 64 --tflops-per-gpu 161
+
+Validates the layout with the training driver's own checks (an invalid layout
+exits with status 2 and a message naming the fix), prints memory per GPU per
+pipeline stage, FLOPs per iteration, iteration time and tokens/day; exits
+with status 1 when the plan does not fit the GPU's memory.
+"""
+
+import os
+import sys
+
+# The repo root first: `megatron.training` is this repo's driver.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.training.arguments import ArgumentError  # noqa: E402
+from megatron.training.planner import format_plan, plan_from_argv  # noqa: E402
+
+
+def main(argv=None) -> int:
+    try:
+        plan = plan_from_argv(sys.argv[1:] if argv is None else argv)
+    except ArgumentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    return 0 if plan.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
