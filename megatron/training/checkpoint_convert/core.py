@@ -1,0 +1,159 @@
+"""The loader -> saver protocol and the pieces every converter shares."""
+
+import contextlib
+import os
+import shutil
+import sys
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ConversionError(RuntimeError):
+    """Input the converter cannot use as asked; the message says what to change."""
+
+
+class ModelSource:
+    """A model to convert, as loaders provide it and savers consume it.
+
+    `args` holds the model's Megatron flags (argparse dest names: num_layers,
+    hidden_size, num_query_groups, padded_vocab_size, vocab_size (the
+    tokenizer's, None when unknown), tokenizer_type, tokenizer_model,
+    rotary_seq_len_interpolation_factor, ...). The readers return full
+    tensors under megatron-core's GPTModel state-dict names with global layer
+    indices; the embedding and output rows may include vocabulary padding.
+    """
+
+    format: str = ""  # "hf" or "megatron": how --verify runs this side
+    path: str = ""
+    args: dict = {}
+    iteration: Optional[int] = None  # None: a released model (no training state)
+    vocab_size: Optional[int] = None  # the tokenizer's vocabulary (rows without padding); None: unknown
+
+    def embedding(self) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def layer(self, index: int) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def final(self) -> Dict[str, torch.Tensor]:
+        """The final norm, and the output layer when it is not tied to the embedding."""
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return self.args["num_layers"]
+
+    @property
+    def tied(self) -> bool:
+        return not self.args.get("untie_embeddings_and_output_weights", False)
+
+
+def divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_target_layout(args: dict, tp: int, pp: int, vp_layers: Optional[int] = None) -> None:
+    """Raise ConversionError when the model cannot be laid out over TP x PP (x VP)."""
+    heads, groups, layers = args["num_attention_heads"], args["num_query_groups"], args["num_layers"]
+    if heads % tp or groups % tp:
+        common = [d for d in range(1, groups + 1) if groups % d == 0 and heads % d == 0]
+        raise ConversionError(
+            f"--target-tensor-parallel-size {tp} does not divide the model's {heads} attention heads and "
+            f"{groups} query groups: use a TP size that divides both ({', '.join(map(str, common))})")
+    if args["ffn_hidden_size"] % tp:
+        raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide ffn_hidden_size "
+                              f"{args['ffn_hidden_size']}: use one of {divisors(args['ffn_hidden_size'])}")
+    if layers % pp:
+        raise ConversionError(f"--target-pipeline-parallel-size {pp} does not divide the model's {layers} layers: "
+                              f"use one of {divisors(layers)}")
+    if vp_layers is not None:
+        per_stage = layers // pp
+        if pp == 1 or per_stage % vp_layers or per_stage // vp_layers < 2:
+            raise ConversionError(
+                f"--target-num-layers-per-virtual-pipeline-stage {vp_layers} needs PP > 1 and a divisor of the "
+                f"{per_stage} layers per stage below {per_stage} ({divisors(per_stage)})")
+
+
+def fit_vocab_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` with exactly `rows` rows: trimmed, or padded with zero rows
+    (the padding ids are never produced by the tokenizer)."""
+    if weight.shape[0] > rows:
+        return weight[:rows].contiguous()
+    if weight.shape[0] < rows:
+        return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])])
+    return weight
+
+
+def round_up(n: int, multiple: int) -> int:
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+def cast(tensors: Dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    if dtype is None:
+        return tensors
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+@contextlib.contextmanager
+def staged_output(save_dir: str) -> Iterator[str]:
+    """Yield a staging directory beside `save_dir`; rename it to `save_dir`
+    when the block completes, delete it when the block fails, so nothing
+    half-written is ever found at `save_dir`."""
+    final = os.path.abspath(save_dir)
+    if os.path.exists(final) and (not os.path.isdir(final) or os.listdir(final)):
+        raise ConversionError(f"the save directory {final} exists and is not empty: choose a new directory, "
+                              "or remove the old one first")
+    staging = final + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(final):
+        os.rmdir(final)
+    os.replace(staging, final)
+
+
+def convert(source: ModelSource, save: Callable[[ModelSource, str], object], save_dir: str, target_format: str,
+            verify_atol: Optional[float] = None) -> None:
+    """Run `save(source, staging_dir)` with the output staged beside `save_dir`
+    and renamed when complete; then, with `verify_atol`, compare the logits
+    of both sides (verify.py) and fail above it."""
+    with staged_output(save_dir) as staging:
+        save(source, staging)
+    print(f"saved {os.path.abspath(save_dir)}", flush=True)
+    if verify_atol is not None:
+        from megatron.training.checkpoint_convert.verify import compare_logits
+
+        compare_logits((source.format, source.path), (target_format, os.path.abspath(save_dir)),
+                       source.vocab_size or source.args["padded_vocab_size"], verify_atol)
+
+
+def run_command(body: Callable[[], object]) -> int:
+    """A command's exit code: 0, or 1 after printing what to change when the
+    input is unusable (a conversion, tokenizer or flag error)."""
+    from megatron.training.arguments import ArgumentError
+    from megatron.training.tokenizer import TokenizerError
+
+    try:
+        body()
+    except (ConversionError, TokenizerError, ArgumentError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def progress(total: int, desc: str):
+    """A progress bar for one phase of a conversion (on stderr)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, dynamic_ncols=True, leave=True)

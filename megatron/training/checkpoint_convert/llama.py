@@ -1,0 +1,307 @@
+"""The Llama family (`LlamaForCausalLM`: Llama 1/2/3, Code Llama, TinyLlama, ...):
+HF config.json <-> Megatron flags, and HF <-> megatron-core names as tables.
+
+Layouts (checked against the GPTModel the driver builds):
+- linear_qkv.weight rows are grouped per query group g: [the g-th group's
+  heads/groups query heads; k_g; v_g], head_dim rows each; HF keeps q, k, v
+  as three matrices. Both apply RoPE as rotate-half: no row permutation.
+- linear_fc1.weight = [gate_proj; up_proj].
+- embedding / output rows may carry Megatron's vocabulary padding; the HF
+  side has exactly config.vocab_size rows.
+"""
+
+import json
+import os
+import shutil
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron.training.checkpoint_convert.core import (
+    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, fit_vocab_rows, progress, round_up,
+)
+from megatron.training.checkpoint_convert.hf_files import HFWeights, ShardedSafetensorsWriter
+
+HF_MODEL_TYPES = ("llama",)
+
+# (megatron-core name inside decoder.layers.<i>., HF names inside model.layers.<i>., how the HF tensors combine)
+LAYER_TABLE = (
+    ("input_layernorm.weight", ("input_layernorm.weight",), "copy"),
+    ("self_attention.linear_qkv.weight",
+     ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
+    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "copy"),
+    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "copy"),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "cat"),
+    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy"),
+)
+GLOBAL_TABLE = ((EMBEDDING, "model.embed_tokens.weight"), (FINAL_NORM, "model.norm.weight"),
+                (OUTPUT_LAYER, "lm_head.weight"))
+_HF_OF = dict(GLOBAL_TABLE)
+
+
+def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """HF q/k/v projections -> megatron-core's per-group [q..., k, v] rows."""
+    hidden = q.shape[-1]
+    parts = [x.reshape(groups, -1, hidden) for x in (q, k, v)]
+    return torch.cat(parts, dim=1).reshape(-1, hidden)
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
+    hidden = qkv.shape[-1]
+    per_group = heads // groups * head_dim
+    q, k, v = torch.split(qkv.reshape(groups, per_group + 2 * head_dim, hidden), [per_group, head_dim, head_dim], 1)
+    return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
+
+
+# ------------------------------------------------------------------ configs
+
+def _rope(config: dict):
+    """(theta, linear factor or None) from a config.json of transformers 4.x or 5.x."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    if not scaling:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "linear":
+        raise ConversionError(
+            f"config.json rope scaling of type {kind!r} is not supported: megatron-core's GPTModel here implements "
+            "linear position interpolation only (rope_scaling type 'linear' -> --rotary-seq-len-interpolation-factor)")
+    return theta, float(scaling["factor"])
+
+
+def megatron_flags_from_hf(config: dict, tokenizer: Optional[Sequence[str]] = None) -> List[str]:
+    """The Megatron flags that build the model described by an HF Llama config.json."""
+    kind = config.get("model_type")
+    if kind not in HF_MODEL_TYPES:
+        raise ConversionError(
+            f"config.json has model_type {kind!r} (architectures {config.get('architectures')}), not a family this "
+            f"converter knows ({', '.join(HF_MODEL_TYPES)}): add a loader plugin tools/checkpoint/loader_<family>.py")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act {config['hidden_act']!r}: Llama models use silu (SwiGLU)")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ConversionError("attention_bias / mlp_bias are set in config.json: biased Llama variants are not "
+                              "supported by this converter")
+    heads = config["num_attention_heads"]
+    groups = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    theta, factor = _rope(config)
+    if float(theta) != int(theta):
+        raise ConversionError(f"rope_theta {theta} is not an integer, which --rotary-base needs")
+    positions = str(config.get("max_position_embeddings", 4096))
+    flags = [
+        "--num-layers", str(config["num_hidden_layers"]), "--hidden-size", str(config["hidden_size"]),
+        "--ffn-hidden-size", str(config["intermediate_size"]), "--num-attention-heads", str(heads),
+        "--kv-channels", str(head_dim), "--max-position-embeddings", positions, "--seq-length", positions,
+        "--position-embedding-type", "rope", "--rotary-base", str(int(theta)),
+        "--normalization", "RMSNorm", "--norm-epsilon", str(config.get("rms_norm_eps", 1e-6)), "--swiglu",
+        "--disable-bias-linear", "--vocab-size", str(config["vocab_size"]),
+        "--init-method-std", str(config.get("initializer_range", 0.02)),
+        "--attention-dropout", str(config.get("attention_dropout", 0.0)), "--hidden-dropout", "0",
+    ]
+    if groups != heads:
+        flags += ["--group-query-attention", "--num-query-groups", str(groups)]
+    if factor is not None:
+        flags += ["--rotary-seq-len-interpolation-factor", str(factor)]
+    if not config.get("tie_word_embeddings", False):
+        flags.append("--untie-embeddings-and-output-weights")
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    flags += {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype, [])
+    if tokenizer:
+        flags += ["--tokenizer-type", tokenizer[0], "--tokenizer-model", tokenizer[1]]
+    return flags
+
+
+def check_llama_architecture(args: dict) -> None:
+    wrong = {k: args.get(k) for k, want in (("normalization", "RMSNorm"), ("swiglu", True),
+                                            ("position_embedding_type", "rope"), ("add_bias_linear", False),
+                                            ("rotary_percent", 1.0)) if args.get(k) != want}
+    if wrong:
+        raise ConversionError(
+            f"the checkpoint is not a Llama-architecture model ({', '.join(f'{k}={v}' for k, v in wrong.items())}): "
+            "the hf saver writes LlamaForCausalLM, which needs --normalization RMSNorm --swiglu "
+            "--use-rotary-position-embeddings --disable-bias-linear and --rotary-percent 1.0")
+
+
+def hf_config_from_megatron(args: dict, vocab_rows: int, dtype: torch.dtype, special_ids: dict) -> dict:
+    check_llama_architecture(args)
+    heads = args["num_attention_heads"]
+    factor = args.get("rotary_seq_len_interpolation_factor")
+    dtype_name = str(dtype).replace("torch.", "")
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": vocab_rows, "hidden_size": args["hidden_size"], "intermediate_size": args["ffn_hidden_size"],
+        "num_hidden_layers": args["num_layers"], "num_attention_heads": heads,
+        "num_key_value_heads": args.get("num_query_groups") or heads,
+        "head_dim": args.get("kv_channels") or args["hidden_size"] // heads,
+        "hidden_act": "silu", "max_position_embeddings": args.get("max_position_embeddings") or args["seq_length"],
+        "rms_norm_eps": args["norm_epsilon"], "rope_theta": float(args.get("rotary_base", 10000)),
+        "rope_scaling": {"rope_type": "linear", "factor": float(factor)} if factor else None,
+        "tie_word_embeddings": not args.get("untie_embeddings_and_output_weights", False),
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
+        "initializer_range": args.get("init_method_std", 0.02), "use_cache": True,
+        "torch_dtype": dtype_name, "dtype": dtype_name,
+    }
+    config.update((k, v) for k, v in special_ids.items() if v is not None)
+    return config
+
+
+# ------------------------------------------------------------------ tokenizers
+
+def find_tokenizer(model_dir: str, tokenizer_model: Optional[str]):
+    """(Megatron --tokenizer-type, path) for --tokenizer-model or the tokenizer in an HF directory; None if none."""
+    path = tokenizer_model
+    if path is None:
+        if any(os.path.isfile(os.path.join(model_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+            path = model_dir
+        elif os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
+            path = os.path.join(model_dir, "tokenizer.model")
+        else:
+            return None
+    if not os.path.exists(path):
+        raise ConversionError(f"--tokenizer-model {path} does not exist: give a sentencepiece tokenizer.model file "
+                              "or an HF tokenizer directory")
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return "HuggingFaceTokenizer", path
+    return ("HuggingFaceTokenizer" if path.endswith(".json") else "Llama2Tokenizer"), path
+
+
+def export_tokenizer(tokenizer_type: str, path: str, out_dir: str) -> dict:
+    """Write tokenizer files `transformers.AutoTokenizer` loads; returns the special token ids."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if os.path.isdir(path):
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if os.path.isfile(os.path.join(path, "tokenizer.model")):
+            shutil.copy(os.path.join(path, "tokenizer.model"), out_dir)
+    elif tokenizer_type == "HuggingFaceTokenizer":
+        tok = PreTrainedTokenizerFast(tokenizer_file=path)
+    else:  # a sentencepiece model: what Llama 2 ships as tokenizer.model
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        shutil.copy(path, os.path.join(out_dir, "tokenizer.model"))
+        cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
+        for name, idx in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
+            if idx >= 0:
+                cfg[name] = sp.id_to_piece(idx)
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    tok.save_pretrained(out_dir)
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+# ------------------------------------------------------------------ HF -> Megatron
+
+class LlamaHFSource(ModelSource):
+    """An HF `LlamaForCausalLM` directory (config.json + weights [+ tokenizer])."""
+
+    format = "hf"
+
+    def __init__(self, model_dir: str, tokenizer_model: Optional[str] = None, extra_flags: Sequence[str] = ()):
+        from megatron.training.arguments import args_to_dict, parse_args
+        from megatron.training.tokenizer import build_tokenizer
+
+        self.path = os.path.abspath(model_dir)
+        config_path = os.path.join(self.path, "config.json")
+        if not os.path.isfile(config_path):
+            raise ConversionError(f"{config_path} is missing: --load-dir must be a Hugging Face model directory "
+                                  "(config.json + *.safetensors); for a Megatron checkpoint use --loader megatron")
+        with open(config_path) as f:
+            self.config = json.load(f)
+        tokenizer = find_tokenizer(self.path, tokenizer_model)
+        self.flags = megatron_flags_from_hf(self.config, tokenizer) + list(extra_flags)
+        self.args = args_to_dict(parse_args(self.flags))
+        self.vocab_size = self.config["vocab_size"]
+        if tokenizer is not None:
+            n = build_tokenizer(tokenizer[0], tokenizer[1]).vocab_size
+            if n != self.vocab_size:
+                raise ConversionError(
+                    f"the tokenizer {tokenizer[1]} has {n} tokens but config.json vocab_size is {self.vocab_size}: "
+                    "give the model's own tokenizer with --tokenizer-model (its tokenizer.model or HF directory)")
+        self.weights = HFWeights(self.path)
+        self.heads, self.groups = self.args["num_attention_heads"], self.args["num_query_groups"]
+
+    def embedding(self):
+        return {EMBEDDING: self.weights.read([_HF_OF[EMBEDDING]])[_HF_OF[EMBEDDING]]}
+
+    def layer(self, index):
+        hf = self.weights.read(f"model.layers.{index}.{n}" for _, names, _ in LAYER_TABLE for n in names)
+        out = {}
+        for mg_name, hf_names, how in LAYER_TABLE:
+            parts = [hf[f"model.layers.{index}.{n}"] for n in hf_names]
+            if how == "qkv":
+                value = join_qkv(*parts, groups=self.groups)
+            else:
+                value = torch.cat(parts) if how == "cat" else parts[0]
+            out[f"decoder.layers.{index}.{mg_name}"] = value
+        return out
+
+    def final(self):
+        names = [FINAL_NORM] if self.tied else [FINAL_NORM, OUTPUT_LAYER]
+        hf = self.weights.read(_HF_OF[n] for n in names)
+        return {n: hf[_HF_OF[n]] for n in names}
+
+
+# ------------------------------------------------------------------ Megatron -> HF
+
+def _hf_layer(tensors: Dict[str, torch.Tensor], index: int, args: dict) -> Dict[str, torch.Tensor]:
+    heads = args["num_attention_heads"]
+    groups = args.get("num_query_groups") or heads
+    head_dim = args.get("kv_channels") or args["hidden_size"] // heads
+    out = {}
+    for mg_name, hf_names, how in LAYER_TABLE:
+        value = tensors[f"decoder.layers.{index}.{mg_name}"]
+        if how == "qkv":
+            parts = split_qkv(value, heads, groups, head_dim)
+        elif how == "cat":
+            parts = torch.chunk(value, 2)
+        else:
+            parts = (value,)
+        out.update((f"model.layers.{index}.{n}", p.contiguous()) for n, p in zip(hf_names, parts))
+    return out
+
+
+def save_llama_hf(source: ModelSource, out_dir: str, dtype: Optional[torch.dtype] = None, divisible_by: int = 1,
+                  max_shard_bytes: int = 5 * 10 ** 9, tokenizer_model: Optional[str] = None) -> dict:
+    """Write `source` as an HF LlamaForCausalLM directory: safetensors shards
+    (+ index), config.json, generation_config.json and the tokenizer files.
+    Returns the config written."""
+    args = source.args
+    check_llama_architecture(args)
+    rows = round_up(source.vocab_size or args["padded_vocab_size"], divisible_by)
+    special = {}
+    tokenizer = (args.get("tokenizer_type"), tokenizer_model or args.get("tokenizer_model"))
+    if tokenizer_model:
+        tokenizer = find_tokenizer(out_dir, tokenizer_model)
+    if tokenizer[1] and tokenizer[0] not in (None, "NullTokenizer"):
+        if not os.path.exists(tokenizer[1]):
+            raise ConversionError(f"the checkpoint's tokenizer {tokenizer[1]} is not on this machine: "
+                                  "give it with --tokenizer-model")
+        special = export_tokenizer(tokenizer[0], tokenizer[1], out_dir)
+
+    writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
+    first = source.embedding()
+    dtype = dtype or first[EMBEDDING].dtype
+    writer.add({_HF_OF[EMBEDDING]: fit_vocab_rows(cast(first, dtype)[EMBEDDING], rows)})
+    del first
+    bar = progress(source.num_layers, "writing HF safetensors")
+    for i in range(source.num_layers):
+        writer.add(_hf_layer(cast(source.layer(i), dtype), i, args))
+        bar.update(1)
+    bar.close()
+    tail = cast(source.final(), dtype)
+    writer.add({_HF_OF[FINAL_NORM]: tail[FINAL_NORM]})
+    if not source.tied:
+        writer.add({_HF_OF[OUTPUT_LAYER]: fit_vocab_rows(tail[OUTPUT_LAYER], rows)})
+    writer.close()
+
+    config = hf_config_from_megatron(args, rows, dtype, special)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    generation = {k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id") and v is not None}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(dict(generation, _from_model_config=True), f, indent=2)
+    return config

@@ -1,0 +1,272 @@
+"""This project's per-rank checkpoints (megatron/training/checkpointing.py) as a
+conversion source and target, under any TP / PP / virtual-PP layout.
+
+Reading: each rank file is opened memory-mapped (`torch.load(mmap=True,
+weights_only=True)`) and only the tensors of the layer asked for are copied
+out, then the mapping is dropped: one layer in memory at a time.
+
+Writing: for each pipeline stage, every layer is read once, cut into its TP
+shards, and each shard is spooled to a small safetensors file under the
+staging directory; then each rank's file is assembled from its spool and
+written. Peak memory: one full layer plus one output rank file.
+"""
+
+import os
+import shutil
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron.training import checkpointing, sharding
+from megatron.training.checkpoint_convert.core import (
+    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, check_target_layout, fit_vocab_rows,
+    progress, round_up,
+)
+
+# Module names of megatron-core's linear layers: each carries an `_extra_state`
+# entry (None outside FP8) that a strict load_state_dict expects.
+LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+# Transformer Engine's layer spec fuses the pre-attention / pre-MLP norms into
+# the following linear layer: the same weights under other names.
+TE_FUSED_NORMS = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+}
+_FROM_TE = {te: local for local, te in TE_FUSED_NORMS.items()}
+
+
+def model_keys(vp: Optional[int]) -> List[str]:
+    return ["model"] if not vp else [f"model{i}" for i in range(vp)]
+
+
+def _rename_suffixes(state: Dict[str, torch.Tensor], table: Dict[str, str]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        for old, new in table.items():
+            if name.endswith("." + old):
+                name = name[: -len(old)] + new
+                break
+        out[name] = value
+    return out
+
+
+def read_vocab_size(args: dict, tokenizer_model: Optional[str] = None) -> Optional[int]:
+    """The tokenizer's vocabulary size for a checkpoint's flags (None when the
+    tokenizer cannot be found); `tokenizer_model` overrides the recorded path."""
+    from megatron.training.tokenizer import build_tokenizer
+
+    kind = args.get("tokenizer_type")
+    if kind is None:
+        return args.get("vocab_size")
+    model = tokenizer_model or args.get("tokenizer_model")
+    try:
+        return build_tokenizer(kind, model, args.get("vocab_file"), args.get("merge_file"), args.get("vocab_size")).vocab_size
+    except Exception as e:  # noqa: BLE001 - any failure means "unknown": say so and go on
+        if args.get("vocab_size"):
+            return args["vocab_size"]
+        warnings.warn(f"cannot load the checkpoint's tokenizer ({kind} {model}: {e}); the vocabulary padding "
+                      "rows are kept as they are. Pass --tokenizer-model to trim them")
+        return None
+
+
+class MegatronSource(ModelSource):
+    """A checkpoint root written by pretrain_gpt.py or by save_megatron."""
+
+    format = "megatron"
+
+    def __init__(self, load_dir: str, tokenizer_model: Optional[str] = None):
+        self.path = os.path.abspath(load_dir)
+        if not os.path.isdir(self.path):
+            raise ConversionError(f"--load-dir {self.path} does not exist")
+        iteration, release = checkpointing.read_tracker(self.path)
+        if iteration is None:
+            raise ConversionError(
+                f"{self.path} has no {checkpointing.TRACKER_FILENAME}: it is not a checkpoint saved by "
+                "pretrain_gpt.py (for a Hugging Face directory use --loader llama2_hf)")
+        self.iter_dir = checkpointing.iteration_dir(self.path, iteration, release)
+        first = self._load(0, 0, pp_size=None)
+        self.args = dict(first["args"])
+        layout = first["layout"]
+        self.tp = layout["tensor_model_parallel_size"]
+        self.pp = layout["pipeline_model_parallel_size"]
+        self.vp = layout["virtual_pipeline_model_parallel_size"]
+        self.iteration = None if release else first.get("iteration", iteration)
+        self.consumed_train_samples = first.get("consumed_train_samples", 0)
+        for p in range(self.pp):
+            for t in range(self.tp):
+                if not os.path.isfile(self._file(t, p)):
+                    raise ConversionError(f"{self._file(t, p)} is missing: the checkpoint at {self.path} is "
+                                          f"incomplete (saved with TP={self.tp}, PP={self.pp})")
+        self.gated = bool(self.args.get("swiglu"))
+        self.offsets = sharding.layer_offsets(self.num_layers, self.pp, self.vp)
+        self.per_chunk = self.num_layers // (self.pp * (self.vp or 1))
+        self.vocab_size = read_vocab_size(self.args, tokenizer_model)
+        if tokenizer_model:
+            self.args["tokenizer_model"] = os.path.abspath(tokenizer_model)
+
+    def _file(self, t: int, p: int) -> str:
+        return os.path.join(self.iter_dir, checkpointing.rank_dir_name(t, p, self.pp), "model_optim_rng.pt")
+
+    def _load(self, t: int, p: int, pp_size: Optional[int]):
+        if pp_size is None:  # the layout is not known yet: take the first rank directory there is
+            names = sorted(n for n in os.listdir(self.iter_dir) if n.startswith("mp_rank_")) \
+                if os.path.isdir(self.iter_dir) else []
+            if not names:
+                raise ConversionError(f"{self.iter_dir} holds no mp_rank_* directories: the checkpoint is incomplete")
+            path = os.path.join(self.iter_dir, names[0], "model_optim_rng.pt")
+        else:
+            path = self._file(t, p)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+    def _read(self, p: int, v: int, wanted) -> Dict[str, torch.Tensor]:
+        """The tensors of chunk (p, v) whose chunk-local names `wanted(name)`
+        accepts, merged over TP."""
+        key = model_keys(self.vp)[v]
+        states = []
+        for t in range(self.tp):
+            chunk = self._load(t, p, self.pp)[key]
+            states.append({n: x.clone() for n, x in chunk.items() if isinstance(x, torch.Tensor) and wanted(n)})
+            del chunk  # drops the memory map
+        return _rename_suffixes(sharding.merge_tp_states(states, self.gated), _FROM_TE)
+
+    def embedding(self):
+        return self._read(0, 0, lambda n: n == EMBEDDING)
+
+    def layer(self, index):
+        for (p, v), first in self.offsets.items():
+            if first <= index < first + self.per_chunk:
+                prefix = f"decoder.layers.{index - first}."
+                return sharding.to_global_names(self._read(p, v, lambda n: n.startswith(prefix)), first)
+        raise IndexError(index)
+
+    def final(self):
+        last = (self.pp - 1, (self.vp or 1) - 1)
+        names = (FINAL_NORM,) if self.tied else (FINAL_NORM, OUTPUT_LAYER)
+        return self._read(*last, lambda n: n in names)
+
+
+class _Spool:
+    """Per-rank TP shards of one pipeline stage, parked on disk until the rank's file is written."""
+
+    def __init__(self, root: str, tp: int):
+        self.root, self.pieces = root, [[] for _ in range(tp)]
+        os.makedirs(root, exist_ok=True)
+
+    def put(self, rank: int, chunk: int, tensors: Dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.root, f"{rank}_{len(self.pieces[rank])}.safetensors")
+        save_file(tensors, path)
+        self.pieces[rank].append((chunk, path, list(tensors)))
+
+    def collect(self, rank: int, chunk: int) -> Dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        out = {}
+        for c, path, names in self.pieces[rank]:
+            if c == chunk:
+                loaded = load_file(path)
+                out.update((n, loaded[n]) for n in names)
+                os.remove(path)
+        return out
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _split_for_ranks(full: Dict[str, torch.Tensor], tp: int, gated: bool) -> List[Dict[str, torch.Tensor]]:
+    out = [{} for _ in range(tp)]
+    for name, value in full.items():
+        part = sharding.tp_partition(name, gated)
+        shards = [value] * tp if part is None else sharding.split_tp(value, part[0], part[1], tp)
+        for r in range(tp):
+            out[r][name] = shards[r]
+    return out
+
+
+def _with_extra_states(state: Dict[str, torch.Tensor], post_process: bool) -> dict:
+    out = {}
+    for name, value in state.items():
+        out[name] = value
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and module.split(".", 3)[-1] in LINEAR_MODULES:
+            out[module + "._extra_state"] = None
+    if post_process:
+        out["output_layer._extra_state"] = None
+    return out
+
+
+def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers: Optional[int] = None,
+                  divisible_by: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                  transformer_impl: str = "local") -> dict:
+    """Write `source` as a checkpoint root at `out_dir` laid out over TP x PP
+    (x virtual stages of `vp_layers` layers). Returns the flags recorded in it."""
+    args = source.args
+    check_target_layout(args, tp, pp, vp_layers)
+    layers = source.num_layers
+    vp = (layers // pp) // vp_layers if vp_layers else None
+    divisible_by = divisible_by or args.get("make_vocab_size_divisible_by") or 128
+    rows = round_up(source.vocab_size or args["padded_vocab_size"], divisible_by * tp)
+    gated = bool(args["swiglu"])
+    saved_args = dict(args, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                      num_layers_per_virtual_pipeline_stage=vp_layers, virtual_pipeline_model_parallel_size=vp,
+                      padded_vocab_size=rows, make_vocab_size_divisible_by=divisible_by,
+                      transformer_impl=transformer_impl)
+    if dtype is not None:
+        saved_args.update(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                          params_dtype=str(dtype).replace("torch.", ""))
+    release = source.iteration is None
+    iter_dir = checkpointing.iteration_dir(out_dir, source.iteration or 0, release)
+    chunks = vp or 1
+    per_chunk = layers // (pp * chunks)
+    offsets = sharding.layer_offsets(layers, pp, vp)
+    te_names = TE_FUSED_NORMS if transformer_impl == "transformer_engine" else {}
+
+    def prepare(tensors, first):
+        tensors = {n: fit_vocab_rows(x, rows) if n in (EMBEDDING, OUTPUT_LAYER) else x for n, x in tensors.items()}
+        return _rename_suffixes(sharding.to_local_names(cast(tensors, dtype), first, per_chunk), te_names)
+
+    bar = progress(layers, f"writing Megatron checkpoint (TP={tp} PP={pp}{f' VP={vp}' if vp else ''})")
+    for p in range(pp):
+        spool = _Spool(os.path.join(out_dir, ".spool"), tp)
+        for v in range(chunks):
+            first = offsets[(p, v)]
+
+            def put(tensors):
+                for r, shard in enumerate(_split_for_ranks(prepare(tensors, first), tp, gated)):
+                    spool.put(r, v, shard)
+
+            if (p, v) == (0, 0):
+                put(source.embedding())
+            for i in range(first, first + per_chunk):
+                put(source.layer(i))
+                bar.update(1)
+            if p == pp - 1 and v == chunks - 1:
+                tail = source.final()
+                if source.tied and pp > 1:  # the last stage keeps its own copy of the tied embedding
+                    tail[OUTPUT_LAYER] = source.embedding()[EMBEDDING]
+                put(tail)
+        for t in range(tp):
+            state = {
+                "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
+                "iteration": source.iteration or 0,
+                "consumed_train_samples": getattr(source, "consumed_train_samples", 0),
+                "args": saved_args,
+                "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                           "virtual_pipeline_model_parallel_size": vp},
+            }
+            for v, key in enumerate(model_keys(vp)):
+                state[key] = _with_extra_states(spool.collect(t, v), p == pp - 1 and v == chunks - 1)
+            rank_dir = os.path.join(iter_dir, checkpointing.rank_dir_name(t, p, pp))
+            os.makedirs(rank_dir, exist_ok=True)
+            checkpointing.atomic_torch_save(state, os.path.join(rank_dir, "model_optim_rng.pt"))
+            del state
+        spool.remove()
+    bar.close()
+    checkpointing.atomic_write_text(os.path.join(out_dir, checkpointing.TRACKER_FILENAME),
+                                    "release" if release else str(source.iteration))
+    return saved_args

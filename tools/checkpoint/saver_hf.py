@@ -1,0 +1,25 @@
+"""Saver plugin: a Hugging Face `LlamaForCausalLM` directory loadable by
+`transformers.AutoModelForCausalLM` and vLLM: safetensors shards + index,
+config.json (rope_scaling linear from --rotary-seq-len-interpolation-factor),
+generation_config.json and the tokenizer files (--tokenizer-model, else the
+tokenizer recorded in the checkpoint)."""
+
+FORMAT = "hf"
+ALIASES = ("llama_hf", "llama2_hf")
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--target-params-dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                       help="default: keep the source's dtype")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=1,
+                       help="the exported vocabulary is the tokenizer's rounded up to this multiple (1: exact)")
+    group.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
+
+
+def save(args, source, out_dir):
+    from megatron.training.checkpoint_convert.core import DTYPES
+    from megatron.training.checkpoint_convert.hf_files import parse_size
+    from megatron.training.checkpoint_convert.llama import save_llama_hf
+
+    return save_llama_hf(source, out_dir, DTYPES.get(args.target_params_dtype), args.make_vocab_size_divisible_by,
+                         parse_size(args.max_shard_size), args.tokenizer_model)

@@ -1,0 +1,97 @@
+"""Convert a checkpoint between formats and parallel layouts, on CPU.
+
+    # Hugging Face Llama -> Megatron, TP=2 x PP=2
+    python tools/checkpoint/util.py --model-type GPT --loader llama2_hf --saver megatron \\
+        --load-dir Llama-2-7b-hf --save-dir llama2-7b-tp2-pp2 \\
+        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 --tokenizer-model Llama-2-7b-hf/tokenizer.model
+    # reshard a Megatron checkpoint (loader and saver default to megatron)
+    python tools/checkpoint/util.py --model-type GPT --load-dir ckpt-tp2 --save-dir ckpt-tp4 \\
+        --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
+    # Megatron -> Hugging Face (safetensors shards, config.json, tokenizer files)
+    python tools/checkpoint/util.py --model-type GPT --loader megatron --saver hf --load-dir ckpt --save-dir ckpt-hf
+
+Loaders and savers are plugins: tools/checkpoint/loader_<name>.py and
+saver_<name>.py, each with FORMAT, ALIASES, add_arguments(parser) and
+load_source(args) / save(args, source, out_dir). A new model family is a new
+plugin; this file knows none of them. --verify compares next-token logits of
+both sides after converting.
+"""
+
+import argparse
+import glob
+import importlib.util
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root: our megatron.training
+
+from megatron.training.checkpoint_convert.core import ConversionError, convert, run_command  # noqa: E402
+
+
+def _import(path: str):
+    name = "checkpoint_plugin_" + os.path.splitext(os.path.basename(path))[0]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def find_plugin(kind: str, name: str):
+    """The module tools/checkpoint/<kind>_<name>.py, or the one listing `name` in its ALIASES."""
+    paths = sorted(glob.glob(os.path.join(HERE, f"{kind}_*.py")))
+    for path in paths:
+        module_name = os.path.basename(path)[len(kind) + 1:-3]
+        if module_name == name:
+            return _import(path)
+    for path in paths:
+        if name in getattr(_import(path), "ALIASES", ()):
+            return _import(path)
+    known = [os.path.basename(p)[len(kind) + 1:-3] for p in paths]
+    raise ConversionError(f"unknown --{kind} {name!r}: choose one of {', '.join(known)} "
+                          f"(or add tools/checkpoint/{kind}_{name}.py)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--model-type", choices=["GPT"], required=True)
+    p.add_argument("--loader", default="megatron", help="loader plugin: megatron, llama2_hf (alias llama_hf, hf)")
+    p.add_argument("--saver", default="megatron", help="saver plugin: megatron, hf")
+    p.add_argument("--load-dir", required=True)
+    p.add_argument("--save-dir", required=True, help="must not exist yet (or be empty)")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="a sentencepiece tokenizer.model file or an HF tokenizer directory")
+    p.add_argument("--megatron-path", default=None, help="accepted for script compatibility; not needed")
+    p.add_argument("--verify", action="store_true", help="compare next-token logits of both sides after converting")
+    p.add_argument("--verify-atol", type=float, default=1e-3, help="largest allowed absolute logit difference")
+    return p
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    plugins = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    plugins.add_argument("--loader", default="megatron")
+    plugins.add_argument("--saver", default="megatron")
+    first, _ = plugins.parse_known_args(argv)
+    loader, saver = find_plugin("loader", first.loader), find_plugin("saver", first.saver)
+    parser = build_parser()
+    loader.add_arguments(parser.add_argument_group(f"loader {first.loader}"))
+    saver.add_arguments(parser.add_argument_group(f"saver {first.saver}"))
+    return parser.parse_args(argv), loader, saver
+
+
+def run(argv=None) -> None:
+    args, loader, saver = parse_args(argv)
+    source = loader.load_source(args)
+    convert(source, lambda src, out: saver.save(args, src, out), args.save_dir, saver.FORMAT,
+            args.verify_atol if args.verify else None)
+
+
+def main(argv=None) -> int:
+    return run_command(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
