@@ -1,7 +1,8 @@
 """Plan a training run on a machine without GPUs, from pretrain_gpt.py's flags.
 
-    python tools/plan.py $(DRY_RUN=1 PRINT=flags bash scripts/llama_70B.sh) --world-size 32 --gpu A100 --mfu 0.5
-    python tools/plan.py --num-layers 80 ... --world-size 64 --tflops-per-gpu 161
+    PLAN=1 bash scripts/llama_70B.sh                # a launch script runs it with its own flags
+    PLAN=1 NNODES=8 PLAN_ARGS="--gpu H100 --mfu 0.4" bash scripts/llama_70B.sh
+    python tools/plan.py --num-layers 80 ... --world-size 64 --tflops-per-gpu 161 [--vocab-size 32000]
 
 Validates the layout with the training driver's own checks (an invalid layout
 exits with status 2 and a message naming the fix), prints memory per GPU per

@@ -20,6 +20,8 @@ Memory model (bytes; e = bytes per element of --bf16/--fp16/fp32):
   first MLP projection is two ffn halves wide) and flash attention (no s x s
   scores are stored: Q, K, V and the output are). Dropout masks appear only
   when the dropout probability is above zero (torch stores none at p=0).
+  Selective recomputation (megatron-core recomputes core attention) drops
+  only the s x s scores, so with flash attention it saves nothing.
   Per-token scalars (norm statistics, softmax log-sum-exp) are below 1% and
   left out. Stage i of a 1F1B pipeline holds min(PP - i, M) micro-batches;
   the interleaved schedule holds megatron-core's warm-up count of
@@ -113,6 +115,8 @@ def plan_from_argv(argv: List[str]) -> Plan:
     if args.world_size is None:
         raise arguments.ArgumentError("--world-size is required: the number of GPUs (nodes x GPUs per node)")
     arguments.validate_args(args, args.world_size)
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise arguments.ArgumentError(f"--mfu {args.mfu} is a fraction of the peak: give e.g. 0.5 for 50%")
     args.padded_vocab_size = arguments.padded_vocab_size(
         _vocab_size(args), args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     return plan(args)

@@ -196,3 +196,10 @@ def test_planner_does_not_import_megatron_core():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.stdout.strip() == "False"
+
+
+def test_mfu_given_as_a_percentage_is_rejected_with_the_fix():
+    from megatron.training.arguments import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"--mfu 50.0 is a fraction of the peak: give e.g. 0.5"):
+        _plan(LLAMA_65B, 8, micro_batch_size=1, mfu=50)
