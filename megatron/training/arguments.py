@@ -57,7 +57,8 @@ def _add_model_flags(p):
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=None)
     g.add_argument("--hidden-size", type=int, default=None)
-    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="default: 4 x hidden size; with --swiglu 8/3 x hidden size rounded down to 64")
     g.add_argument("--num-attention-heads", type=int, default=None)
     g.add_argument("--kv-channels", type=int, default=None, help="default: hidden size / heads")
     g.add_argument("--group-query-attention", action="store_true")
@@ -231,7 +232,9 @@ def _fill_derived(args) -> None:
     if not args.add_position_embedding and args.position_embedding_type == "learned_absolute":
         args.position_embedding_type = "none"
     if args.ffn_hidden_size is None and args.hidden_size is not None:
-        args.ffn_hidden_size = 4 * args.hidden_size
+        # Megatron-LM's default: 4h, or 2/3 of that (rounded down to 64) with SwiGLU,
+        # which keeps the MLP's parameter count.
+        args.ffn_hidden_size = int(4 * args.hidden_size * 2 / 3 / 64) * 64 if args.swiglu else 4 * args.hidden_size
     if args.kv_channels is None and args.hidden_size and args.num_attention_heads:
         args.kv_channels = args.hidden_size // args.num_attention_heads
     if not args.group_query_attention:

@@ -19,6 +19,7 @@ only then replaces the tracker file (written aside, fsynced, renamed). A crash
 at any moment leaves the tracker naming the previous complete checkpoint.
 """
 
+import contextlib
 import os
 import random
 import shutil
@@ -304,8 +305,41 @@ def _load_distributed_optimizer_state(optimizer, path: str) -> None:
             raise CheckpointError(f"{path} is missing: the checkpoint was saved without --use-distributed-optimizer; "
                                   "resume without it, or load with --no-load-optim")
         states = torch.load(path, map_location="cpu", weights_only=True)
-    for i, opt in enumerate(_param_state_optimizers(optimizer)):
-        opt.load_parameter_state_from_dp_zero(states[i] if states is not None else None)
+    # The copies go into views of parameters (fp32 main params alias the model's):
+    # outside autograd, as megatron-core's other loaders are.
+    with torch.no_grad():
+        for i, opt in enumerate(_param_state_optimizers(optimizer)):
+            with _keeping_optimizer_step(opt):
+                opt.load_parameter_state_from_dp_zero(states[i] if states is not None else None)
+            # Its load_state_dict gives every parameter the *same* step tensor, which
+            # torch's Adam then increments once per parameter per step: untie them.
+            for param_state in opt.optimizer.state.values():
+                if isinstance(param_state.get("step"), torch.Tensor):
+                    param_state["step"] = param_state["step"].clone()
+
+
+@contextlib.contextmanager
+def _keeping_optimizer_step(opt):
+    """megatron-core 0.16.1 without Transformer Engine or apex uses torch's Adam,
+    whose per-parameter state has a `step` tensor; the dp-zero loader only
+    carries param / exp_avg / exp_avg_sq and fails on `step` (KeyError). The
+    step was already restored by `optimizer.load_state_dict`, so keep it."""
+    original = opt._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+            step = opt.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = dict(tensors, step=step)
+        return original(model_param, tensors)
+
+    opt._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        del opt._set_main_param_and_optimizer_states
 
 
 def _load_model_resharded(args, model: list, iter_dir: str, saved: dict) -> None:

@@ -10,8 +10,10 @@ with that rank's traceback.
 """
 
 import os
+import queue as queue_module
 import socket
 import sys
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -51,13 +53,22 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
     for p in procs:
         p.start()
     results, errors = {}, []
+    deadline = time.time() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    errors.append(f"rank {dead[0]}: died with exit code {procs[dead[0]].exitcode}")
+                elif time.time() > deadline:
+                    errors.append(f"timed out after {timeout} s")
+                continue
             if status == "error":
                 errors.append(f"rank {rank}:\n{payload}")
-                break
-            results[rank] = payload
+            else:
+                results[rank] = payload
     finally:
         for p in procs:
             p.join(timeout=5 if errors else timeout)

@@ -100,9 +100,13 @@ def build_data_iterator(dataset, consumed_samples: int, args, dp_rank: int, dp_s
     def make(start):
         sampler = ResumableBatchSampler(len(dataset), start % max(len(dataset), 1), args.micro_batch_size,
                                         dp_rank, dp_size)
+        # Its own generator: a DataLoader iterator otherwise draws a seed from the
+        # global RNG, and a resumed run (RNG restored before the loaders exist)
+        # would then see different dropout masks than an uninterrupted one.
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                            pin_memory=torch.cuda.is_available(),
-                                           persistent_workers=args.num_workers > 0)
+                                           persistent_workers=args.num_workers > 0,
+                                           generator=torch.Generator().manual_seed(args.seed))
 
     if not cyclic:
         return iter(make(consumed_samples))

@@ -1,0 +1,93 @@
+"""Checkpoints: exact resume, crash safety, weights_only loading, layout checks."""
+
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+
+from tests.distributed.launcher import ROOT, run_distributed
+from tests.training.pretrain_runner import MOCK_DATA, SCHEDULE, TINY_LLAMA, run_pretrain
+
+# Dropout on, so a resumed run only matches if the RNG states come back too.
+DROPOUT = ["--attention-dropout", "0.1", "--hidden-dropout", "0.1"]
+BATCH = ["--micro-batch-size", "2", "--global-batch-size", "8"]
+
+
+def _argv(extra):
+    return TINY_LLAMA + DROPOUT + MOCK_DATA + SCHEDULE + BATCH + extra
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    layout = ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]
+    straight = run_pretrain(_argv(layout + ["--train-iters", "6"]), world_size=4)
+    ckpt = str(tmp_path / "ckpt")
+    first = run_pretrain(_argv(layout + ["--train-iters", "6", "--save", ckpt, "--save-interval", "3",
+                                         "--exit-interval", "3"]), world_size=4)
+    assert [it for it, _, _ in first] == [1, 2, 3]
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "3"
+    assert sorted(os.listdir(os.path.join(ckpt, "iter_0000003"))) == ["mp_rank_00", "mp_rank_01"]
+    resumed = run_pretrain(_argv(layout + ["--train-iters", "6", "--load", ckpt]), world_size=4)
+    assert [it for it, _, _ in resumed] == [4, 5, 6]
+    # Bitwise: same data, weights, optimizer moments, LR schedule and dropout masks.
+    assert [(l, g) for _, l, g in resumed] == [(l, g) for _, l, g in straight[3:]]
+    assert [(l, g) for _, l, g in first] == [(l, g) for _, l, g in straight[:3]]
+
+
+def _crash_during_second_save(rank, world_size, argv):
+    """Train with --save-interval 2 and die (os._exit) halfway through writing
+    the checkpoint of iteration 4."""
+    sys.path.insert(0, ROOT)
+    import pretrain_gpt
+    from megatron.training import checkpointing
+
+    real_save = checkpointing.atomic_torch_save
+
+    def crashing_save(obj, path):
+        if "iter_0000004" in path:
+            with open(path + ".tmp-crash", "wb") as f:
+                f.write(pickle.dumps(obj)[:100])
+            os._exit(17)
+        real_save(obj, path)
+
+    checkpointing.atomic_torch_save = crashing_save
+    pretrain_gpt.main(list(argv))
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(AssertionError, match="died with exit code 17"):
+        run_distributed(_crash_during_second_save, world_size=1,
+                        args=(tuple(_argv(["--train-iters", "6", "--save", ckpt, "--save-interval", "2"])),))
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "2"
+    assert not os.path.exists(os.path.join(ckpt, "iter_0000004")), "a half-written iteration must not look complete"
+    resumed = run_pretrain(_argv(["--train-iters", "6", "--load", ckpt]))
+    assert [it for it, _, _ in resumed] == [3, 4, 5, 6]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_pretrain(_argv(["--train-iters", "3", "--exit-interval", "1", "--save", ckpt]))
+    path = os.path.join(ckpt, "iter_0000001", "mp_rank_00", "model_optim_rng.pt")
+    state = torch.load(path, weights_only=True)
+    assert {"model", "optimizer", "opt_param_scheduler", "rng_state", "args", "iteration"} <= set(state)
+    state["args"]["evil"] = _Exploit()
+    torch.save(state, path)
+    with pytest.raises(AssertionError, match="Weights only load failed|UnpicklingError"):
+        run_pretrain(_argv(["--train-iters", "3", "--load", ckpt]))
+    assert not os.path.exists(os.path.join(ROOT, "pwned"))
+
+
+def test_resuming_under_another_layout_says_what_to_do(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_pretrain(_argv(["--train-iters", "3", "--exit-interval", "1", "--save", ckpt]))
+    with pytest.raises(AssertionError, match=r"another parallel layout \(tensor_model_parallel_size: checkpoint 1 "
+                                             r"vs this run 2\).*--finetune.*tools/checkpoint/util.py"):
+        run_pretrain(_argv(["--train-iters", "3", "--load", ckpt, "--tensor-model-parallel-size", "2"]),
+                     world_size=2)
