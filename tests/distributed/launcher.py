@@ -10,6 +10,7 @@ with that rank's traceback.
 """
 
 import os
+import pickle
 import queue as queue_module
 import socket
 import sys
@@ -35,7 +36,9 @@ def _worker(rank, world_size, port, fn, args, queue):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
     try:
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        # Plain pickle bytes: tensors sent as-is would travel as shared-memory
+        # handles that die with this process.
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -68,7 +71,7 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
             if status == "error":
                 errors.append(f"rank {rank}:\n{payload}")
             else:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5 if errors else timeout)
