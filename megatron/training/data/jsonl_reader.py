@@ -136,12 +136,16 @@ def describe_bad(reason: str) -> str:
     }[reason]
 
 
-def bad_summary(counts: Dict[str, int], examples: Dict[str, List[Tuple[str, int]]]) -> Optional[str]:
-    """One line per reason with its first locations, or None when all lines were good."""
+def bad_summary(counts: Dict[str, int], examples: Dict[str, List[Tuple[str, int]]],
+                reasons: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """One line per reason with its first locations, or None when all lines were good.
+    `reasons` (reason -> description, in report order) defaults to this reader's."""
+    reasons = reasons or {r: describe_bad(r) for r in BAD_REASONS}
+    width = max(13, max(len(r) for r in reasons) + 1)
     lines = []
-    for reason in BAD_REASONS:
+    for reason, description in reasons.items():
         n = counts.get(reason, 0)
         if n:
             where = ", ".join(f"{p}:{ln}" for p, ln in examples.get(reason, [])[:3])
-            lines.append(f"  {reason:<13}{n:>10,}  ({describe_bad(reason)}; first at {where})")
+            lines.append(f"  {reason:<{width}}{n:>10,}  ({description}; first at {where})")
     return "\n".join(lines) if lines else None

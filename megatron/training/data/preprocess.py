@@ -80,7 +80,9 @@ class Report:
     elapsed_s: float = 0.0
     outputs: List[str] = field(default_factory=list)
 
-    def text(self) -> str:
+    def text(self, reasons: Optional[Dict[str, str]] = None) -> str:
+        """The summary; `reasons` (reason -> description, in report order)
+        replaces the jsonl reader's own for other record kinds."""
         rate = self.documents / self.elapsed_s if self.elapsed_s else 0.0
         mbs = self.bytes / 1e6 / self.elapsed_s if self.elapsed_s else 0.0
         out = [
@@ -88,7 +90,7 @@ class Report:
             f"in {self.elapsed_s:.1f} s (start-up {self.startup_s:.2f} s): {rate:,.0f} docs/s, {mbs:.2f} MB/s",
             f"skipped lines {sum(self.bad.values()):,} of {self.lines:,}",
         ]
-        summary = bad_summary(self.bad, self.bad_examples)
+        summary = bad_summary(self.bad, self.bad_examples, reasons)
         if summary:
             out.append(summary)
         out += [f"wrote {p}" for p in self.outputs]
@@ -211,23 +213,12 @@ def preprocess(cfg: PreprocessConfig, log=None) -> Report:
 
     writers = _open_writers(cfg, dtype)
     report = Report()
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
+    results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_block, _init_worker, (cfg,))
     try:
         report.startup_s = time.time() - start
         t0 = time.time()
         next_log = cfg.log_interval
-        inflight: deque = deque()
-        blocks = read_blocks(files, cfg.block_bytes)
-        while True:
-            while len(inflight) < 2 * cfg.workers + 2:
-                block = next(blocks, None)
-                if block is None:
-                    break
-                inflight.append(pool.apply_async(encode_block, (block,)))
-            if not inflight:
-                break
-            result = inflight.popleft().get()
+        for result in results:
             _account(cfg, report, result, log)
             for p, arrays in enumerate(result["parts"]):
                 for key, (tokens, lengths, counts) in arrays.items():
@@ -238,11 +229,9 @@ def preprocess(cfg: PreprocessConfig, log=None) -> Report:
                 log(f"Processed {report.documents:,} documents ({report.documents / el:,.0f} docs/s, "
                     f"{report.bytes / 1e6 / el:.2f} MB/s).")
                 next_log = (report.documents // cfg.log_interval + 1) * cfg.log_interval
-        pool.close()
-        pool.join()
         report.outputs = _finalize(cfg, writers, dtype)
     except BaseException:
-        pool.terminate()
+        results.close()
         for per_key in writers:
             for w in per_key.values():
                 w.abort()
@@ -251,21 +240,46 @@ def preprocess(cfg: PreprocessConfig, log=None) -> Report:
     return report
 
 
-def _account(cfg: PreprocessConfig, report: Report, result: dict, log) -> None:
+def encoded_blocks(files: Sequence[str], block_bytes: int, workers: int, encode, initializer, initargs):
+    """Yield `encode(block)` for every block of `files`, in input order,
+    computed by `workers` processes (started with `initializer(*initargs)`)
+    with at most a few blocks in flight. Closing the generator stops them."""
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
+    try:
+        inflight: deque = deque()
+        blocks = read_blocks(files, block_bytes)
+        while True:
+            while len(inflight) < 2 * workers + 2:
+                block = next(blocks, None)
+                if block is None:
+                    break
+                inflight.append(pool.apply_async(encode, (block,)))
+            if not inflight:
+                break
+            yield inflight.popleft().get()
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
+
+
+def _account(cfg: PreprocessConfig, report: Report, result: dict, log, describe=None) -> None:
     report.lines += result["lines"]
     report.bytes += result["bytes"]
     report.documents += result["documents"]
     report.tokens += result["tokens"]
+    describe = describe or _describe
     for reason, line in result["bad"]:
         where = f"{result['path']}:{line}"
         if cfg.strict:
-            raise InputError(f"{where}: line {_describe(reason)} (--strict stops here; "
+            raise InputError(f"{where}: line {describe(reason)} (--strict stops here; "
                              "drop --strict to skip and count such lines)")
         n = report.bad.get(reason, 0) + 1
         report.bad[reason] = n
         report.bad_examples.setdefault(reason, []).append((result["path"], line)) if n <= 3 else None
         if sum(report.bad.values()) <= cfg.max_bad_reports:
-            log(f"skipping {where}: {_describe(reason)}")
+            log(f"skipping {where}: {describe(reason)}")
 
 
 def _describe(reason: str) -> str:

@@ -1,0 +1,66 @@
+"""Turn SFT jsonl (PandaLLM, Alpaca/LLaMA-Factory or chat records) into
+{prefix}_text_document and {prefix}_loss_mask_document indexed datasets.
+
+    python tools/preprocess_sft_data.py --input data/train.jsonl --output-prefix sft/train \\
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model Llama-2-7b-chat-hf --workers 8
+
+Record formats and templates: megatron/training/data/sft_formats.py and
+sft_templates.py. Bad records are skipped and counted with file:line
+(--strict stops at the first).
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+
+def get_args(argv=None):
+    from megatron.training.data.sft_formats import SFT_FORMATS
+    from megatron.training.data.sft_templates import CHAT_TEMPLATE_CHOICES
+    from megatron.training.tokenizer import TOKENIZERS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--input", required=True, help="a .jsonl / .jsonl.gz file, a folder of them, or a quoted glob")
+    p.add_argument("--output-prefix", required=True, help="path prefix of the outputs, without suffix")
+    p.add_argument("--sft-format", choices=SFT_FORMATS, default="auto",
+                   help="panda {input,target}; alpaca {instruction,input,output,system,history}; "
+                        "chat {messages}; auto: chosen per record by its keys")
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATE_CHOICES, default="auto",
+                   help="auto: the tokenizer's own chat template when it has one, else raw (panda), "
+                        "alpaca (alpaca), chatml (chat)")
+    p.add_argument("--tokenizer-type", required=True, choices=list(TOKENIZERS))
+    p.add_argument("--tokenizer-model", help="sentencepiece .model, or HF tokenizer directory")
+    p.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json")
+    p.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt")
+    p.add_argument("--vocab-size", type=int, help="NullTokenizer: number of token ids")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (one per core is right)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of counting it")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    from megatron.training.data.jsonl_reader import InputError
+    from megatron.training.data.sft_preprocess import SFTPreprocessConfig, preprocess_sft, sft_report_text
+    from megatron.training.data.sft_templates import TemplateError
+    from megatron.training.tokenizer import TokenizerError
+
+    def on_term(signum, frame):
+        raise SystemExit(f"stopped by signal {signum}; partial outputs removed")
+
+    signal.signal(signal.SIGTERM, on_term)
+    fields = set(SFTPreprocessConfig.__dataclass_fields__)
+    cfg = SFTPreprocessConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        report = preprocess_sft(cfg)
+    except (InputError, TokenizerError, TemplateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(sft_report_text(report), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
