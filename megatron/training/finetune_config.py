@@ -1,0 +1,231 @@
+"""Named fine-tuning configurations (like FinLoRA's finetune_configs.json) ->
+the commands that run them: preprocess -> convert -> train -> export.
+
+    {"sentiment_llama_7b": {"base_model": "Llama-2-7b-hf", "dataset_path": "data/train/sentiment_train.jsonl",
+                            "learning_rate": 1e-5, "num_epochs": 2, "batch_size": 4,
+                            "gradient_accumulation_steps": 2, "layout": {"tensor_parallel": 2, "data_parallel": 4}}}
+
+Relative paths are relative to the JSON file's folder. Each step is skipped
+when its output exists (a run interrupted during training resumes from its
+own checkpoint). FIELDS lists every key with its default and meaning.
+"""
+
+import difflib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+REQUIRED = object()
+
+FIELDS = {
+    "base_model": (REQUIRED, "Megatron checkpoint directory, or Hugging Face Llama directory (config.json): "
+                             "converted once into {save_dir}/base"),
+    "dataset_path": (REQUIRED, "training jsonl (file, folder or glob), preprocessed once into "
+                               "{save_dir}/data/train; or the prefix of already preprocessed data"),
+    "valid_dataset_path": (None, "held-out jsonl or prefix: validation loss over all of it, once per epoch"),
+    "save_dir": (None, "outputs (data, base, checkpoints, hf); default finetune_output/<config name>"),
+    "format": ("auto", "record format: auto, panda, alpaca, chat (megatron/training/data/sft_formats.py)"),
+    "chat_template": ("auto", "auto, tokenizer, raw, alpaca, chatml (megatron/training/data/sft_templates.py)"),
+    "tokenizer_type": (None, "default: HuggingFaceTokenizer for an HF base model, else the checkpoint's"),
+    "tokenizer_model": (None, "default: the HF base model's folder, else the checkpoint's"),
+    "learning_rate": (1e-5, "peak learning rate (--lr)"),
+    "min_lr": (0.0, "--min-lr"),
+    "lr_decay_style": ("cosine", "--lr-decay-style: constant, linear, cosine"),
+    "warmup_ratio": (0.0, "share of the steps spent warming up (--lr-warmup-fraction)"),
+    "weight_decay": (0.0, "--weight-decay"),
+    "optimizer": ("adam", "adam or sgd"),
+    "sgd_momentum": (0.9, "momentum with optimizer sgd"),
+    "num_epochs": (1, "passes over the training data (may be fractional)"),
+    "batch_size": (1, "micro batch per data-parallel rank (--micro-batch-size)"),
+    "gradient_accumulation_steps": (1, "micro batches per step: global batch = batch_size x this x data_parallel"),
+    "seq_length": (2048, "tokens per sample (--seq-length)"),
+    "packing": (False, "pack several examples per sample (--sft-packing)"),
+    "truncation": ("truncate", "over-long examples: truncate or drop (--sft-truncation)"),
+    "layout": ({}, "{tensor_parallel, pipeline_parallel, data_parallel}: processes = their product"),
+    "bf16": (False, "bf16 weights and compute (--bf16)"),
+    "dropout": (0.0, "attention and hidden dropout"),
+    "seed": (1234, "--seed (also the data order)"),
+    "log_interval": (10, "--log-interval"),
+    "save_interval": (None, "iterations between checkpoints; default: only at the end"),
+    "export_hf": (True, "export the result as a Hugging Face directory {save_dir}/hf"),
+    "workers": (1, "preprocessing processes"),
+    "extra_args": ([], "further driver flags, passed as they are"),
+}
+LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "data_parallel")
+# FinLoRA keys for adapter training, which this full-parameter driver does not do.
+ADAPTER_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "quant_bits", "peft_use_rslora", "peft_use_dora",
+                "lora_target_modules")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str, name: str) -> dict:
+    """The named entry with defaults filled in and paths made absolute."""
+    with open(path, encoding="utf-8") as f:
+        configs = json.load(f)
+    if name not in configs:
+        close = difflib.get_close_matches(name, list(configs), n=3)
+        raise ConfigError(f"no configuration {name!r} in {path}" + (f"; did you mean {', '.join(close)}?" if close
+                                                                     else f"; it has {', '.join(configs)}"))
+    entry = configs[name]
+    for key in entry:
+        if key in ADAPTER_KEYS or key.startswith(("lora_", "peft_")):
+            raise ConfigError(f"{name}: {key!r} configures LoRA/quantized adapters; this driver fine-tunes all "
+                              "weights: remove the key")
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, list(FIELDS), n=2)
+            raise ConfigError(f"{name}: unknown key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                              f"; known keys: {', '.join(FIELDS)}"))
+    cfg = {}
+    for key, (default, _) in FIELDS.items():
+        if key not in entry and default is REQUIRED:
+            raise ConfigError(f"{name}: {key!r} is required ({FIELDS[key][1]})")
+        cfg[key] = entry.get(key, default)
+    bad_layout = set(cfg["layout"]) - set(LAYOUT_KEYS)
+    if bad_layout:
+        raise ConfigError(f"{name}: layout keys are {', '.join(LAYOUT_KEYS)}, not {', '.join(sorted(bad_layout))}")
+    if cfg["optimizer"] not in ("adam", "sgd"):
+        raise ConfigError(f"{name}: optimizer must be adam or sgd, not {cfg['optimizer']!r}")
+    base = os.path.dirname(os.path.abspath(path))
+    for key in ("base_model", "dataset_path", "valid_dataset_path", "save_dir", "tokenizer_model"):
+        if cfg[key] is not None:
+            cfg[key] = os.path.normpath(os.path.join(base, cfg[key]))
+    cfg["save_dir"] = cfg["save_dir"] or os.path.join(base, "finetune_output", name)
+    return cfg
+
+
+@dataclass
+class Plan:
+    """What to run, in order; paths under save_dir."""
+
+    cfg: dict
+    world_size: int
+    global_batch_size: int
+    base_is_hf: bool
+    tokenizer: List[str]  # driver flags naming the tokenizer
+    data: Dict[str, str] = field(default_factory=dict)  # split -> preprocessed prefix
+    to_preprocess: Dict[str, str] = field(default_factory=dict)  # split -> jsonl input
+
+    @property
+    def base_checkpoint(self) -> str:
+        return os.path.join(self.cfg["save_dir"], "base") if self.base_is_hf else self.cfg["base_model"]
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.cfg["save_dir"], "checkpoints")
+
+
+def make_plan(cfg: dict) -> Plan:
+    layout = {k: int(cfg["layout"].get(k, 1)) for k in LAYOUT_KEYS}
+    world = layout["tensor_parallel"] * layout["pipeline_parallel"] * layout["data_parallel"]
+    gbs = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * layout["data_parallel"]
+    base_is_hf = os.path.isfile(os.path.join(cfg["base_model"], "config.json"))
+    if not base_is_hf and not os.path.isdir(cfg["base_model"]):
+        raise ConfigError(f"base_model {cfg['base_model']} does not exist: give a Megatron checkpoint directory "
+                          "or a Hugging Face Llama directory")
+    plan = Plan(cfg, world, gbs, base_is_hf, _tokenizer_flags(cfg, base_is_hf))
+    for split, key in (("train", "dataset_path"), ("valid", "valid_dataset_path")):
+        src = cfg[key]
+        if src is None:
+            continue
+        if os.path.exists(src + "_text_document.idx"):
+            plan.data[split] = src  # already preprocessed
+        else:
+            plan.data[split] = os.path.join(cfg["save_dir"], "data", split)
+            if not os.path.exists(plan.data[split] + "_text_document.idx"):
+                plan.to_preprocess[split] = src
+    return plan
+
+
+def _tokenizer_flags(cfg: dict, base_is_hf: bool) -> List[str]:
+    kind, model = cfg["tokenizer_type"], cfg["tokenizer_model"]
+    if base_is_hf:
+        kind, model = kind or "HuggingFaceTokenizer", model or cfg["base_model"]
+    elif kind is None:
+        from megatron.training.checkpointing import read_checkpoint_args
+
+        saved = read_checkpoint_args(cfg["base_model"])
+        kind, model = saved.get("tokenizer_type"), model or saved.get("tokenizer_model")
+    if kind is None:
+        raise ConfigError("the base checkpoint records no tokenizer: set tokenizer_type and tokenizer_model")
+    return ["--tokenizer-type", kind] + (["--tokenizer-model", model] if model else [])
+
+
+def preprocess_config(plan: Plan, split: str):
+    from megatron.training.data.sft_preprocess import SFTPreprocessConfig
+
+    tok = dict(zip(plan.tokenizer[::2], plan.tokenizer[1::2]))
+    return SFTPreprocessConfig(input=plan.to_preprocess[split], output_prefix=plan.data[split],
+                               tokenizer_type=tok["--tokenizer-type"], tokenizer_model=tok.get("--tokenizer-model"),
+                               sft_format=plan.cfg["format"], chat_template=plan.cfg["chat_template"],
+                               workers=plan.cfg["workers"])
+
+
+def convert_command(plan: Plan, repo: str) -> Optional[List[str]]:
+    if not plan.base_is_hf or os.path.exists(os.path.join(plan.base_checkpoint, "latest_checkpointed_iteration.txt")):
+        return None
+    return [sys.executable, os.path.join(repo, "tools", "checkpoint", "util.py"), "--model-type", "GPT",
+            "--loader", "llama2_hf", "--saver", "megatron", "--load-dir", plan.cfg["base_model"],
+            "--save-dir", plan.base_checkpoint, "--target-tensor-parallel-size", "1",
+            "--target-pipeline-parallel-size", "1"]
+
+
+def samples_per_epoch(plan: Plan, split: str) -> int:
+    """Samples one pass over the preprocessed split makes (epoch 0's packing)."""
+    from megatron.training.data.sft_dataset import SFTDataset
+
+    cfg = plan.cfg
+    ds = SFTDataset(plan.data[split], cfg["seq_length"], None, cfg["packing"], cfg["truncation"],
+                    shuffle=split == "train", seed=cfg["seed"])
+    return ds.samples_in_epoch(0)
+
+
+def train_command(plan: Plan, repo: str, train_samples: int, valid_samples: Optional[int]) -> List[str]:
+    """The driver command (torchrun for more than one process)."""
+    cfg, gbs = plan.cfg, plan.global_batch_size
+    iters_per_epoch = max(1, math.ceil(train_samples / gbs))
+    train_iters = max(1, math.ceil(cfg["num_epochs"] * train_samples / gbs))
+    resume = os.path.exists(os.path.join(plan.checkpoints, "latest_checkpointed_iteration.txt"))
+    layout = cfg["layout"]
+    flags = [
+        "--load", plan.checkpoints if resume else plan.base_checkpoint, *([] if resume else ["--finetune"]),
+        "--use-checkpoint-args", "--save", plan.checkpoints, *plan.tokenizer,
+        "--tensor-model-parallel-size", str(layout.get("tensor_parallel", 1)),
+        "--pipeline-model-parallel-size", str(layout.get("pipeline_parallel", 1)),
+        "--seq-length", str(cfg["seq_length"]), "--micro-batch-size", str(cfg["batch_size"]),
+        "--global-batch-size", str(gbs), "--train-iters", str(train_iters),
+        "--lr", str(cfg["learning_rate"]), "--min-lr", str(cfg["min_lr"]), "--lr-decay-style", cfg["lr_decay_style"],
+        "--lr-warmup-fraction", str(cfg["warmup_ratio"]), "--weight-decay", str(cfg["weight_decay"]),
+        "--optimizer", cfg["optimizer"], *(["--sgd-momentum", str(cfg["sgd_momentum"])]
+                                            if cfg["optimizer"] == "sgd" else []),
+        "--attention-dropout", str(cfg["dropout"]), "--hidden-dropout", str(cfg["dropout"]),
+        "--data-path", plan.data["train"], "--sft-truncation", cfg["truncation"],
+        *(["--sft-packing"] if cfg["packing"] else []), *(["--bf16"] if cfg["bf16"] else []),
+        "--seed", str(cfg["seed"]), "--log-interval", str(cfg["log_interval"]),
+    ]
+    if cfg["save_interval"]:
+        flags += ["--save-interval", str(cfg["save_interval"])]
+    if valid_samples:
+        flags += ["--valid-data-path", plan.data["valid"], "--eval-interval", str(iters_per_epoch),
+                  "--eval-iters", str(max(1, math.ceil(valid_samples / gbs)))]
+    else:
+        flags += ["--eval-iters", "0"]
+    script = os.path.join(repo, "finetune_gpt.py")
+    launcher = [sys.executable] if plan.world_size == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(plan.world_size)]
+    return launcher + [script] + flags + [str(a) for a in cfg["extra_args"]]
+
+
+def export_command(plan: Plan, repo: str) -> Optional[List[str]]:
+    out = os.path.join(plan.cfg["save_dir"], "hf")
+    if not plan.cfg["export_hf"] or os.path.exists(os.path.join(out, "config.json")):
+        return None
+    tok = dict(zip(plan.tokenizer[::2], plan.tokenizer[1::2]))
+    extra = ["--tokenizer-model", tok["--tokenizer-model"]] if tok.get("--tokenizer-model") else []
+    return [sys.executable, os.path.join(repo, "tools", "checkpoint", "util.py"), "--model-type", "GPT",
+            "--loader", "megatron", "--saver", "hf", "--load-dir", plan.checkpoints, "--save-dir", out, *extra]

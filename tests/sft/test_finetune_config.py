@@ -1,0 +1,91 @@
+"""finetune.py's named configurations -> driver flags (no process started)."""
+
+import json
+import os
+
+import pytest
+
+from megatron.training import finetune_config as fc
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write(tmp_path, entry, name="run"):
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({name: entry}))
+    return str(path)
+
+
+@pytest.fixture
+def megatron_base(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    return {"base_model": "base", "dataset_path": "data/train", "tokenizer_type": "NullTokenizer"}
+
+
+def flag(command, name):
+    return command[command.index(name) + 1]
+
+
+def test_layout_batch_and_epochs_become_driver_flags(tmp_path, megatron_base):
+    cfg = fc.load_config(write(tmp_path, dict(
+        megatron_base, valid_dataset_path="data/valid", learning_rate=0.01, num_epochs=2.5, batch_size=4,
+        gradient_accumulation_steps=2, optimizer="sgd", sgd_momentum=0.8, seq_length=512, packing=True,
+        layout={"tensor_parallel": 2, "pipeline_parallel": 2, "data_parallel": 2})), "run")
+    assert cfg["base_model"] == str(tmp_path / "base")  # relative to the JSON file
+    plan = fc.make_plan(cfg)
+    assert not plan.base_is_hf and plan.world_size == 8 and plan.global_batch_size == 16
+    assert plan.to_preprocess == {"train": str(tmp_path / "data/train"), "valid": str(tmp_path / "data/valid")}
+    cmd = fc.train_command(plan, REPO, train_samples=100, valid_samples=30)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "8"]
+    assert cmd[5].endswith("finetune_gpt.py")
+    assert flag(cmd, "--load") == str(tmp_path / "base") and "--finetune" in cmd
+    assert flag(cmd, "--global-batch-size") == "16" and flag(cmd, "--micro-batch-size") == "4"
+    assert flag(cmd, "--train-iters") == "16"  # ceil(2.5 x 100 / 16)
+    assert flag(cmd, "--eval-interval") == "7"  # once per epoch: ceil(100 / 16)
+    assert flag(cmd, "--eval-iters") == "2"  # all 30 held-out samples
+    assert flag(cmd, "--optimizer") == "sgd" and flag(cmd, "--sgd-momentum") == "0.8"
+    assert flag(cmd, "--tensor-model-parallel-size") == "2" and flag(cmd, "--pipeline-model-parallel-size") == "2"
+    assert "--sft-packing" in cmd and flag(cmd, "--seq-length") == "512" and flag(cmd, "--lr") == "0.01"
+    assert fc.convert_command(plan, REPO) is None  # already a Megatron checkpoint
+
+    # a run with a checkpoint of its own resumes from it instead of starting from the base again
+    os.makedirs(plan.checkpoints)
+    open(os.path.join(plan.checkpoints, "latest_checkpointed_iteration.txt"), "w").write("3")
+    cmd = fc.train_command(plan, REPO, 100, 30)
+    assert flag(cmd, "--load") == plan.checkpoints and "--finetune" not in cmd
+
+
+def test_single_process_and_hf_base(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    plan = fc.make_plan(fc.load_config(write(tmp_path, {"base_model": "hf", "dataset_path": "d.jsonl"}), "run"))
+    assert plan.base_is_hf and plan.tokenizer == ["--tokenizer-type", "HuggingFaceTokenizer",
+                                                  "--tokenizer-model", str(hf)]
+    convert = fc.convert_command(plan, REPO)
+    assert flag(convert, "--loader") == "llama2_hf" and flag(convert, "--save-dir") == plan.base_checkpoint
+    cmd = fc.train_command(plan, REPO, 10, None)
+    assert cmd[1].endswith("finetune_gpt.py") and flag(cmd, "--eval-iters") == "0"
+    assert flag(cmd, "--optimizer") == "adam" and "--sgd-momentum" not in cmd
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"dataset_path": "d"}, "'base_model' is required"),
+    ({"base_model": "b", "dataset_path": "d", "learning_rat": 1}, "did you mean learning_rate"),
+    ({"base_model": "b", "dataset_path": "d", "lora_r": 8}, "LoRA.*remove the key"),
+    ({"base_model": "b", "dataset_path": "d", "layout": {"tp": 2}}, "layout keys are tensor_parallel"),
+    ({"base_model": "b", "dataset_path": "d", "optimizer": "adamw"}, "adam or sgd"),
+])
+def test_config_errors_name_the_fix(tmp_path, entry, message):
+    with pytest.raises(fc.ConfigError, match=message):
+        fc.load_config(write(tmp_path, entry), "run")
+    with pytest.raises(fc.ConfigError, match="did you mean run"):
+        fc.load_config(write(tmp_path, entry), "rnu")
+
+
+def test_shipped_examples_parse():
+    path = os.path.join(REPO, "finetune_configs.json")
+    for name in json.load(open(path)):
+        cfg = fc.load_config(path, name)
+        assert cfg["num_epochs"] > 0 and cfg["layout"]
