@@ -66,3 +66,16 @@ def test_duplicate_ids_are_refused(tmp_path):
     path.write_text("".join(json.dumps({"id": 1, "text": t}) + "\n" for t in "ab"))
     with pytest.raises(InputError, match="--id-key ''"):
         list(iter_jsonl_documents(str(path), SourceStats()))
+
+
+def test_indexed_dataset_documents_come_back_as_text(corpus, teacher_dir, tmp_path):
+    from megatron.training.data.preprocess import PreprocessConfig, preprocess
+    from megatron.training.distill.documents import iter_indexed_documents
+    from megatron.training.tokenizer import build_tokenizer
+
+    cfg = PreprocessConfig(input=corpus[0], output_prefix=str(tmp_path / "c"), tokenizer_type="HuggingFaceTokenizer",
+                           tokenizer_model=teacher_dir, append_eod=True)
+    preprocess(cfg, log=lambda m: None)
+    docs = list(iter_indexed_documents(cfg.output_name("text"), build_tokenizer("HuggingFaceTokenizer", teacher_dir)))
+    assert [d.id for d in docs] == [str(i) for i in range(len(corpus[1]))]
+    assert [d.text for d in docs] == corpus[1]  # byte-level BPE round-trips exactly, EOD dropped
