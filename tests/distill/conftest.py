@@ -26,21 +26,24 @@ def corpus(tmp_path_factory):
     return write_docs(tmp_path_factory.mktemp("corpus") / "docs.jsonl", docs), docs
 
 
-@pytest.fixture(scope="session")
-def teacher_dir(corpus, tmp_path_factory):
+def build_tiny_llama(out, corpus_path, hidden_size=32, num_heads=4, num_kv_heads=2):
+    """A random 2-layer Llama with a 300-token byte-level BPE trained on the corpus, saved as a HF directory."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = str(tmp_path_factory.mktemp("teacher") / "tiny-llama")
-    train_sample_hf_tokenizer(corpus[0], out, vocab_size=300)
+    train_sample_hf_tokenizer(corpus_path, out, vocab_size=300)
     tok = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(out)
     return out
 
+
+@pytest.fixture(scope="session")
+def teacher_dir(corpus, tmp_path_factory):
+    return build_tiny_llama(str(tmp_path_factory.mktemp("teacher") / "tiny-llama"), corpus[0])
 
 SAMPLING = dict(max_new_tokens=24, temperature=0.8, top_k=50, seed=7)
 

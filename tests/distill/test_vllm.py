@@ -7,7 +7,7 @@ import os
 import pytest
 
 from megatron.training.distill.teacher import SamplingConfig, TeacherError, build_teacher, vllm_available
-from tests.distill.conftest import N_DOCS
+from tests.distill.conftest import N_DOCS, build_tiny_llama
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="needs the vllm package and a CUDA GPU "
                                 "(pip install vllm on a GPU machine); the transformers backend is tested on CPU")
@@ -27,20 +27,7 @@ def test_tensor_parallel_needs_vllm(teacher_dir):
 @pytest.fixture
 def gpu_teacher_dir(corpus, tmp_path):
     """A tiny Llama with 64-wide heads, a size every vLLM attention backend supports."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from megatron.training.data.sample_corpus import train_sample_hf_tokenizer
-
-    out = str(tmp_path / "tiny-llama-64")
-    train_sample_hf_tokenizer(corpus[0], out, vocab_size=300)
-    tok = AutoTokenizer.from_pretrained(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
+    return build_tiny_llama(str(tmp_path / "tiny-llama-64"), corpus[0], hidden_size=128, num_heads=2, num_kv_heads=1)
 
 
 @pytest.mark.gpu
