@@ -1,0 +1,115 @@
+"""Evaluate a Megatron checkpoint (any TP/PP) or a Hugging Face model.
+
+    # perplexity at two lengths, non-overlapping windows, one table
+    python tasks/main.py --task perplexity --load ckpt --data-path data/pg19_text_document --seq-length 4096 32768
+    # the PI paper's sliding window, with a PI factor chosen at evaluation time
+    torchrun --nproc_per_node 2 tasks/main.py --task perplexity --load ckpt --tensor-model-parallel-size 2 \\
+        --data-path data/pile_text_document --seq-length 32768 --stride 256 --rotary-seq-len-interpolation-factor 8
+    # FinEval, 5-shot, scoring option letters; results.json + results.md; rerun the same command to resume
+    python tasks/main.py --task fineval --hf-model llama-hf --data-dir FinEval/data --split val --shots 5 \\
+        --output results/fineval
+    # FinGPT sentiment, label likelihood
+    python tasks/main.py --task fingpt --load ckpt --data fpb.jsonl fiqa.jsonl tfns.jsonl nwgi.jsonl --output results/fingpt
+
+--output PREFIX writes PREFIX.json and PREFIX.md; fineval and fingpt also keep
+PREFIX.partial.jsonl (--results-file), from which an interrupted run resumes.
+"""
+
+import argparse
+import os
+import sys
+
+# The repo root first: `megatron.training` and `tasks` are this repo's, while
+# `megatron.core` resolves to the pinned pip package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TASKS = ("perplexity", "fineval", "fingpt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tasks.lm import add_model_args
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--output", help="write OUTPUT.json and OUTPUT.md (default: print only)")
+    p.add_argument("--max-length", type=int, default=0,
+                   help="fineval/fingpt: longest sequence fed to the model; longer prompts lose their beginning (0: no limit)")
+    p.add_argument("--strict", action="store_true", help="stop at malformed benchmark rows instead of skipping them")
+    add_model_args(p)
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--data-path", help="an indexed dataset prefix (tools/preprocess_data.py output, without .bin/.idx)")
+    g.add_argument("--jsonl", help="a jsonl file of documents (tokenized here)")
+    g.add_argument("--json-key", default="text")
+    g.add_argument("--seq-length", type=int, nargs="+", default=[4096], help="one or more window lengths, one row each")
+    g.add_argument("--stride", type=int, nargs="+", default=None,
+                   help="tokens between window starts (default: --seq-length, non-overlapping); one or one per length")
+    g.add_argument("--max-tokens", type=int, default=0, help="evaluate the first N tokens of the data (0: all)")
+    g = p.add_argument_group("fineval / fingpt")
+    g.add_argument("--data-dir", help="fineval: FinEval's data folder (dev/, val/, test/ of {subject}_{split}.csv)")
+    g.add_argument("--split", default="val", help="fineval: the split to score (test answers are not published)")
+    g.add_argument("--subjects", help="fineval: comma-separated subjects (default: every file of the split)")
+    g.add_argument("--subject-mapping", help="fineval: subject_mapping.json {subject: [English, 中文, category]}")
+    g.add_argument("--shots", type=int, default=0, help="fineval: dev examples before each question")
+    g.add_argument("--scoring", choices=["letter", "text"], default="letter",
+                   help="fineval: log-likelihood of the option letter or of the option text")
+    g.add_argument("--template", default=None,
+                   help="prompt template JSON (default: tasks/templates/fineval_zh.json or fingpt.json)")
+    g.add_argument("--data", nargs="+", help="fingpt: jsonl files of {instruction, input, output}")
+    g.add_argument("--labels", help="fingpt: comma-separated labels (default: the outputs found in each file)")
+    g.add_argument("--label-scoring", choices=["sum", "mean"], default="sum",
+                   help="fingpt: total or per-token log-likelihood of a label")
+    g.add_argument("--results-file", help="fineval/fingpt: partial results to resume from (default: OUTPUT.partial.jsonl)")
+    return p
+
+
+def main(argv=None) -> int:
+    from tasks.lm import EvalError
+
+    args = build_parser().parse_args(argv)
+    try:
+        result, markdown, writer = run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if writer:
+        print(markdown)
+    return 0
+
+
+def run(args):
+    """(result dict, markdown, whether this rank writes) for the parsed flags; writes --output on the writer rank."""
+    from tasks import classification, multiple_choice, perplexity
+    from tasks.lm import EvalError, build_language_model
+    from tasks.results import write_json, write_text
+
+    if args.task != "perplexity":
+        if args.template is None:
+            args.template = "fineval_zh" if args.task == "fineval" else "fingpt"
+        if args.results_file is None:
+            if not args.output:
+                raise EvalError(f"--task {args.task} needs --output PREFIX (or --results-file FILE) for its "
+                                "partial results, from which an interrupted run resumes")
+            args.results_file = args.output + ".partial.jsonl"
+        if args.task == "fineval" and not args.data_dir:
+            raise EvalError("--task fineval needs --data-dir (FinEval's data folder)")
+    lm = build_language_model(args)
+    try:
+        if args.task == "perplexity":
+            rows = perplexity.run(args, lm)
+            result, markdown = {"rows": rows}, perplexity.perplexity_table(rows)
+        elif args.task == "fineval":
+            result = multiple_choice.run(args, lm)
+            markdown = multiple_choice.report_markdown(result)
+        else:
+            result = classification.run(args, lm)
+            markdown = classification.report_markdown(result)
+        if args.output and lm.is_writer:
+            write_json(args.output + ".json", result)
+            write_text(args.output + ".md", markdown)
+    finally:
+        lm.close()
+    return result, markdown, lm.is_writer
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""tasks/perplexity.py: windows, the sliding-window protocol against a direct
+per-token computation, and Megatron checkpoint (TP=1, TP=2) == its HF export."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.lm import EvalError
+from tasks.perplexity import evaluate_perplexity, read_indexed_tokens, read_jsonl_tokens, window_plan
+from tests.tasks.conftest import hf_lm, tokenizer
+
+# fp32 on CPU; the two sides differ only in the order of reductions (TP
+# all-reduce, fused vs split matmuls). The issue's bound; a wrong vocabulary
+# trimming or a missing PI factor moves the loss by > 1e-2.
+REL = 1e-4
+
+
+@pytest.mark.parametrize("n,length,stride", [(10, 4, 2), (100, 32, 32), (100, 32, 8), (101, 32, 5), (33, 32, 1),
+                                             (5, 32, 16)])
+def test_windows_score_every_token_once(n, length, stride):
+    scored = []
+    for begin, end, first in window_plan(n, length, stride):
+        assert end - begin <= length and first > begin
+        scored += range(first, end + 1)
+    assert scored == list(range(1, n))
+
+
+def test_stride_outside_window_is_an_error():
+    with pytest.raises(EvalError, match="between 1 and --seq-length"):
+        window_plan(100, 32, 33)
+
+
+def _context_start(t, length, stride):
+    """The sliding-window protocol written as a formula: token t is predicted
+    from the window that first covers it, which starts at a multiple of
+    `stride`, and from every earlier token of that window."""
+    return 0 if t <= length else stride * math.ceil((t - length) / stride)
+
+
+@pytest.mark.parametrize("length,stride", [(32, 8), (16, 16)])
+def test_sliding_window_equals_direct_computation(driver_checkpoint, indexed_corpus, sp_model, length, stride):
+    lm = hf_lm(driver_checkpoint[1], sp_model)
+    tokens = read_indexed_tokens(indexed_corpus, max_tokens=90)
+    got = evaluate_perplexity(lm, tokens, length, stride, batch_size=3)
+
+    nll = 0.0
+    t_tokens = torch.as_tensor(tokens)
+    for t in range(1, len(tokens)):
+        begin = _context_start(t, length, stride)
+        assert t - begin <= length
+        logprobs = lm.log_probs(t_tokens[begin:t].unsqueeze(0))
+        nll -= float(logprobs[0, -1, t_tokens[t]])
+    assert got["tokens"] == len(tokens) - 1
+    assert got["loss"] == pytest.approx(nll / (len(tokens) - 1), rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(nll / (len(tokens) - 1)), rel=1e-5)
+
+
+def test_jsonl_tokens_match_the_indexed_dataset(corpus, indexed_corpus, sp_model):
+    """--jsonl tokenizes as tools/preprocess_data.py did (BOS, text, EOD)."""
+    from_jsonl = read_jsonl_tokens(corpus, tokenizer(sp_model), max_tokens=3000)
+    assert np.array_equal(from_jsonl, read_indexed_tokens(indexed_corpus, max_tokens=3000))
+
+
+def _rows(result):
+    return {(r["seq_length"], r["stride"]): r for r in result["rows"]}
+
+
+def test_megatron_perplexity_equals_hf_export(megatron_runs, driver_checkpoint, indexed_corpus, sp_model):
+    tokens = read_indexed_tokens(indexed_corpus, max_tokens=600)
+    hf = hf_lm(driver_checkpoint[1], sp_model)
+    hf_pi2 = hf_lm(driver_checkpoint[1], sp_model, "--rotary-seq-len-interpolation-factor", "2")
+    for run, model in (("ppl_tp1", hf), ("ppl_tp2", hf), ("ppl_tp2_pi2", hf_pi2)):
+        for (length, stride), row in _rows(megatron_runs[run]).items():
+            expected = evaluate_perplexity(model, tokens, length, stride)
+            assert row["tokens"] == expected["tokens"] == 599 and row["windows"] == expected["windows"]
+            assert row["loss"] == pytest.approx(expected["loss"], rel=REL), (run, length)
+            assert row["ppl"] == pytest.approx(expected["ppl"], rel=REL), (run, length)
+    assert all(r["interpolation_factor"] == 2.0 for r in megatron_runs["ppl_tp2_pi2"]["rows"])
+
+
+def test_interpolation_factor_at_evaluation_time(megatron_runs, planted, sp_model):
+    """The memorising model's perplexity on its own texts with PI factor 2 given
+    at evaluation time: Megatron TP=2 == transformers with linear rope scaling 2,
+    and far from the unscaled model's."""
+    bench, _, model_dir = planted
+    (row,) = megatron_runs["ppl_planted_pi2"]["rows"]
+    tokens = read_jsonl_tokens(f"{bench}/texts.jsonl", tokenizer(sp_model))
+    scaled = evaluate_perplexity(hf_lm(model_dir, sp_model, "--rotary-seq-len-interpolation-factor", "2"), tokens, 64)
+    plain = evaluate_perplexity(hf_lm(model_dir, sp_model), tokens, 64)
+    assert row["loss"] == pytest.approx(scaled["loss"], rel=REL)
+    assert row["loss"] > plain["loss"] + 0.1, (row["loss"], plain["loss"])
+
+
+def test_vocabulary_mismatch_is_a_clear_error(driver_checkpoint, sp_model):
+    from megatron.training.checkpointing import read_checkpoint_args
+    from megatron.training.tokenizer import build_tokenizer
+    from tasks.lm import check_vocab
+
+    saved = read_checkpoint_args(driver_checkpoint[0])
+    assert check_vocab(tokenizer(sp_model), saved, "ckpt") == 500  # the padding rows are left out
+    with pytest.raises(EvalError, match="vocabulary mismatch.*512 embedding rows.*1001 tokens.*Llama2Tokenizer"):
+        check_vocab(build_tokenizer("NullTokenizer", vocab_size=1000), saved, "ckpt")
+    with pytest.raises(EvalError, match="1001 tokens but .* has 500 embedding rows"):
+        hf_lm(driver_checkpoint[1], sp_model, "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000")
