@@ -5,7 +5,9 @@ prompt; the teacher (vLLM when installed with a GPU, else transformers)
 writes the continuation. Outputs are jsonl shards under OUT/shards/ with the
 prefix, the continuation, `text` (the two joined: what training reads), the
 source document id, the teacher and the sampling parameters. Rerunning the
-same command resumes: documents already done are skipped.
+same command resumes: documents already done are skipped. Exit status 3:
+some prompts failed after every retry (listed in OUT/failed.jsonl); rerunning
+retries them.
 
     python tools/generate_synthetic_data.py --input data/corpus.jsonl --teacher /models/teacher-hf \\
         --output-dir synth/ --prefix-unit tokens --prefix-length 128 --max-new-tokens 512 \\
