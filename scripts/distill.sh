@@ -81,7 +81,8 @@ if [[ " $STAGES " == *" train "* ]]; then
   require CHECKPOINT_PATH "DIR (the distilled student's checkpoints)"
   resume=()
   if [[ ! -f "$CHECKPOINT_PATH/latest_checkpointed_iteration.txt" ]]; then
-    require BASE_CHECKPOINT_PATH "DIR (the student's checkpoint to continue from; tools/checkpoint/util.py converts a HF model)"
+    require BASE_CHECKPOINT_PATH \
+      "DIR (the student's checkpoint to continue from; tools/checkpoint/util.py converts a HF model)"
     resume=(--load "$BASE_CHECKPOINT_PATH" --finetune --exit-on-missing-checkpoint)
   fi
   exec bash "$TRAIN_SCRIPT" "${resume[@]}" "$@"

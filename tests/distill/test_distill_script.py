@@ -22,8 +22,8 @@ def _run(**env):
 
 
 def test_generate_and_blend_stages_write_the_blend(corpus, teacher_dir, tmp_path):
-    cfg = PreprocessConfig(input=corpus[0], output_prefix=str(tmp_path / "orig"), tokenizer_type="HuggingFaceTokenizer",
-                           tokenizer_model=teacher_dir, append_eod=True)
+    cfg = PreprocessConfig(input=corpus[0], output_prefix=str(tmp_path / "orig"),
+                           tokenizer_type="HuggingFaceTokenizer", tokenizer_model=teacher_dir, append_eod=True)
     preprocess(cfg, log=lambda m: None)
     synth = tmp_path / "synth"
     res = _run(STAGES="generate blend", INPUT=corpus[0], TEACHER=teacher_dir, SYNTH_DIR=synth,

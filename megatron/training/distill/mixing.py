@@ -91,7 +91,8 @@ def describe_blend(entries: Sequence[BlendEntry], train_tokens: Optional[int] = 
     """A table of the blend; with `train_tokens`, how many times each dataset is read over the run."""
     lines = []
     for e in entries:
-        line = f"{'synthetic' if e.synthetic else 'original':<10} {e.weight:>10.4%} of samples  {e.tokens:>14,} tokens  {e.prefix}"
+        kind = "synthetic" if e.synthetic else "original"
+        line = f"{kind:<10} {e.weight:>10.4%} of samples  {e.tokens:>14,} tokens  {e.prefix}"
         if train_tokens:
             line += f"  ({e.weight * train_tokens / e.tokens:.2f} epochs)"
         lines.append(line)
