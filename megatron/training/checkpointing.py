@@ -362,6 +362,10 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict) -> None
         for v, key in enumerate(_model_keys(src_vp or 1)):
             merged = sharding.merge_tp_states([s[key] for s in states], gated)
             full.update(sharding.to_global_names(merged, src_offsets[(p, v)]))
+    if "output_layer.weight" not in full and not args.untie_embeddings_and_output_weights:
+        # Tied embeddings saved without pipelining: the last stage's output layer is
+        # megatron-core's copy of the word embeddings.
+        full["output_layer.weight"] = full["embedding.word_embeddings.weight"]
     offsets = sharding.layer_offsets(args.num_layers, args.pipeline_model_parallel_size,
                                      args.virtual_pipeline_model_parallel_size)
     per_chunk = args.num_layers // (args.pipeline_model_parallel_size * len(model))

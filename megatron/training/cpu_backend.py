@@ -24,7 +24,9 @@ The reroutes (each one has a test in tests/training/test_cpu_backend.py):
 5. Type-string checks (`param.type() == 'torch.cuda.FloatTensor'`) in the
    functions listed in `_FUNCTIONS_WITH_TYPE_CHECKS`: while those functions run,
    `Tensor.type()` reports CPU tensors under their CUDA names.
-6. The RNG tracker's warning "CPU RNG state changed within GPU RNG context"
+6. `Tensor.cuda()` in `LanguageModule.setup_embeddings_and_output_layer`
+   (tied embeddings with PP > 1) leaves the tensor on the CPU while it runs.
+7. The RNG tracker's warning "CPU RNG state changed within GPU RNG context"
    is filtered: on the CPU the forked stream *is* the CPU generator.
 
 The pinned megatron-core version is checked first: if it changes, the list
@@ -59,6 +61,12 @@ _FUNCTIONS_WITH_TYPE_CHECKS = (
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
+)
+
+# Functions that move a tensor with Tensor.cuda().
+_FUNCTIONS_WITH_TENSOR_CUDA = (
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer"),
 )
 
 _TENSOR_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "empty_like")
@@ -154,24 +162,35 @@ def cuda_type_names():
         torch.Tensor.type = real_type
 
 
-def _with_cuda_type_names(fn):
+@contextlib.contextmanager
+def tensor_cuda_stays_on_cpu():
+    """While active, `Tensor.cuda()` returns the tensor itself."""
+    real_cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = real_cuda
+
+
+def _wrapped(fn, context):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with cuda_type_names():
+        with context():
             return fn(*args, **kwargs)
 
     wrapper._cpu_backend_wrapped = True
     return wrapper
 
 
-def _patch_type_checks():
-    for module_name, qualname in _FUNCTIONS_WITH_TYPE_CHECKS:
+def _wrap_functions(table, context):
+    for module_name, qualname in table:
         module = importlib.import_module(module_name)
         owner, _, attr = qualname.rpartition(".")
         target = getattr(module, owner) if owner else module
         raw = getattr(target, attr)
         if not getattr(raw, "_cpu_backend_wrapped", False):
-            setattr(target, attr, _with_cuda_type_names(raw))
+            setattr(target, attr, _wrapped(raw, context))
 
 
 def _patch_torch_cuda():
@@ -217,7 +236,8 @@ def activate() -> bool:
             module = importlib.import_module(module_name)
             if not isinstance(module.torch, _TorchOnCpu):
                 module.torch = _TorchOnCpu(torch)
-        _patch_type_checks()
+        _wrap_functions(_FUNCTIONS_WITH_TYPE_CHECKS, cuda_type_names)
+        _wrap_functions(_FUNCTIONS_WITH_TENSOR_CUDA, tensor_cuda_stays_on_cpu)
         logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropCpuRngWarning())
         _active = True
     return True

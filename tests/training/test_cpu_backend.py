@@ -138,3 +138,14 @@ def test_nothing_changes_when_cuda_is_present():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "untouched" in out.stdout
+
+
+def test_tensor_cuda_stays_on_cpu_only_inside_the_embedding_setup():
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    assert getattr(LanguageModule.setup_embeddings_and_output_layer, "_cpu_backend_wrapped", False)
+    t = torch.ones(2)
+    with cpu_backend.tensor_cuda_stays_on_cpu():
+        assert t.cuda() is t
+    with pytest.raises((AssertionError, RuntimeError)):
+        t.cuda()  # outside the wrapped function, torch's own error (no CUDA)

@@ -17,27 +17,40 @@ ITERS = 6
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def init_checkpoint(tmp_path_factory):
-    ckpt = str(tmp_path_factory.mktemp("init") / "ckpt")
-    run_pretrain(TINY_LLAMA + MOCK_DATA + SCHEDULE + ["--micro-batch-size", "2", "--global-batch-size", "8",
-                                                       "--train-iters", "0", "--save", ckpt])
-    return ckpt
+TIED = [a for a in TINY_LLAMA if a != "--untie-embeddings-and-output-weights"]
 
 
-def _train(ckpt, world_size, layout):
-    argv = TINY_LLAMA + MOCK_DATA + SCHEDULE + [
+def _model(tied):
+    return TIED if tied else TINY_LLAMA
+
+
+def _init_checkpoint(path, tied):
+    run_pretrain(_model(tied) + MOCK_DATA + SCHEDULE + ["--micro-batch-size", "2", "--global-batch-size", "8",
+                                                         "--train-iters", "0", "--save", path])
+    return path
+
+
+def _train(ckpt, world_size, layout, tied=False):
+    argv = _model(tied) + MOCK_DATA + SCHEDULE + [
         "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(ITERS),
         "--load", ckpt, "--finetune"] + layout
-    return run_pretrain(argv, world_size)
+    losses = run_pretrain(argv, world_size)
+    assert len(losses) == ITERS
+    return losses
 
 
 @pytest.fixture(scope="module")
-def reference(init_checkpoint):
-    losses = _train(init_checkpoint, 1, [])
-    assert len(losses) == ITERS
-    assert losses[-1][1] < losses[0][1], "the reference run should learn"
-    return losses
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("init")
+    return {tied: _init_checkpoint(str(root / f"tied{int(tied)}"), tied) for tied in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    refs = {tied: _train(checkpoints[tied], 1, [], tied) for tied in (False, True)}
+    for losses in refs.values():
+        assert losses[-1][1] < losses[0][1], "the reference run should learn"
+    return refs
 
 
 LAYOUTS = {
@@ -47,14 +60,18 @@ LAYOUTS = {
     "dp2_distributed_optimizer": (2, ["--use-distributed-optimizer"]),
     "pp2_interleaved": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
     "tp2_sequence_parallel": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    # Tied embeddings: the last stage holds a copy of the word embeddings, kept in sync by megatron-core.
+    "pp2_tied_embeddings": (2, ["--pipeline-model-parallel-size", "2"]),
     "dp2_overlap_grad_reduce": (2, ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, init_checkpoint, reference):
+def test_layout_matches_single_process(name, checkpoints, references):
     world_size, layout = LAYOUTS[name]
-    losses = _train(init_checkpoint, world_size, layout)
+    tied = "tied" in name
+    reference = references[tied]
+    losses = _train(checkpoints[tied], world_size, layout, tied)
     assert [it for it, _, _ in losses] == [it for it, _, _ in reference]
     for (it, ref, ref_gn), (_, got, gn) in zip(reference, losses):
         assert got == pytest.approx(ref, rel=RTOL), f"{name}: iteration {it} loss {got} vs single-process {ref}"
