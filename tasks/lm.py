@@ -77,10 +77,10 @@ class MegatronLanguageModel(LanguageModel):
             extra += ["--rotary-seq-len-interpolation-factor", str(args.rotary_seq_len_interpolation_factor)]
         if args.bf16:
             extra.append("--bf16")
+        self.tokenizer = _tokenizer_for_checkpoint(args, saved)
+        self.vocab_size = check_vocab(self.tokenizer, saved, args.load)  # before the (slow) model load
         self._args, self._model = inference.load_model(args.load, args.tensor_model_parallel_size,
                                                        args.pipeline_model_parallel_size, extra)
-        self.tokenizer = _tokenizer_for_checkpoint(args, saved)
-        self.vocab_size = check_vocab(self.tokenizer, saved, args.load)
         self.is_writer = torch.distributed.get_rank() == 0
         self.interpolation_factor = self._args.rotary_seq_len_interpolation_factor
 
