@@ -24,6 +24,7 @@ from megatron.training.training_log import TrainingLogger, print_rank_0
 class TrainingState:
     iteration: int = 0
     consumed_train_samples: int = 0
+    exited_early: bool = False  # stopped by --exit-interval / --exit-duration-in-mins
     history: List[Dict[str, float]] = dataclasses.field(default_factory=list)
 
 
@@ -49,6 +50,8 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
         train(args, step, model, optimizer, scheduler, train_iter, valid_iter, state)
     elif args.save and args.train_iters == 0:
         save(args, state, model, optimizer, scheduler)  # an initial checkpoint
+    if state.exited_early:
+        return state  # as Megatron-LM: an early exit saves and stops, without the final evaluations
     evaluated_just_now = args.eval_interval and state.iteration % args.eval_interval == 0 and not args.skip_train
     if args.eval_iters and valid_iter is not None and not evaluated_just_now:
         evaluate_and_log(args, step, model, valid_iter, state.iteration, "validation")
@@ -278,6 +281,7 @@ def train(args, forward_step_func, model, optimizer, scheduler, train_iter, vali
             save(args, state, model, optimizer, scheduler)
             saved_at = state.iteration
         if _should_exit(args, state.iteration, start_time):
+            state.exited_early = True
             break
     if args.save and saved_at != state.iteration:
         save(args, state, model, optimizer, scheduler)
