@@ -177,14 +177,13 @@ def main():
     corpus, ndocs, one, tokenizers = build_inputs(work, args.size_mb)
     mb = os.path.getsize(corpus) / 1e6
     mlm_tool = os.path.join(args.megatron_lm, "tools", "preprocess_data.py") if args.megatron_lm else None
-    lines = [f"# tools/preprocess_data.py vs Megatron-LM core_v0.16.1 tools/preprocess_data.py", "",
+    lines = ["# tools/preprocess_data.py vs Megatron-LM core_v0.16.1 tools/preprocess_data.py", "",
              f"Machine: {platform.processor() or platform.machine()}, {cores} CPU cores "
              f"({_cpu_model()}), {platform.system()}, Python {platform.python_version()}.",
              f"Corpus: {ndocs:,} documents, {mb:.1f} MB jsonl (pydoc_data reference, ~4 KB documents, repeated). "
              f"Same --workers ({cores}) for both tools; `--append-eod`; default (megatron-core) tokenizer semantics.", ""]
     for name, (tok_type, model) in tokenizers.items():
         floor = floor_rate(tok_type, model, corpus, cores)
-        row = {"floor": floor}
         start_ours = timed_run(tool_cmd(OURS, one, os.path.join(work, "s1"), tok_type, model, 1))[0]
         per_workers = {}
         for w in worker_counts:

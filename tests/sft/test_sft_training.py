@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.distributed.launcher import ROOT, run_distributed
-from tests.training.pretrain_runner import TINY_LLAMA
+from tests.training.pretrain_runner import TINY_LLAMA, run_pretrain
 
 VOCAB = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
 SCHEDULE = ["--lr", "0.05", "--lr-decay-style", "constant", "--optimizer", "sgd", "--sgd-momentum", "0.9",
@@ -40,21 +40,8 @@ def data(tmp_path_factory):
     return prefixes
 
 
-def _finetune(rank, world_size, argv):
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    import finetune_gpt
-    from megatron.training.initialize import destroy
-
-    try:
-        state = finetune_gpt.main(list(argv))
-    finally:
-        destroy()
-    return [(h["iteration"], h["lm loss"], h["grad_norm"]) for h in state.history if "lm loss" in h]
-
-
 def run_finetune(argv, world_size=1):
-    return run_distributed(_finetune, world_size=world_size, args=(tuple(argv),))[-1]
+    return run_pretrain(argv, world_size, entry_point="finetune_gpt")
 
 
 def _per_example_losses(rank, world_size, argv, prefix):

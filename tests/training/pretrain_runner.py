@@ -1,6 +1,5 @@
 """Run pretrain_gpt.py in-process on N gloo processes and collect its losses."""
 
-import os
 import sys
 
 from tests.distributed.launcher import ROOT, run_distributed
@@ -19,20 +18,22 @@ SCHEDULE = ["--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--lr-
             "--eval-iters", "0", "--seed", "1234"]
 
 
-def _worker(rank, world_size, argv):
+def _worker(rank, world_size, argv, entry_point):
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    import pretrain_gpt
+    import importlib
+
     from megatron.training.initialize import destroy
 
     try:
-        state = pretrain_gpt.main(list(argv))
+        state = importlib.import_module(entry_point).main(list(argv))
     finally:
         destroy()
     return [(h["iteration"], h["lm loss"], h["grad_norm"]) for h in state.history if "lm loss" in h]
 
 
-def run_pretrain(argv, world_size=1):
-    """Losses [(iteration, loss, grad_norm)] logged by the last rank."""
-    results = run_distributed(_worker, world_size=world_size, args=(tuple(argv),))
+def run_pretrain(argv, world_size=1, entry_point="pretrain_gpt"):
+    """Losses [(iteration, loss, grad_norm)] logged by the last rank of
+    `entry_point.main(argv)` (pretrain_gpt, finetune_gpt)."""
+    results = run_distributed(_worker, world_size=world_size, args=(tuple(argv), entry_point))
     return results[-1]
