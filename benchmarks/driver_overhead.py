@@ -18,7 +18,6 @@ import platform
 import statistics
 import sys
 import time
-from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -69,25 +68,14 @@ def main():
 
     import torch
 
-    import pretrain_gpt
-    from megatron.training import training
-    from megatron.training.data.pretrain import build_data_iterator
+    from driver_harness import DriverHarness
 
-    args = training.setup_args(MODEL + RUN)
-    tokenizer = training.build_tokenizer_from_args(args)
-    model = training.build_model(args, pretrain_gpt.model_provider)
-    optimizer, scheduler = training.build_optimizer(args, model)
-    train_ds, _, _ = pretrain_gpt.train_valid_test_datasets_provider(args, tokenizer)
-    data_iterator = build_data_iterator(train_ds, 0, args, 0, 1)
-    step = partial(pretrain_gpt.forward_step, args)
-    state = training.TrainingState()
-    import contextlib
-    import io
+    harness = DriverHarness(MODEL + RUN)
+    args, model, optimizer, scheduler = harness.args, harness.model, harness.optimizer, harness.scheduler
+    data_iterator = harness.data_iterator
 
     def driver_block():
-        args.train_iters = state.iteration + opts.iters
-        with contextlib.redirect_stdout(io.StringIO()):
-            training.train(args, lambda it, m: step(it, m), model, optimizer, scheduler, data_iterator, None, state)
+        harness.train_block(opts.iters)
 
     driver_block()  # warm-up of both paths
     bare_loop(model, optimizer, scheduler, data_iterator, args, 2)

@@ -14,8 +14,6 @@ RoPE / cross-entropy kernels; this script is the measuring half.
 """
 
 import argparse
-import contextlib
-import io
 import os
 import platform
 import sys
@@ -62,9 +60,7 @@ def peak_tflops(name: str):
 def run(config: str, warmup: int, iters: int) -> dict:
     import torch
 
-    import pretrain_gpt
-    from megatron.training import training
-    from megatron.training.data.pretrain import build_data_iterator
+    from driver_harness import DriverHarness
     from megatron.training.flops import ModelShape, flops_per_iteration
     from megatron.training.models.llama import attention_backend_name
 
@@ -74,21 +70,11 @@ def run(config: str, warmup: int, iters: int) -> dict:
         "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs), "--lr", "1e-4", "--mock-data",
         "--train-iters", str(warmup + iters), "--log-interval", "1000000", "--eval-iters", "0",
         "--eval-interval", "1000000"]
-    args = training.setup_args(argv)
-    tokenizer = training.build_tokenizer_from_args(args)
-    model = training.build_model(args, pretrain_gpt.model_provider)
-    optimizer, scheduler = training.build_optimizer(args, model)
-    train_ds, _, _ = pretrain_gpt.train_valid_test_datasets_provider(args, tokenizer)
-    data_iterator = build_data_iterator(train_ds, 0, args, 0, 1)
-    state = training.TrainingState()
-
-    def step(it, m):
-        return pretrain_gpt.forward_step(args, it, m)
+    harness = DriverHarness(argv)
+    args, model = harness.args, harness.model
 
     def block(n):
-        args.train_iters = state.iteration + n
-        with contextlib.redirect_stdout(io.StringIO()):
-            training.train(args, step, model, optimizer, scheduler, data_iterator, None, state)
+        harness.train_block(n)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
