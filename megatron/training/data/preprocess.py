@@ -34,7 +34,9 @@ _SPLIT_CHUNK_CHARS = 1_000_000  # Megatron-LM splits sentences in pieces of this
 
 
 @dataclass
-class PreprocessConfig:
+class InputAndTokenizerConfig:
+    """What every jsonl -> indexed-dataset job needs: input, output, tokenizer, workers, bad-input policy."""
+
     input: str
     output_prefix: str
     tokenizer_type: str
@@ -42,6 +44,14 @@ class PreprocessConfig:
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
     vocab_size: Optional[int] = None
+    workers: int = 1
+    strict: bool = False
+    block_bytes: int = 1 << 20
+    max_bad_reports: int = 10
+
+
+@dataclass
+class PreprocessConfig(InputAndTokenizerConfig):
     legacy_tokenizer: bool = False
     json_keys: List[str] = field(default_factory=lambda: ["text"])
     json_format: str = "keys"
@@ -49,12 +59,8 @@ class PreprocessConfig:
     keep_newlines: bool = False
     lang: str = "english"
     append_eod: bool = False
-    workers: int = 1
     partitions: int = 1
     log_interval: int = 1000
-    strict: bool = False
-    block_bytes: int = 1 << 20
-    max_bad_reports: int = 10
 
     @property
     def keys(self) -> List[str]:

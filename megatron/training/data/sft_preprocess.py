@@ -16,13 +16,12 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
 from megatron.training.data.indexed_writer import IndexedDatasetWriter, optimal_dtype
 from megatron.training.data.jsonl_reader import Block, InputError, find_input_files, split_lines
-from megatron.training.data.preprocess import Report, _account, encoded_blocks
+from megatron.training.data.preprocess import InputAndTokenizerConfig, Report, _account, encoded_blocks
 from megatron.training.data.sft_formats import SFT_BAD_REASONS, BadRecord, parse_sft_line
 from megatron.training.data.sft_templates import SFTEncoder
 
@@ -31,20 +30,9 @@ MASK_SUFFIX = "_loss_mask_document"
 
 
 @dataclass
-class SFTPreprocessConfig:
-    input: str
-    output_prefix: str
-    tokenizer_type: str
-    tokenizer_model: Optional[str] = None
-    vocab_file: Optional[str] = None
-    merge_file: Optional[str] = None
-    vocab_size: Optional[int] = None
+class SFTPreprocessConfig(InputAndTokenizerConfig):
     sft_format: str = "auto"
     chat_template: str = "auto"
-    workers: int = 1
-    strict: bool = False
-    block_bytes: int = 1 << 20
-    max_bad_reports: int = 10
 
 
 def sft_dataset_prefixes(prefix: str):
