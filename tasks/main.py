@@ -11,8 +11,9 @@
     # FinGPT sentiment, label likelihood
     python tasks/main.py --task fingpt --load ckpt --data fpb.jsonl fiqa.jsonl tfns.jsonl nwgi.jsonl --output results/fingpt
 
---output PREFIX writes PREFIX.json and PREFIX.md; fineval and fingpt also keep
-PREFIX.partial.jsonl (--results-file), from which an interrupted run resumes.
+--output PREFIX writes PREFIX.json and PREFIX.md and keeps PREFIX.partial.jsonl
+(--results-file), from which an interrupted run resumes: rerun the same command.
+(fineval and fingpt need one of the two; perplexity without either prints only.)
 """
 
 import argparse
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", help="fingpt: comma-separated labels (default: the outputs found in each file)")
     g.add_argument("--label-scoring", choices=["sum", "mean"], default="sum",
                    help="fingpt: total or per-token log-likelihood of a label")
-    g.add_argument("--results-file", help="fineval/fingpt: partial results to resume from (default: OUTPUT.partial.jsonl)")
+    p.add_argument("--results-file", help="partial results to resume from (default: OUTPUT.partial.jsonl)")
     return p
 
 
@@ -82,6 +83,8 @@ def run(args):
     from tasks.lm import EvalError, build_language_model
     from tasks.results import write_json, write_text
 
+    if args.results_file is None and args.output:
+        args.results_file = args.output + ".partial.jsonl"
     if args.task != "perplexity":
         if args.template is None:
             args.template = "fineval_zh" if args.task == "fineval" else "fingpt"
@@ -89,7 +92,6 @@ def run(args):
             if not args.output:
                 raise EvalError(f"--task {args.task} needs --output PREFIX (or --results-file FILE) for its "
                                 "partial results, from which an interrupted run resumes")
-            args.results_file = args.output + ".partial.jsonl"
         if args.task == "fineval" and not args.data_dir:
             raise EvalError("--task fineval needs --data-dir (FinEval's data folder)")
     lm = build_language_model(args)

@@ -11,15 +11,24 @@ later window starts `stride` tokens after the previous one and scores only the
 tokens no window has scored yet, so every token after the first is scored
 exactly once, with at least `seq_length - stride` tokens of context (all
 earlier tokens near the start). stride = seq_length: non-overlapping windows.
+
+Resume: with a `PartialResults` file every batch of windows is recorded as it
+is scored (its summed negative log-likelihood and token count), and a rerun
+with the same settings (model, data, lengths, strides, batch size) scores only
+the batches not yet there. Totals are always summed from the per-batch
+records in window order, so a resumed run gives the same numbers, bit for bit,
+as one that was never interrupted.
 """
 
+import hashlib
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from tasks.lm import EvalError, LanguageModel, chunks, document_prefix, encode, require_tokenizer
+from tasks.results import PartialResults
 
 
 def read_indexed_tokens(prefix: str, max_tokens: int = 0) -> np.ndarray:
@@ -83,8 +92,9 @@ def window_plan(num_tokens: int, seq_length: int, stride: int) -> List[Tuple[int
 
 
 def evaluate_perplexity(lm: LanguageModel, tokens: Sequence[int], seq_length: int, stride: int = 0,
-                        batch_size: int = 4) -> Dict[str, float]:
-    """{seq_length, stride, windows, tokens, loss (mean nats per token), ppl}."""
+                        batch_size: int = 4, results: Optional[PartialResults] = None) -> Dict[str, float]:
+    """{seq_length, stride, windows, tokens, loss (mean nats per token), ppl}.
+    With `results`, batches already recorded there are not scored again."""
     stride = stride or seq_length
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     if len(tokens) < 2:
@@ -93,19 +103,30 @@ def evaluate_perplexity(lm: LanguageModel, tokens: Sequence[int], seq_length: in
         raise EvalError(f"the data holds token id {int(tokens.max())} but the model's tokenizer has "
                         f"{lm.vocab_size}: the data was prepared with another tokenizer")
     plan = window_plan(len(tokens), seq_length, stride)
-    total, count = 0.0, 0
     by_length: Dict[int, list] = {}
     for window in plan:
         by_length.setdefault(window[1] - window[0], []).append(window)
-    for length in sorted(by_length, reverse=True):
-        for batch in chunks(by_length[length], batch_size):
-            inputs = torch.stack([tokens[b:e] for b, e, _ in batch])
-            logprobs = lm.log_probs(inputs)
-            for row, (b, e, first) in enumerate(batch):
-                positions = torch.arange(first - 1 - b, e - b)  # input position i predicts token b + i + 1
-                targets = tokens[positions + b + 1]
-                total -= float(logprobs[row, positions, targets].double().sum())
-                count += len(positions)
+    batches = [batch for length in sorted(by_length, reverse=True) for batch in chunks(by_length[length], batch_size)]
+    sums = []  # (negative log-likelihood, tokens) per batch, in order
+    for number, batch in enumerate(batches):
+        key = f"{seq_length}/{stride}/{number}"
+        if results is not None and key in results:
+            done = results.records[key]
+            sums.append((done["nll"], done["tokens"]))
+            continue
+        inputs = torch.stack([tokens[b:e] for b, e, _ in batch])
+        logprobs = lm.log_probs(inputs)
+        nll, count = 0.0, 0
+        for row, (b, e, first) in enumerate(batch):
+            positions = torch.arange(first - 1 - b, e - b)  # input position i predicts token b + i + 1
+            targets = tokens[positions + b + 1]
+            nll -= float(logprobs[row, positions, targets].double().sum())
+            count += len(positions)
+        sums.append((nll, count))
+        if results is not None:
+            results.add([{"key": key, "nll": nll, "tokens": count}])
+    total = math.fsum(n for n, _ in sums)
+    count = sum(c for _, c in sums)
     loss = total / count
     return {"seq_length": seq_length, "stride": stride, "windows": len(plan), "tokens": count,
             "loss": loss, "ppl": math.exp(min(loss, 700.0))}
@@ -132,9 +153,17 @@ def run(args, lm: LanguageModel) -> List[dict]:
     strides = args.stride or [0]
     if len(strides) not in (1, len(args.seq_length)):
         raise EvalError("give one --stride for all lengths or one per --seq-length")
+    strides = [strides[i if len(strides) > 1 else 0] or length for i, length in enumerate(args.seq_length)]
+    results = None
+    if args.results_file:
+        settings = {"task": "perplexity", "model": args.load or args.hf_model, "data": args.data_path or args.jsonl,
+                    "tokens": len(tokens), "tokens_sha1": hashlib.sha1(np.ascontiguousarray(tokens)).hexdigest(),
+                    "seq_length": args.seq_length, "stride": strides, "micro_batch_size": args.micro_batch_size,
+                    "interpolation_factor": lm.interpolation_factor}
+        results = PartialResults(args.results_file, settings, lm.is_writer)
     rows = []
-    for i, length in enumerate(args.seq_length):
-        row = evaluate_perplexity(lm, tokens, length, strides[i if len(strides) > 1 else 0], args.micro_batch_size)
+    for length, stride in zip(args.seq_length, strides):
+        row = evaluate_perplexity(lm, tokens, length, stride, args.micro_batch_size, results)
         row.update(model=args.load or args.hf_model, interpolation_factor=lm.interpolation_factor)
         rows.append(row)
     return rows

@@ -263,3 +263,22 @@ def megatron_runs(driver_checkpoint, indexed_corpus, planted, planted_megatron, 
 def first_sentiment_input(bench):
     with open(os.path.join(bench, "sentiment.jsonl"), encoding="utf-8") as f:
         return json.loads(f.readline())["input"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class CountingLM:
+    """A LanguageModel wrapper counting forward passes; raises after `limit`."""
+
+    def __init__(self, lm, limit=None):
+        self.lm, self.limit, self.calls = lm, limit, 0
+        self.tokenizer, self.vocab_size, self.is_writer = lm.tokenizer, lm.vocab_size, True
+        self.interpolation_factor = None
+
+    def log_probs(self, tokens):
+        if self.limit is not None and self.calls >= self.limit:
+            raise Interrupted
+        self.calls += 1
+        return self.lm.log_probs(tokens)

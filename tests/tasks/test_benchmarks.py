@@ -10,7 +10,7 @@ import pytest
 from tasks import classification, multiple_choice
 from tasks.lm import EvalError
 from tasks.results import PartialResults
-from tests.tasks.conftest import MC_TEMPLATE, SUBJECTS, eval_args, hf_lm
+from tests.tasks.conftest import MC_TEMPLATE, SUBJECTS, CountingLM, Interrupted, eval_args, hf_lm
 
 QUESTIONS = sum(SUBJECTS.values())
 
@@ -97,25 +97,6 @@ def test_malformed_rows_are_reported_with_file_and_line(tmp_path):
     assert problems[0].startswith(f"{bad}:2: not JSON") and problems[1].startswith(f"{bad}:3: needs string fields")
 
 
-class _Interrupted(Exception):
-    pass
-
-
-class _Counting:
-    """A LanguageModel wrapper counting forward passes; raises after `limit`."""
-
-    def __init__(self, lm, limit=None):
-        self.lm, self.limit, self.calls = lm, limit, 0
-        self.tokenizer, self.vocab_size, self.is_writer = lm.tokenizer, lm.vocab_size, True
-        self.interpolation_factor = None
-
-    def log_probs(self, tokens):
-        if self.limit is not None and self.calls >= self.limit:
-            raise _Interrupted
-        self.calls += 1
-        return self.lm.log_probs(tokens)
-
-
 def test_interrupted_run_resumes_from_partial_results(planted, sp_model, tmp_path):
     bench, _, model_dir = planted
     lm = hf_lm(model_dir, sp_model)
@@ -125,13 +106,13 @@ def test_interrupted_run_resumes_from_partial_results(planted, sp_model, tmp_pat
     path = str(tmp_path / "partial.jsonl")
 
     # 8 questions per step x 4 options = 8 forward passes of 4 per step: stop in the second step
-    interrupted = _Counting(lm, limit=9)
-    with pytest.raises(_Interrupted):
+    interrupted = CountingLM(lm, limit=9)
+    with pytest.raises(Interrupted):
         multiple_choice.evaluate(interrupted, subjects, template, "letter", PartialResults(path, settings), 4)
     done = PartialResults(path, settings)
     assert len(done.records) == 8
 
-    resumed = _Counting(lm)
+    resumed = CountingLM(lm)
     results = PartialResults(path, settings)
     multiple_choice.evaluate(resumed, subjects, template, "letter", results, 4)
     assert resumed.calls == (QUESTIONS - 8) * 4 // 4  # only the rest was scored

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tasks.lm import EvalError
+from tasks import perplexity
 from tasks.perplexity import evaluate_perplexity, read_indexed_tokens, read_jsonl_tokens, window_plan
-from tests.tasks.conftest import hf_lm, tokenizer
+from tests.tasks.conftest import CountingLM, Interrupted, eval_args, hf_lm, tokenizer
 
 # fp32 on CPU; the two sides differ only in the order of reductions (TP
 # all-reduce, fused vs split matmuls). The issue's bound; a wrong vocabulary
@@ -104,3 +105,27 @@ def test_vocabulary_mismatch_is_a_clear_error(driver_checkpoint, sp_model):
         check_vocab(build_tokenizer("NullTokenizer", vocab_size=1000), saved, "ckpt")
     with pytest.raises(EvalError, match="1001 tokens but .* has 500 embedding rows"):
         hf_lm(driver_checkpoint[1], sp_model, "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000")
+
+
+def test_interrupted_run_resumes_from_partial_results(driver_checkpoint, indexed_corpus, sp_model, tmp_path):
+    """Stopped midway, a rerun of the same command scores only the batches the
+    partial file lacks and reports exactly (bit for bit) the uninterrupted numbers."""
+    lm = hf_lm(driver_checkpoint[1], sp_model)
+    flags = ["--task", "perplexity", "--hf-model", driver_checkpoint[1], "--data-path", indexed_corpus,
+             "--seq-length", 32, 16, "--stride", 8, 16, "--max-tokens", 300, "--micro-batch-size", 3]
+    partial = ["--results-file", tmp_path / "ppl.partial.jsonl"]
+    whole = CountingLM(lm)
+    expected = perplexity.run(eval_args(flags), whole)  # no partial file
+    assert whole.calls == 13 + 7  # by 3: 35 windows (34 of 32 tokens + a shorter one), 19 windows (18 + 1)
+
+    with pytest.raises(Interrupted):
+        perplexity.run(eval_args(flags + partial), CountingLM(lm, limit=14))  # stops in the second length
+    resumed = CountingLM(lm)
+    assert perplexity.run(eval_args(flags + partial), resumed) == expected
+    assert resumed.calls == whole.calls - 14
+
+    again = CountingLM(lm)  # a finished file: nothing left to score
+    assert perplexity.run(eval_args(flags + partial), again) == expected and again.calls == 0
+    with pytest.raises(EvalError, match="other settings \\(stride differ\\)"):
+        perplexity.run(eval_args([str(f) for f in flags[:-4]] + ["--stride", "4", "16", "--max-tokens", "300",
+                                 "--micro-batch-size", "3"] + partial), lm)
