@@ -30,6 +30,7 @@ import torch
 
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron.training import sharding
 from megatron.training.arguments import args_to_dict
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -273,7 +274,8 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
         for key, chunk in zip(_model_keys(len(model)), model):
             if key not in state:
                 raise CheckpointError(f"{path} has no '{key}' entry")
-            _unwrap(chunk).load_state_dict(state[key], strict=True)
+            module = _unwrap(chunk)
+            module.load_state_dict(sharding.match_layer_spec(state[key], module.state_dict()), strict=True)
 
     fresh_start = args.finetune or release
     if optimizer is not None and not fresh_start and not args.no_load_optim:
@@ -347,8 +349,6 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict) -> None
     source shards into full tensors, then cut this rank's part. Every rank
     reads the source files of all source ranks (fine up to a few billion
     parameters; the checkpoint tools reshard larger models offline)."""
-    from megatron.training import sharding
-
     src_tp, src_pp = saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]
     src_vp = saved["virtual_pipeline_model_parallel_size"]
     if saved["num_layers"] != args.num_layers:
@@ -373,7 +373,7 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict) -> None
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     for v, chunk in enumerate(model):
         target = _unwrap(chunk).state_dict()
-        local = sharding.to_local_names(full, offsets[(pp_rank, v)], per_chunk)
+        local = sharding.match_layer_spec(sharding.to_local_names(full, offsets[(pp_rank, v)], per_chunk), target)
         missing = [n for n in target if n not in local and not n.endswith("_extra_state")]
         if missing:
             raise CheckpointError(f"{iter_dir} lacks {missing[:3]}: it is not a checkpoint of this model")

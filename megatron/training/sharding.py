@@ -31,6 +31,43 @@ TP_PARTITIONS: Tuple[Tuple[str, int, object], ...] = (
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
+# Transformer Engine's layer spec fuses the pre-attention / pre-MLP norms into
+# the following linear layer: the same weights under other names (local spec
+# name suffix -> TE spec name suffix).
+TE_FUSED_NORMS: Dict[str, str] = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+}
+
+
+def rename_suffixes(state: Dict[str, torch.Tensor], table: Dict[str, str]) -> Dict[str, torch.Tensor]:
+    """`state` with every name ending in `.<old>` renamed to end in `.<new>`."""
+    out = {}
+    for name, value in state.items():
+        for old, new in table.items():
+            if name.endswith("." + old):
+                name = name[: -len(old)] + new
+                break
+        out[name] = value
+    return out
+
+
+def match_layer_spec(state: Dict[str, torch.Tensor], target_names: Iterable[str]) -> Dict[str, torch.Tensor]:
+    """`state` renamed to the layer spec of a model whose state-dict names are
+    `target_names`: a checkpoint written by a Transformer Engine model loads
+    into a local-spec model (no TE on this machine) and the other way round.
+    Its `_extra_state` entries (None outside FP8) follow the target's."""
+    target = set(target_names)
+    if any(n.endswith(".self_attention.linear_qkv.layer_norm_weight") for n in target):
+        state = rename_suffixes(state, TE_FUSED_NORMS)
+    elif any(n.endswith(".input_layernorm.weight") for n in target):
+        state = rename_suffixes(state, {te: local for local, te in TE_FUSED_NORMS.items()})
+    out = {n: v for n, v in state.items() if not n.endswith("_extra_state") or n in target}
+    out.update({n: None for n in target if n.endswith("_extra_state") and n not in out})
+    return out
+
 
 def tp_partition(name: str, gated_mlp: bool) -> Optional[Tuple[int, int]]:
     """(dim, stride) if `name` is split over tensor-parallel ranks, else None

@@ -91,3 +91,29 @@ def test_resuming_under_another_layout_says_what_to_do(tmp_path):
                                              r"vs this run 2\).*--finetune.*tools/checkpoint/util.py"):
         run_pretrain(_argv(["--train-iters", "3", "--load", ckpt, "--tensor-model-parallel-size", "2"]),
                      world_size=2)
+
+
+def _to_transformer_engine_names(src, out, tp):
+    from tools.checkpoint import util
+
+    assert util.main(["--model-type", "GPT", "--loader", "megatron", "--saver", "megatron", "--load-dir", src,
+                      "--save-dir", out, "--target-tensor-parallel-size", str(tp),
+                      "--saver-transformer-impl", "transformer_engine"]) == 0
+    rank0 = os.path.join(out, "iter_0000003", "mp_rank_00", "model_optim_rng.pt")
+    names = torch.load(rank0, weights_only=True)["model"]
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
+    assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names)
+    return out
+
+
+def test_a_transformer_engine_checkpoint_trains_on_without_transformer_engine(tmp_path):
+    """A GPU run with Transformer Engine saves the pre-attention / pre-MLP norms
+    under TE's fused names. Loaded here (local spec, no TE), the same layout and
+    a resharded one continue exactly as the checkpoint they were written from."""
+    ckpt = str(tmp_path / "ckpt")
+    run_pretrain(_argv(["--train-iters", "3", "--save", ckpt]))
+    go_on = ["--train-iters", "3", "--finetune"]
+    expected = run_pretrain(_argv(go_on + ["--load", ckpt]))
+    for tp in (1, 2):
+        te = _to_transformer_engine_names(ckpt, str(tmp_path / f"te_tp{tp}"), tp)
+        assert run_pretrain(_argv(go_on + ["--load", te])) == expected, tp

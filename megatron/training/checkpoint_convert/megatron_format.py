@@ -28,30 +28,12 @@ from megatron.training.checkpoint_convert.core import (
 # entry (None outside FP8) that a strict load_state_dict expects.
 LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
-# Transformer Engine's layer spec fuses the pre-attention / pre-MLP norms into
-# the following linear layer: the same weights under other names.
-TE_FUSED_NORMS = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
-    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
-}
+TE_FUSED_NORMS = sharding.TE_FUSED_NORMS
 _FROM_TE = {te: local for local, te in TE_FUSED_NORMS.items()}
 
 
 def model_keys(vp: Optional[int]) -> List[str]:
     return ["model"] if not vp else [f"model{i}" for i in range(vp)]
-
-
-def _rename_suffixes(state: Dict[str, torch.Tensor], table: Dict[str, str]) -> Dict[str, torch.Tensor]:
-    out = {}
-    for name, value in state.items():
-        for old, new in table.items():
-            if name.endswith("." + old):
-                name = name[: -len(old)] + new
-                break
-        out[name] = value
-    return out
 
 
 def read_vocab_size(args: dict, tokenizer_model: Optional[str] = None) -> Optional[int]:
@@ -131,7 +113,7 @@ class MegatronSource(ModelSource):
             chunk = self._load(t, p, self.pp)[key]
             states.append({n: x.clone() for n, x in chunk.items() if isinstance(x, torch.Tensor) and wanted(n)})
             del chunk  # drops the memory map
-        return _rename_suffixes(sharding.merge_tp_states(states, self.gated), _FROM_TE)
+        return sharding.rename_suffixes(sharding.merge_tp_states(states, self.gated), _FROM_TE)
 
     def embedding(self):
         return self._read(0, 0, lambda n: n == EMBEDDING)
@@ -228,7 +210,7 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
 
     def prepare(tensors, first):
         tensors = {n: fit_vocab_rows(x, rows) if n in (EMBEDDING, OUTPUT_LAYER) else x for n, x in tensors.items()}
-        return _rename_suffixes(sharding.to_local_names(cast(tensors, dtype), first, per_chunk), te_names)
+        return sharding.rename_suffixes(sharding.to_local_names(cast(tensors, dtype), first, per_chunk), te_names)
 
     bar = progress(layers, f"writing Megatron checkpoint (TP={tp} PP={pp}{f' VP={vp}' if vp else ''})")
     for p in range(pp):

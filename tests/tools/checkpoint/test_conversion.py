@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 
-from megatron.training.checkpoint_convert.core import ConversionError
 from tests.distributed.launcher import run_distributed
 from tests.training.pretrain_runner import MOCK_DATA, SCHEDULE, TINY_LLAMA, run_pretrain
 from tools.checkpoint import util
@@ -216,6 +215,22 @@ def test_megatron_reshard_round_trip_is_bitwise(hf_dirs, tmp_path):
     back = convert("megatron", "megatron", vp, tmp_path / "from_vp", "--target-tensor-parallel-size", 2,
                    "--target-pipeline-parallel-size", 2)
     assert_same_tensors(read_megatron(start), read_megatron(back))
+
+
+def test_transformer_engine_names_round_trip_bitwise(hf_dirs, tmp_path):
+    """--saver-transformer-impl transformer_engine writes the norms under TE's
+    fused names (megatron-core's TE layer spec: the norm lives in the next
+    linear layer); the loader reads them back to the same HF tensors."""
+    te = to_megatron(hf_dirs["gqa"], tmp_path / "te", 2, 2, "--saver-transformer-impl", "transformer_engine")
+    for rank, state in read_megatron(te).items():
+        names = state["model"]
+        assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names), rank
+        assert {"decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
+                "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"} <= set(names), rank
+    back = convert("megatron", "hf", te, tmp_path / "hf")
+    assert_same_tensors(read_safetensors(hf_dirs["gqa"]), read_safetensors(back))
+    local = convert("megatron", "megatron", te, tmp_path / "local", "--saver-transformer-impl", "local")
+    assert_same_tensors(read_megatron(to_megatron(hf_dirs["gqa"], tmp_path / "direct", 2, 2)), read_megatron(local))
 
 
 def test_tied_embedding_last_stage_gets_its_copy(hf_dirs, tmp_path):
