@@ -10,10 +10,12 @@
         --output results/fineval
     # FinGPT sentiment, label likelihood
     python tasks/main.py --task fingpt --load ckpt --data fpb.jsonl fiqa.jsonl tfns.jsonl nwgi.jsonl --output results/fingpt
+    # FinGPT NER: greedy generation, entity-level precision / recall / F1
+    python tasks/main.py --task ner --load ckpt --data fingpt_ner_test.jsonl --output results/ner
 
 --output PREFIX writes PREFIX.json and PREFIX.md and keeps PREFIX.partial.jsonl
 (--results-file), from which an interrupted run resumes: rerun the same command.
-(fineval and fingpt need one of the two; perplexity without either prints only.)
+(fineval, fingpt and ner need one of the two; perplexity without either prints only.)
 """
 
 import argparse
@@ -24,7 +26,7 @@ import sys
 # `megatron.core` resolves to the pinned pip package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TASKS = ("perplexity", "fineval", "fingpt")
+TASKS = ("perplexity", "fineval", "fingpt", "ner")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stride", type=int, nargs="+", default=None,
                    help="tokens between window starts (default: --seq-length, non-overlapping); one or one per length")
     g.add_argument("--max-tokens", type=int, default=0, help="evaluate the first N tokens of the data (0: all)")
-    g = p.add_argument_group("fineval / fingpt")
+    g = p.add_argument_group("fineval / fingpt / ner")
     g.add_argument("--data-dir", help="fineval: FinEval's data folder (dev/, val/, test/ of {subject}_{split}.csv)")
     g.add_argument("--split", default="val", help="fineval: the split to score (test answers are not published)")
     g.add_argument("--subjects", help="fineval: comma-separated subjects (default: every file of the split)")
@@ -55,10 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fineval: log-likelihood of the option letter or of the option text")
     g.add_argument("--template", default=None,
                    help="prompt template JSON (default: tasks/templates/fineval_zh.json or fingpt.json)")
-    g.add_argument("--data", nargs="+", help="fingpt: jsonl files of {instruction, input, output}")
+    g.add_argument("--data", nargs="+", help="fingpt, ner: jsonl files of {instruction, input, output}")
     g.add_argument("--labels", help="fingpt: comma-separated labels (default: the outputs found in each file)")
     g.add_argument("--label-scoring", choices=["sum", "mean"], default="sum",
                    help="fingpt: total or per-token log-likelihood of a label")
+    g.add_argument("--entity-types", default="person,organization,location",
+                   help="ner: entity types scored (FinGPT's PER / ORG / LOC by default)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="ner: longest generated answer")
     p.add_argument("--results-file", help="partial results to resume from (default: OUTPUT.partial.jsonl)")
     return p
 
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
 
 def run(args):
     """(result dict, markdown, whether this rank writes) for the parsed flags; writes --output on the writer rank."""
-    from tasks import classification, multiple_choice, perplexity
+    from tasks import classification, multiple_choice, ner, perplexity
     from tasks.lm import EvalError, build_language_model
     from tasks.results import write_json, write_text
 
@@ -87,7 +92,7 @@ def run(args):
         args.results_file = args.output + ".partial.jsonl"
     if args.task != "perplexity":
         if args.template is None:
-            args.template = "fineval_zh" if args.task == "fineval" else "fingpt"
+            args.template = "fineval_zh" if args.task == "fineval" else "fingpt"  # fingpt, ner
         if args.results_file is None:
             if not args.output:
                 raise EvalError(f"--task {args.task} needs --output PREFIX (or --results-file FILE) for its "
@@ -102,9 +107,12 @@ def run(args):
         elif args.task == "fineval":
             result = multiple_choice.run(args, lm)
             markdown = multiple_choice.report_markdown(result)
-        else:
+        elif args.task == "fingpt":
             result = classification.run(args, lm)
             markdown = classification.report_markdown(result)
+        else:
+            result = ner.run(args, lm)
+            markdown = ner.report_markdown(result)
         if args.output and lm.is_writer:
             write_json(args.output + ".json", result)
             write_text(args.output + ".md", markdown)

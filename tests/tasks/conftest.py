@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from megatron.training.data.sample_corpus import sample_documents, train_sample_
 LETTERS = "ABCD"
 SUBJECTS = {"accounting": 10, "finance": 10}
 FINGPT_INSTRUCTION = "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}."
+NER_INSTRUCTION = "Extract the entities."  # FinGPT's is longer; short prompts keep memorisation cheap
+NER_EXAMPLES = 6
 # Short prompts keep memorisation cheap; the same placeholders as tasks/templates/fineval_en.json.
 MC_TEMPLATE = {"description": "", "question": "{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer:",
                "answer": " {answer}", "example_separator": "\n\n"}
@@ -81,6 +84,12 @@ def make_benchmark(root, seed=0):
         for i in range(12):
             f.write(json.dumps({"instruction": FINGPT_INSTRUCTION, "input": " ".join(rng.sample(words, 4)) + ".",
                                 "output": ("negative", "neutral", "positive")[i % 3]}) + "\n")
+    with open(os.path.join(root, "ner.jsonl"), "w", encoding="utf-8") as f:
+        for i in range(NER_EXAMPLES):  # 6 words; a two-word organization and a one-word person or location
+            w = rng.sample(words, 6)
+            other = ("person", "location")[i % 2]
+            f.write(json.dumps({"instruction": NER_INSTRUCTION, "input": " ".join(w) + ".",
+                                "output": f"{w[1]} {w[2]} is an organization, {w[4]} is a {other}."}) + "\n")
     with open(os.path.join(root, "template.json"), "w") as f:
         json.dump(MC_TEMPLATE, f)
     return root
@@ -105,6 +114,14 @@ def shuffle_answers(root, out, seed=1):
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(dict(r, output=rng.choice(["negative", "neutral", "positive"]))) + "\n")
+    swap = {"organization": "person", "person": "organization", "location": "organization"}
+    path = os.path.join(out, "ner.jsonl")
+    records = [json.loads(line) for line in open(path, encoding="utf-8")]
+    with open(path, "w", encoding="utf-8") as f:  # the same spans with wrong types
+        for r in records:
+            output = re.sub(r"(organization|person|location)", lambda m: swap[m.group(1)], r["output"])
+            f.write(json.dumps(dict(r, output=output.replace(" an person", " a person")
+                                    .replace(" a organization", " an organization"))) + "\n")
     return out
 
 
@@ -123,10 +140,13 @@ def training_texts(root):
     examples, _, _ = classification.read_fingpt_jsonl(os.path.join(root, "sentiment.jsonl"))
     for e in examples:
         texts.append(f"Instruction: {e.instruction}\nInput: {e.input}\nAnswer: {e.label}")
+    for line in open(os.path.join(root, "ner.jsonl"), encoding="utf-8"):
+        r = json.loads(line)
+        texts.append(f"Instruction: {r['instruction']}\nInput: {r['input']}\nAnswer: {r['output']}")
     return texts
 
 
-def train_hf_llama(texts, tok, out_dir, steps=150, seed=0):
+def train_hf_llama(texts, tok, out_dir, steps=250, seed=0):
     """A 2-layer Llama trained full-batch on `texts` (BOS + text + EOS), saved as an HF directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,4 +1,4 @@
-"""tasks/multiple_choice.py and tasks/classification.py: a planted benchmark
+"""tasks/multiple_choice.py, tasks/classification.py and tasks/ner.py: a planted benchmark
 scores 100% and its shuffled twin near chance, few-shot prompts hold exactly
 the requested dev examples, malformed rows are reported with file:line, an
 interrupted run resumes, and a Megatron TP=2 checkpoint scores as its HF source."""
@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from tasks import classification, multiple_choice
+from tasks import classification, multiple_choice, ner
 from tasks.lm import EvalError
 from tasks.results import PartialResults
-from tests.tasks.conftest import MC_TEMPLATE, SUBJECTS, CountingLM, Interrupted, eval_args, hf_lm
+from tests.tasks.conftest import MC_TEMPLATE, NER_EXAMPLES, SUBJECTS, CountingLM, Interrupted, eval_args, hf_lm
 
 QUESTIONS = sum(SUBJECTS.values())
 
@@ -48,6 +48,38 @@ def test_planted_fingpt_scores_100_and_shuffled_near_chance(planted, sp_model, t
     assert m["examples"] == 12 and m["accuracy"] == 1.0 and m["macro_f1"] == 1.0
     chance = run_task(argv + ["--data", os.path.join(shuffled, "sentiment.jsonl"), "--output", str(tmp_path / "s")])
     assert chance["tasks"]["sentiment"]["accuracy"] <= 2 / 3  # chance 1/3, 12 examples
+
+
+def test_planted_ner_scores_100_and_swapped_types_score_0(planted, sp_model, tmp_path):
+    bench, shuffled, model_dir = planted
+    argv = ["--task", "ner", "--hf-model", model_dir, "--tokenizer-type", "Llama2Tokenizer",
+            "--tokenizer-model", sp_model]
+    result = run_task(argv + ["--data", os.path.join(bench, "ner.jsonl"), "--output", str(tmp_path / "p")])
+    m = result["tasks"]["ner"]
+    assert m["examples"] == NER_EXAMPLES and m["support"] == 2 * NER_EXAMPLES
+    assert (m["precision"], m["recall"], m["f1"]) == (1.0, 1.0, 1.0)
+    assert m["types"]["organization"]["support"] == NER_EXAMPLES and m["types"]["location"]["f1"] == 1.0
+    assert "| ner  | micro" in open(tmp_path / "p.md").read()
+    # the model still names the right spans, but the gold types are swapped: nothing matches
+    swapped = run_task(argv + ["--data", os.path.join(shuffled, "ner.jsonl"), "--output", str(tmp_path / "s")])
+    assert swapped["tasks"]["ner"]["f1"] == 0.0 and swapped["tasks"]["ner"]["support"] == 2 * NER_EXAMPLES
+
+
+def test_ner_spans_and_scores_against_hand_computed_values():
+    text = "Shares of Acme Corp rose as Acme Corp hired Ann Lee in Paris."
+    gold = ner.entity_spans(text, "acme corp is an organization, acme corp is an organization, "
+                                  "ann lee is a person, paris. is a location.")
+    # words: shares of acme corp rose as acme corp hired ann lee in paris.
+    assert gold == {("organization", 2, 4), ("organization", 6, 8), ("person", 9, 11), ("location", 12, 13)}
+    assert ner.entity_spans(text, "Acme Corp is an organization, bob is a person, paris. is a city.") == \
+        {("organization", 2, 4)}  # bob is not in the text; city is not a scored type
+    predicted = ner.entity_spans(text, "acme corp is a person, ann lee is a person, lee is a person")
+    assert predicted == {("person", 2, 4), ("person", 9, 11)}  # lee's words are taken by ann lee
+    m = ner.entity_metrics([gold], [predicted])
+    # tp 1 (ann lee) of 2 predicted and 4 gold
+    assert (m["precision"], m["recall"]) == (0.5, 0.25) and m["f1"] == pytest.approx(2 * 0.5 * 0.25 / 0.75)
+    assert m["types"]["person"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1}
+    assert m["types"]["organization"]["recall"] == 0.0 and m["types"]["organization"]["support"] == 2
 
 
 def test_macro_f1_against_hand_computed_values():
