@@ -39,10 +39,13 @@ def test_planted_fineval_scores_100_and_shuffled_near_chance(planted, sp_model, 
     assert chance["average"] <= 0.5
 
 
+def instruction_task_argv(task, model_dir, sp_model):
+    return ["--task", task, "--hf-model", model_dir, "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", sp_model]
+
+
 def test_planted_fingpt_scores_100_and_shuffled_near_chance(planted, sp_model, tmp_path):
     bench, shuffled, model_dir = planted
-    argv = ["--task", "fingpt", "--hf-model", model_dir, "--tokenizer-type", "Llama2Tokenizer",
-            "--tokenizer-model", sp_model]
+    argv = instruction_task_argv("fingpt", model_dir, sp_model)
     result = run_task(argv + ["--data", os.path.join(bench, "sentiment.jsonl"), "--output", str(tmp_path / "p")])
     m = result["tasks"]["sentiment"]
     assert m["examples"] == 12 and m["accuracy"] == 1.0 and m["macro_f1"] == 1.0
@@ -52,8 +55,7 @@ def test_planted_fingpt_scores_100_and_shuffled_near_chance(planted, sp_model, t
 
 def test_planted_ner_scores_100_and_swapped_types_score_0(planted, sp_model, tmp_path):
     bench, shuffled, model_dir = planted
-    argv = ["--task", "ner", "--hf-model", model_dir, "--tokenizer-type", "Llama2Tokenizer",
-            "--tokenizer-model", sp_model]
+    argv = instruction_task_argv("ner", model_dir, sp_model)
     result = run_task(argv + ["--data", os.path.join(bench, "ner.jsonl"), "--output", str(tmp_path / "p")])
     m = result["tasks"]["ner"]
     assert m["examples"] == NER_EXAMPLES and m["support"] == 2 * NER_EXAMPLES
