@@ -99,6 +99,9 @@ def run(args):
                                 "partial results, from which an interrupted run resumes")
         if args.task == "fineval" and not args.data_dir:
             raise EvalError("--task fineval needs --data-dir (FinEval's data folder)")
+        if args.task in ("fingpt", "ner") and not args.data:
+            raise EvalError(f"--task {args.task} needs --data FILE.jsonl [FILE.jsonl ...] in FinGPT's instruction "
+                            "format ({instruction, input, output} per line)")
     lm = build_language_model(args)
     try:
         if args.task == "perplexity":
