@@ -117,3 +117,26 @@ def test_a_transformer_engine_checkpoint_trains_on_without_transformer_engine(tm
     for tp in (1, 2):
         te = _to_transformer_engine_names(ckpt, str(tmp_path / f"te_tp{tp}"), tp)
         assert run_pretrain(_argv(go_on + ["--load", te])) == expected, tp
+
+
+def test_match_layer_spec_renames_both_ways_and_follows_the_targets_extra_states():
+    from megatron.training.sharding import match_layer_spec
+
+    w1, w2, qkv = torch.ones(2), torch.zeros(2), torch.eye(2)
+    te = {"decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": w1,
+          "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": w2,
+          "decoder.layers.0.self_attention.linear_qkv.weight": qkv,
+          "decoder.layers.0.self_attention.linear_qkv._extra_state": torch.arange(5, dtype=torch.uint8),  # TE >= 1.14
+          "decoder.layers.0.self_attention.core_attention._extra_state": torch.ones(3, dtype=torch.uint8)}
+    local_names = ["decoder.layers.0.input_layernorm.weight", "decoder.layers.0.pre_mlp_layernorm.weight",
+                   "decoder.layers.0.self_attention.linear_qkv.weight",
+                   "decoder.layers.0.self_attention.linear_qkv._extra_state",
+                   "decoder.layers.0.self_attention.linear_proj._extra_state"]
+    local = match_layer_spec(te, local_names)
+    assert sorted(local) == sorted(local_names)
+    assert local["decoder.layers.0.input_layernorm.weight"] is w1
+    assert local["decoder.layers.0.pre_mlp_layernorm.weight"] is w2
+    assert local["decoder.layers.0.self_attention.linear_proj._extra_state"] is None  # missing: filled
+    back = match_layer_spec(local, [n for n in te if not n.endswith("core_attention._extra_state")])
+    assert back["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"] is w1
+    assert "decoder.layers.0.input_layernorm.weight" not in back

@@ -111,7 +111,10 @@ class MegatronSource(ModelSource):
         states = []
         for t in range(self.tp):
             chunk = self._load(t, p, self.pp)[key]
-            states.append({n: x.clone() for n, x in chunk.items() if isinstance(x, torch.Tensor) and wanted(n)})
+            # `_extra_state`: None, or Transformer Engine's FP8 scaling state (a uint8 tensor since TE 1.14),
+            # which does not carry over to another model; the saver writes fresh ones
+            states.append({n: x.clone() for n, x in chunk.items()
+                           if isinstance(x, torch.Tensor) and wanted(n) and not n.endswith("_extra_state")})
             del chunk  # drops the memory map
         return sharding.rename_suffixes(sharding.merge_tp_states(states, self.gated), _FROM_TE)
 
