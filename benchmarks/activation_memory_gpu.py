@@ -126,10 +126,9 @@ def main(argv=None) -> None:
                     f"{', '.join(f'{p / 2**30:.2f}' for p in result['peaks'])} | {peak / plan:.2f} |")
     text = (f"Planned activation memory vs torch.cuda.max_memory_allocated, one {device}, "
             f"torch {torch.__version__}; model: {' '.join(MODEL[:12])} ...\n\n" + "\n".join(rows) + "\n")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    from bench_report import emit
+
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

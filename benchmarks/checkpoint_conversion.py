@@ -168,10 +168,9 @@ def main():
             "plus one layer, not the model: the whole model is "
             f"{n_params * 2 / 2 ** 30:.2f} GiB.",
         ]
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(report) + "\n")
-        print("\n".join(report))
+        from bench_report import emit
+
+        emit("\n".join(report) + "\n", args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -109,10 +109,9 @@ def main():
         f"bare: {', '.join(f'{t * 1e3:.1f}' for t in bare_times)}.",
     ]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if opts.out:
-        with open(opts.out, "w") as f:
-            f.write(report)
+    from bench_report import emit
+
+    emit(report, opts.out)
 
 
 if __name__ == "__main__":

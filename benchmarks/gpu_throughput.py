@@ -121,10 +121,9 @@ def main():
         f"| {r['config']} | {r['params_b']:.2f} | {r['ms_per_iteration']:.1f} | {r['tokens_per_s']:.0f} | "
         f"{r['tflops']:.1f} | {mfu} | {mem} |",
     ]) + "\n"
-    print(report)
-    if opts.out:
-        with open(opts.out, "w") as f:
-            f.write(report)
+    from bench_report import emit
+
+    emit(report, opts.out)
 
 
 if __name__ == "__main__":

@@ -253,10 +253,9 @@ def main():
         lines.append("")
         print("\n".join(lines[-13:]), flush=True)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    from bench_report import emit
+
+    emit(text, args.out)
 
 
 def _cpu_model() -> str:

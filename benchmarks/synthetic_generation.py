@@ -102,9 +102,9 @@ def main() -> None:
     if "vllm" not in backends:
         lines += ["", "vLLM: not measured (not installed here, and no GPU); run this script on a GPU machine "
                       "with vLLM installed to add its rows."]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from bench_report import emit
+
+    emit("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":
