@@ -198,3 +198,43 @@ def test_tokenizer_fast_path_matches_transformers(corpus, hf_dir):
     assert fast.tokenize_batch(texts) == [ref(t, add_special_tokens=False).input_ids for t in texts]
     legacy = build_tokenizer("HuggingFaceTokenizer", hf_dir, legacy=True)
     assert legacy.tokenize_batch(texts) == [ref(t).input_ids for t in texts]
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(corpus, tmp_path_factory):
+    """A GPT-2-format vocab.json + merges.txt (byte-level BPE with <|endoftext|>) trained on the corpus."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    out = tmp_path_factory.mktemp("gpt2")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([corpus[0]], vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save_model(str(out))
+    return str(out / "vocab.json"), str(out / "merges.txt")
+
+
+def test_gpt2_bpe_files_tokenize_as_transformers_gpt2(corpus, gpt2_files, tmp_path):
+    """--tokenizer-type GPT2BPETokenizer --vocab-file --merge-file: the ids of transformers'
+    pure-Python GPT2Tokenizer (an independent implementation), then <|endoftext|>."""
+    from transformers import GPT2Tokenizer
+
+    path, docs = corpus
+    vocab, merges = gpt2_files
+    assert run("--input", path, "--output-prefix", tmp_path / "o", "--tokenizer-type", "GPT2BPETokenizer",
+               "--vocab-file", vocab, "--merge-file", merges, "--append-eod", "--workers", 2) == 0
+    got, ds = docs_of(str(tmp_path / "o_text_document"))
+    reference = GPT2Tokenizer(vocab, merges)
+    eod = reference.convert_tokens_to_ids("<|endoftext|>")
+    assert ds.index.dtype == np.uint16 and len(got) == len(docs)
+    assert got == [reference.encode(d) + [eod] for d in docs]
+
+
+@pytest.mark.parametrize("vocab,dtype", [(80000, np.int32), (60000, np.uint16)])
+def test_null_tokenizer_reads_ids_and_picks_the_dtype(tmp_path, vocab, dtype):
+    """NullTokenizer: texts are space-separated ids, eod is --vocab-size, and from 65,500
+    ids on the data is int32 (Megatron-LM's rule)."""
+    write_jsonl(tmp_path / "ids.jsonl", [{"text": "1 2 3"}, {"text": "59999 5"}])
+    assert run("--input", tmp_path / "ids.jsonl", "--output-prefix", tmp_path / "n", "--tokenizer-type",
+               "NullTokenizer", "--vocab-size", vocab, "--append-eod", "--workers", 1) == 0
+    got, ds = docs_of(str(tmp_path / "n_text_document"))
+    assert ds.index.dtype == dtype
+    assert got == [[1, 2, 3, vocab], [59999, 5, vocab]]
