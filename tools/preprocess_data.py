@@ -10,7 +10,6 @@ counts bad lines, and writes outputs under temporary names until complete.
 
 import argparse
 import os
-import signal
 import sys
 
 
@@ -63,23 +62,9 @@ def get_args(argv=None):
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    from megatron.training.data.jsonl_reader import InputError
-    from megatron.training.data.preprocess import PreprocessConfig, preprocess
-    from megatron.training.tokenizer import TokenizerError
+    from megatron.training.data.preprocess import PreprocessConfig, Report, preprocess, run_data_tool
 
-    def on_term(signum, frame):
-        raise SystemExit(f"stopped by signal {signum}; partial outputs removed")
-
-    signal.signal(signal.SIGTERM, on_term)
-    fields = set(PreprocessConfig.__dataclass_fields__)
-    cfg = PreprocessConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    try:
-        report = preprocess(cfg)
-    except (InputError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(report.text(), file=sys.stderr)
-    return 0
+    return run_data_tool(args, PreprocessConfig, preprocess, Report.text)
 
 
 if __name__ == "__main__":

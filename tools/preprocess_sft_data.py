@@ -11,7 +11,6 @@ sft_templates.py. Bad records are skipped and counted with file:line
 
 import argparse
 import os
-import signal
 import sys
 
 
@@ -41,24 +40,11 @@ def get_args(argv=None):
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    from megatron.training.data.jsonl_reader import InputError
+    from megatron.training.data.preprocess import run_data_tool
     from megatron.training.data.sft_preprocess import SFTPreprocessConfig, preprocess_sft, sft_report_text
     from megatron.training.data.sft_templates import TemplateError
-    from megatron.training.tokenizer import TokenizerError
 
-    def on_term(signum, frame):
-        raise SystemExit(f"stopped by signal {signum}; partial outputs removed")
-
-    signal.signal(signal.SIGTERM, on_term)
-    fields = set(SFTPreprocessConfig.__dataclass_fields__)
-    cfg = SFTPreprocessConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    try:
-        report = preprocess_sft(cfg)
-    except (InputError, TokenizerError, TemplateError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(sft_report_text(report), file=sys.stderr)
-    return 0
+    return run_data_tool(args, SFTPreprocessConfig, preprocess_sft, sft_report_text, (TemplateError,))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,28 @@ class InputAndTokenizerConfig:
     max_bad_reports: int = 10
 
 
+def run_data_tool(args, config_cls, run, report_text, errors=()) -> int:
+    """The command-line body of the data tools: the parsed flags become a
+    `config_cls`, SIGTERM stops the run like Ctrl-C (partial outputs are
+    removed), an input or tokenizer error (or one of `errors`) prints one line
+    and returns 1; otherwise the report goes to stderr and 0 is returned."""
+    from megatron.training.tokenizer import TokenizerError
+
+    def on_term(signum, frame):
+        raise SystemExit(f"stopped by signal {signum}; partial outputs removed")
+
+    signal.signal(signal.SIGTERM, on_term)
+    fields = set(config_cls.__dataclass_fields__)
+    cfg = config_cls(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        report = run(cfg)
+    except (InputError, TokenizerError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report_text(report), file=sys.stderr)
+    return 0
+
+
 @dataclass
 class PreprocessConfig(InputAndTokenizerConfig):
     legacy_tokenizer: bool = False
