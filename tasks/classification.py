@@ -17,9 +17,9 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 from tasks.lm import EvalError, LanguageModel, chunks, document_prefix, require_tokenizer
-from tasks.multiple_choice import TEMPLATE_DIR, check_template
+from tasks import multiple_choice
 from tasks.results import PartialResults, markdown_table
-from tasks.scoring import encode_pair, score_continuations
+from tasks.scoring import encode_pairs, precision_recall_f1, score_continuations
 
 TEMPLATE_FIELDS = {"prompt": {"instruction", "input"}, "answer": {"label"}}
 
@@ -64,12 +64,25 @@ def read_fingpt_jsonl(path: str, labels: Optional[List[str]] = None) -> Tuple[Li
 
 
 def load_template(path: str) -> Dict[str, str]:
-    if not os.path.isfile(path):
-        path = os.path.join(TEMPLATE_DIR, path if path.endswith(".json") else path + ".json")
-    if not os.path.isfile(path):
-        raise EvalError(f"--template {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        return check_template(json.load(f), TEMPLATE_FIELDS, path)
+    return multiple_choice.load_template(path, TEMPLATE_FIELDS)
+
+
+def load_fingpt_files(args, labels: Optional[List[str]] = None,
+                      min_labels: int = 0) -> Tuple[Dict[str, Tuple[List[Example], List[str]]], List[str]]:
+    """{task (file name without .jsonl): (examples, labels)} for every --data
+    file, and the malformed lines (an error with --strict, warnings otherwise)."""
+    loaded, problems = {}, []
+    for path in args.data:
+        examples, task_labels, bad = read_fingpt_jsonl(path, labels)
+        if len(task_labels) < min_labels:
+            raise EvalError(f"{path}: only the label {task_labels} occurs: give the label set with --labels a,b,c")
+        loaded[os.path.splitext(os.path.basename(path))[0]] = (examples, task_labels)
+        problems += bad
+    if problems and args.strict:
+        raise EvalError("malformed lines (--strict):\n" + "\n".join(problems))
+    for p in problems:
+        print(f"warning: skipped malformed line {p}", file=sys.stderr)
+    return loaded, problems
 
 
 def evaluate(lm: LanguageModel, task: str, examples: List[Example], labels: List[str], template: Dict[str, str],
@@ -81,8 +94,8 @@ def evaluate(lm: LanguageModel, task: str, examples: List[Example], labels: List
         requests = []
         for e in step:
             prompt = template["prompt"].format(instruction=e.instruction, input=e.input)
-            requests += [encode_pair(lm.tokenizer, prompt, template["answer"].format(label=label), prefix)
-                         for label in labels]
+            requests += encode_pairs(lm.tokenizer, prompt, [template["answer"].format(label=label) for label in labels],
+                                     prefix)
         scores = score_continuations(lm, requests, batch_size, max_length)
         n = len(labels)
         results.add({"key": f"{task}/{e.index}", "label": e.label,
@@ -95,11 +108,7 @@ def metrics(gold: List[str], predicted: List[str]) -> dict:
     per_label = {}
     for label in sorted(set(gold) | set(predicted)):
         tp = sum(g == label and p == label for g, p in zip(gold, predicted))
-        n_pred, n_gold = predicted.count(label), gold.count(label)
-        precision = tp / n_pred if n_pred else 0.0
-        recall = tp / n_gold if n_gold else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_label[label] = {"precision": precision, "recall": recall, "f1": f1, "support": n_gold}
+        per_label[label] = precision_recall_f1(tp, predicted.count(label), gold.count(label))
     accuracy = sum(g == p for g, p in zip(gold, predicted)) / len(gold)
     macro_f1 = sum(v["f1"] for v in per_label.values()) / len(per_label)
     return {"examples": len(gold), "accuracy": accuracy, "macro_f1": macro_f1, "labels": per_label}
@@ -123,22 +132,9 @@ def report_markdown(result: dict) -> str:
 
 def run(args, lm: LanguageModel) -> dict:
     """The fingpt task of tasks/main.py: one row per --data file."""
-    if not args.data:
-        raise EvalError("fingpt needs --data FILE.jsonl [FILE.jsonl ...] in FinGPT's instruction format")
     labels = [normalise_label(x) for x in args.labels.split(",")] if args.labels else None
     template = load_template(args.template)
-    loaded, problems = {}, []
-    for path in args.data:
-        task = os.path.splitext(os.path.basename(path))[0]
-        examples, task_labels, bad = read_fingpt_jsonl(path, labels)
-        if len(task_labels) < 2:
-            raise EvalError(f"{path}: only the label {task_labels} occurs: give the label set with --labels a,b,c")
-        loaded[task] = (examples, task_labels)
-        problems += bad
-    if problems and args.strict:
-        raise EvalError("malformed lines (--strict):\n" + "\n".join(problems))
-    for p in problems:
-        print(f"warning: skipped malformed line {p}", file=sys.stderr)
+    loaded, problems = load_fingpt_files(args, labels, min_labels=2)
     settings = {"task": "fingpt", "model": args.load or args.hf_model, "template": template,
                 "labels": {t: v[1] for t, v in loaded.items()}, "label_scoring": args.label_scoring,
                 "interpolation_factor": lm.interpolation_factor, "max_length": args.max_length}

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 from tasks.lm import EvalError, LanguageModel, chunks, document_prefix, require_tokenizer
 from tasks.results import PartialResults, markdown_table
-from tasks.scoring import encode_pair, score_continuations
+from tasks.scoring import encode_pairs, score_continuations
 
 LETTERS = ("A", "B", "C", "D")
 REQUIRED_COLUMNS = ("id", "question") + LETTERS + ("answer",)
@@ -163,8 +163,9 @@ def load_subjects(data_dir: str, split: str, shots: int, only: Optional[List[str
 
 # ------------------------------------------------------------------ prompts
 
-def load_template(path: str) -> Dict[str, str]:
-    """A prompt template: JSON with description / question / answer / example_separator strings."""
+def load_template(path: str, fields: Optional[Dict[str, set]] = None) -> Dict[str, str]:
+    """A prompt template from a file or a built-in name: JSON whose strings are
+    `fields` (default FinEval's description / question / answer / example_separator)."""
     if not os.path.isfile(path):
         builtin = os.path.join(TEMPLATE_DIR, path if path.endswith(".json") else path + ".json")
         if not os.path.isfile(builtin):
@@ -172,7 +173,7 @@ def load_template(path: str) -> Dict[str, str]:
         path = builtin
     with open(path, encoding="utf-8") as f:
         template = json.load(f)
-    return check_template(template, TEMPLATE_FIELDS, path)
+    return check_template(template, fields or TEMPLATE_FIELDS, path)
 
 
 def check_template(template: dict, fields: Dict[str, set], path: str) -> Dict[str, str]:
@@ -220,8 +221,8 @@ def evaluate(lm: LanguageModel, subjects: List[Subject], template: Dict[str, str
             requests = []
             for q in step:
                 prompt = build_prompt(template, subject.display, subject.dev, q, scoring)
-                requests += [encode_pair(lm.tokenizer, prompt, option_text(template, q, letter, scoring), prefix)
-                             for letter in LETTERS]
+                options = [option_text(template, q, letter, scoring) for letter in LETTERS]
+                requests += encode_pairs(lm.tokenizer, prompt, options, prefix)
             scores = score_continuations(lm, requests, batch_size, max_length)
             records = []
             for i, q in enumerate(step):

@@ -18,15 +18,15 @@ over all types — what seqeval's report gives on the B-/I- tags FinGPT builds
 from the same spans.
 """
 
-import os
 import re
 import sys
 from typing import Dict, List, Sequence, Set, Tuple
 
-from tasks.classification import Example, load_template, read_fingpt_jsonl
+from tasks.classification import Example, load_fingpt_files, load_template
 from tasks.generation import generate
-from tasks.lm import EvalError, LanguageModel, document_prefix, require_tokenizer
+from tasks.lm import LanguageModel, document_prefix, require_tokenizer
 from tasks.results import PartialResults, markdown_table
+from tasks.scoring import precision_recall_f1
 
 ENTITY_TYPES = ("person", "organization", "location")  # FinGPT's PER / ORG / LOC
 _CLAUSE = re.compile(r"^(.*) is an? (.*)$")
@@ -61,21 +61,14 @@ def entity_spans(text: str, answer: str, types: Sequence[str] = ENTITY_TYPES) ->
     return spans
 
 
-def _prf(tp: int, n_pred: int, n_gold: int) -> Dict[str, float]:
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / n_gold if n_gold else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "support": n_gold}
-
-
 def entity_metrics(gold: List[Set[Span]], predicted: List[Set[Span]], types: Sequence[str] = ENTITY_TYPES) -> dict:
     """Entity-level precision / recall / F1 per type and micro-averaged."""
     per_type = {}
     for kind in types:
         g = [{s for s in spans if s[0] == kind} for spans in gold]
         p = [{s for s in spans if s[0] == kind} for spans in predicted]
-        per_type[kind] = _prf(sum(len(a & b) for a, b in zip(g, p)), sum(map(len, p)), sum(map(len, g)))
-    micro = _prf(sum(len(a & b) for a, b in zip(gold, predicted)), sum(map(len, predicted)), sum(map(len, gold)))
+        per_type[kind] = precision_recall_f1(sum(len(a & b) for a, b in zip(g, p)), sum(map(len, p)), sum(map(len, g)))
+    micro = precision_recall_f1(sum(len(a & b) for a, b in zip(gold, predicted)), sum(map(len, predicted)), sum(map(len, gold)))
     return dict(micro, examples=len(gold), types=per_type)
 
 
@@ -97,9 +90,9 @@ def evaluate(lm: LanguageModel, task: str, examples: List[Example], template: Di
             print(f"{task}: generated {n}/{len(todo)}", file=sys.stderr, flush=True)
 
 
-def task_report(task: str, examples: List[Example], gold_answers: List[str], results: PartialResults,
-                types: Sequence[str]) -> dict:
-    gold = [entity_spans(e.input, answer, types) for e, answer in zip(examples, gold_answers)]
+def task_report(task: str, examples: List[Example], results: PartialResults, types: Sequence[str]) -> dict:
+    # e.label: the gold output, lower-cased and stripped, which parse_answer does anyway
+    gold = [entity_spans(e.input, e.label, types) for e in examples]
     predicted = [entity_spans(e.input, results.records[f"{task}/{e.index}"]["generated"], types) for e in examples]
     return entity_metrics(gold, predicted, types)
 
@@ -116,27 +109,15 @@ def report_markdown(result: dict) -> str:
 
 def run(args, lm: LanguageModel) -> dict:
     """The ner task of tasks/main.py: one block of rows per --data file."""
-    if not args.data:
-        raise EvalError("ner needs --data FILE.jsonl [FILE.jsonl ...] in FinGPT's instruction format")
     types = tuple(t.strip().lower() for t in args.entity_types.split(",") if t.strip())
     template = load_template(args.template)
-    loaded, problems = {}, []
-    for path in args.data:
-        task = os.path.splitext(os.path.basename(path))[0]
-        examples, _, bad = read_fingpt_jsonl(path)
-        # e.label: the gold output, lower-cased and stripped, which parse_answer does anyway
-        loaded[task] = (examples, [e.label for e in examples])
-        problems += bad
-    if problems and args.strict:
-        raise EvalError("malformed lines (--strict):\n" + "\n".join(problems))
-    for p in problems:
-        print(f"warning: skipped malformed line {p}", file=sys.stderr)
+    loaded, problems = load_fingpt_files(args)
     settings = {"task": "ner", "model": args.load or args.hf_model, "template": template, "entity_types": list(types),
                 "max_new_tokens": args.max_new_tokens, "interpolation_factor": lm.interpolation_factor,
                 "max_length": args.max_length}
     results = PartialResults(args.results_file, settings, lm.is_writer)
     out = {"settings": settings, "tasks": {}, "malformed_rows": problems}
-    for task, (examples, gold) in loaded.items():
+    for task, (examples, _) in loaded.items():
         evaluate(lm, task, examples, template, results, args.max_new_tokens, args.max_length)
-        out["tasks"][task] = task_report(task, examples, gold, results, types)
+        out["tasks"][task] = task_report(task, examples, results, types)
     return out

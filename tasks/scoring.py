@@ -52,18 +52,31 @@ def score_continuations(lm: LanguageModel, requests: Sequence[Tuple[List[int], L
     return out
 
 
-def encode_pair(tokenizer, context: str, continuation: str, prefix: Sequence[int] = ()) -> Tuple[List[int], List[int]]:
-    """(context ids, continuation ids) as the joined text tokenizes, so a
-    continuation that merges with the end of the context (sentencepiece's
-    word-initial pieces, byte-level BPE's leading space) is scored as the model
-    saw such text in training. Falls back to separate encodings when the
-    joined text does not split at the boundary."""
+def encode_pairs(tokenizer, context: str, continuations: Sequence[str],
+                 prefix: Sequence[int] = ()) -> List[Tuple[List[int], List[int]]]:
+    """[(context ids, continuation ids)] per continuation, as the joined text
+    tokenizes, so a continuation that merges with the end of the context
+    (sentencepiece's word-initial pieces, byte-level BPE's leading space) is
+    scored as the model saw such text in training. Falls back to separate
+    encodings when the joined text does not split at the boundary. The
+    context is tokenized once for all continuations."""
     from tasks.lm import encode
 
     context_ids = encode(tokenizer, context)
-    whole = encode(tokenizer, context + continuation)
-    if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
-        continuation_ids = whole[len(context_ids):]
-    else:
-        continuation_ids = encode(tokenizer, continuation)
-    return list(prefix) + context_ids, continuation_ids
+    pairs = []
+    for continuation in continuations:
+        whole = encode(tokenizer, context + continuation)
+        if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
+            continuation_ids = whole[len(context_ids):]
+        else:
+            continuation_ids = encode(tokenizer, continuation)
+        pairs.append((list(prefix) + context_ids, continuation_ids))
+    return pairs
+
+
+def precision_recall_f1(tp: int, n_predicted: int, n_gold: int) -> dict:
+    """{precision, recall, f1, support} from true positives and the predicted and gold counts (0 where undefined)."""
+    precision = tp / n_predicted if n_predicted else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "support": n_gold}
