@@ -58,18 +58,18 @@ class DataError(ValueError):
     """Data that cannot train as asked; the message says what to change."""
 
 
-def check_data_prefixes(args) -> None:
-    """Every --data-path prefix has its .bin/.idx, and every split that must
-    provide samples gets at least one document of each dataset (megatron-core
-    would otherwise loop forever looking for tokens in an empty split)."""
+def check_data_prefixes(args, config: GPTDatasetConfig) -> None:
+    """Every prefix of the config's blend has its .bin/.idx, and every split
+    that must provide samples gets at least one document of each dataset
+    (megatron-core would otherwise loop forever looking for tokens in an empty
+    split). Reads the blend and split matrix `config` derived from --data-path
+    and --split, so the check sees the same datasets and bounds the builder
+    will."""
     import os
 
-    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
-                                                                        parse_and_normalize_split)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    prefixes = args.data_path[1::2] if len(args.data_path) > 1 else args.data_path
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
+    prefixes = config.blend[0] if config.blend is not None else []
     needed = train_valid_test_num_samples(args)
     for prefix in prefixes:
         missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
@@ -77,7 +77,7 @@ def check_data_prefixes(args) -> None:
             raise DataError(f"--data-path {prefix}: {', '.join(missing)} not found; give the prefix without "
                             ".bin/.idx (tools/preprocess_data.py writes PREFIX_text_document.bin/.idx)")
         n_docs = len(IndexedDataset(prefix, mmap=True))  # sequences, as GPTDataset splits them
-        for name, bounds, samples in zip(("train", "validation", "test"), matrix, needed):
+        for name, bounds, samples in zip(("train", "validation", "test"), config.split_matrix, needed):
             if bounds is None or samples == 0:
                 continue
             docs = int(round(bounds[1] * n_docs)) - int(round(bounds[0] * n_docs))
@@ -90,10 +90,10 @@ def check_data_prefixes(args) -> None:
 
 def build_pretraining_datasets(args, tokenizer):
     """(train, valid, test) datasets; a split with no share in --split is None."""
-    if not args.mock_data:
-        check_data_prefixes(args)
-    cls = MockGPTDataset if args.mock_data else GPTDataset
     config = gpt_dataset_config(args, tokenizer)
+    if not args.mock_data:
+        check_data_prefixes(args, config)
+    cls = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(
         cls, train_valid_test_num_samples(args), lambda: True, config
     ).build()
