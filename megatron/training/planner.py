@@ -142,17 +142,17 @@ def plan(args) -> Plan:
 
 
 def _vocab_size(args) -> int:
-    """The tokenizer's vocabulary: --vocab-size when given, else read from the tokenizer files."""
-    if args.vocab_size is not None:
-        return args.vocab_size
-    from megatron.training.tokenizer import build_tokenizer
+    """The vocabulary the driver sizes the model for (tokenizer.tokenizer_and_vocab_size):
+    the tokenizer's when --tokenizer-type is given, else --vocab-size."""
+    from megatron.training.tokenizer import tokenizer_and_vocab_size
 
     try:
-        return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file).vocab_size
+        return tokenizer_and_vocab_size(args)[1]
     except Exception as exc:  # noqa: BLE001 - any unreadable tokenizer gets the same advice
         raise arguments.ArgumentError(
             f"cannot read the vocabulary size from --tokenizer-type {args.tokenizer_type} here ({exc}): "
-            "add --vocab-size N (32000 for the Llama 2 tokenizer)") from exc
+            "give the tokenizer files, or plan with --mock-data --vocab-size N and no --tokenizer-type "
+            "(32000 for the Llama 2 tokenizer)") from exc
 
 
 # ---------------------------------------------------------------- parameters

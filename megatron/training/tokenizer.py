@@ -344,6 +344,18 @@ def build_tokenizer(
     return TOKENIZERS[tokenizer_type](tokenizer_model, legacy=legacy)
 
 
+def tokenizer_and_vocab_size(args):
+    """(tokenizer, vocab size) for a run's flags, as the training driver and
+    the planner both read them: with --tokenizer-type, that tokenizer (built
+    with --vocab-size, which NullTokenizer extends by its end-of-document id)
+    and its vocab_size; without one, (None, --vocab-size)."""
+    if args.tokenizer_type is None:
+        return None, args.vocab_size
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
+                                args.vocab_size)
+    return tokenizer, tokenizer.vocab_size
+
+
 def _require_path(path: Optional[str], flag: str, what: str) -> None:
     if not path:
         raise TokenizerError(f"{flag} is required: give {what}")

@@ -16,7 +16,7 @@ import torch
 from megatron.training import arguments as arguments_module
 from megatron.training import checkpointing, initialize
 from megatron.training.flops import ModelShape, flops_per_iteration
-from megatron.training.tokenizer import build_tokenizer
+from megatron.training.tokenizer import tokenizer_and_vocab_size
 from megatron.training.training_log import TrainingLogger, print_rank_0
 
 
@@ -101,13 +101,7 @@ def _print_args(args) -> None:
 def build_tokenizer_from_args(args):
     """The tokenizer named by the flags (None for --mock-data without one);
     sets args.padded_vocab_size."""
-    tokenizer = None
-    if args.tokenizer_type is not None:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
-                                    args.vocab_size)
-        vocab = tokenizer.vocab_size
-    else:
-        vocab = args.vocab_size
+    tokenizer, vocab = tokenizer_and_vocab_size(args)
     padded = arguments_module.padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                 args.tensor_model_parallel_size)
     saved = getattr(args, "padded_vocab_size", None)

@@ -86,6 +86,15 @@ def test_flops_are_the_driver_formula():
     assert plan.tokens_per_day == pytest.approx(64 * 2048 / plan.seconds_per_iteration * 86400)
 
 
+
+def test_vocabulary_follows_the_driver_precedence():
+    """With --tokenizer-type the tokenizer's vocabulary counts, as in the
+    driver: NullTokenizer's --vocab-size ids plus its end-of-document id."""
+    plain = _plan(LLAMA_65B, 1, micro_batch_size=1)
+    null = _plan(LLAMA_65B, 1, micro_batch_size=1, tokenizer_type="NullTokenizer")
+    assert plain.args.padded_vocab_size == 32000  # a multiple of 128 already
+    assert null.args.padded_vocab_size == 32128  # 32001 up to the next multiple of 128
+
 # ---------------------------------------------------------------- against a real run on CPU
 
 # PP 2 x DP 2 with the distributed optimizer, bf16 weights, fp32 gradient
