@@ -3,13 +3,14 @@ written aside and renamed into place, so an interrupted run never leaves a
 half-written results file (the scripts in this folder import it as a sibling)."""
 
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.training.fileio import atomic_write_text  # noqa: E402
 
 
 def emit(text: str, path=None) -> None:
     print(text, flush=True)
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)

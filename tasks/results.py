@@ -11,6 +11,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from megatron.training.fileio import append_synced, atomic_write_text
 from tasks.lm import EvalError
 
 
@@ -72,10 +73,7 @@ class PartialResults:
         for r in records:
             self.records[r["key"]] = r
         if self.writer and records:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-                f.flush()
-                os.fsync(f.fileno())
+            append_synced(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _from_writer(obj):
@@ -90,20 +88,11 @@ def _from_writer(obj):
 
 def write_json(path: str, data: dict) -> None:
     """Written aside and renamed: a reader never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def markdown_table(header: Sequence[str], rows: List[Sequence], align: Optional[str] = None) -> str:

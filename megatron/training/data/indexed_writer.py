@@ -23,6 +23,8 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from megatron.training.fileio import temp_name
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 # megatron-core's DType codes (indexed_dataset.DType)
 DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
@@ -38,10 +40,6 @@ class DatasetFormatError(ValueError):
 def optimal_dtype(vocab_size: Optional[int]) -> type:
     """megatron-core's `DType.optimal_dtype`: uint16 below 65,500 ids, else int32."""
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
-
-
-def temp_name(path: str) -> str:
-    return f"{path}.tmp-{os.getpid()}"
 
 
 class IndexedDatasetWriter:

@@ -19,20 +19,13 @@ import os
 import re
 from typing import Dict, List, Optional, Set
 
-from megatron.training.data.indexed_writer import temp_name
+from megatron.training.fileio import append_synced, atomic_write_text, temp_name
 
 SHARD_RE = re.compile(r"^shard_(\d{5,})\.jsonl$")
 
 
 class OutputDirError(RuntimeError):
     pass
-
-
-def _fsync_append(path: str, line: str) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class OutputDir:
@@ -65,10 +58,7 @@ class OutputDir:
                 raise OutputDirError(f"{self.path} was started with other settings ({what}): rerun with the first "
                                      "run's flags to resume, or use a new --output-dir")
             return
-        tmp = temp_name(path)
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=1)
-        os.replace(tmp, path)
+        self.write_json("run_config.json", config)
 
     def entries(self) -> List[dict]:
         """The manifest's complete lines; a torn last line (a kill while appending) is cut off."""
@@ -111,7 +101,7 @@ class OutputDir:
         return shard
 
     def log_failure(self, record: dict) -> None:
-        _fsync_append(self.failed, json.dumps(record, ensure_ascii=False))
+        append_synced(self.failed, json.dumps(record, ensure_ascii=False) + "\n")
 
     def still_failed(self, done: Set[str]) -> Dict[str, dict]:
         """Failures logged by any run whose document is still not done, by id (the last record)."""
@@ -129,10 +119,7 @@ class OutputDir:
 
     def write_json(self, name: str, obj: dict) -> str:
         path = os.path.join(self.path, name)
-        tmp = temp_name(path)
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(obj, indent=1))
         return path
 
 
@@ -166,7 +153,7 @@ class ShardWriter:
         os.replace(self.tmp, self.final)
         entry = dict(shard=self.name, kept=self.kept, filtered=self.filtered,
                      generated_tokens=self.generated_tokens, ids=self.ids)
-        _fsync_append(self.out.manifest, json.dumps(entry, ensure_ascii=False))
+        append_synced(self.out.manifest, json.dumps(entry, ensure_ascii=False) + "\n")
         return entry
 
     def abort(self) -> None:
