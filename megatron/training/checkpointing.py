@@ -36,6 +36,8 @@ from megatron.training.arguments import args_to_dict
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 PARTIAL_SUFFIX = ".partial"
+_EMBEDDING = "embedding.word_embeddings.weight"
+_OUTPUT_LAYER = "output_layer.weight"
 
 
 class CheckpointError(RuntimeError):
@@ -131,7 +133,8 @@ def _unwrap(chunk):
     return chunk
 
 
-def _model_keys(n_chunks: int) -> List[str]:
+def model_keys(n_chunks: int) -> List[str]:
+    """The state keys of a model of `n_chunks` virtual-pipeline chunks."""
     return ["model"] if n_chunks == 1 else [f"model{i}" for i in range(n_chunks)]
 
 
@@ -174,7 +177,7 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
             "args": args_to_dict(args),
             "layout": _layout(args),
         }
-        for key, chunk in zip(_model_keys(len(model)), model):
+        for key, chunk in zip(model_keys(len(model)), model):
             state[key] = _unwrap(chunk).state_dict()
         if optimizer is not None and not args.no_save_optim:
             state["optimizer"] = optimizer.state_dict()
@@ -213,15 +216,24 @@ def _iteration_dir_from_tracker(load_dir: str) -> Tuple[str, int, bool]:
     return iter_dir, iteration, release
 
 
-def _rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
+def rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
     return os.path.join(iter_dir, rank_dir_name(tp_rank, pp_rank, pp_size), "model_optim_rng.pt")
 
 
-def _saved_layout(iter_dir: str) -> dict:
-    first = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
-    if not first:
-        raise CheckpointError(f"{iter_dir} holds no mp_rank_* directories: it is not a checkpoint of this format")
-    state = torch.load(os.path.join(iter_dir, first[0], "model_optim_rng.pt"), map_location="cpu", weights_only=True)
+def first_rank_state(iter_dir: str) -> dict:
+    """The state of the first rank file of an iteration directory, memory-mapped
+    (tensors are read only when touched): its `args` and `layout` are the
+    checkpoint's, whatever the layout it was saved under."""
+    names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_")) if os.path.isdir(iter_dir) else []
+    if not names:
+        raise CheckpointError(f"{iter_dir} holds no mp_rank_* directories: the checkpoint is incomplete, "
+                              "or not one of this format")
+    return torch.load(os.path.join(iter_dir, names[0], "model_optim_rng.pt"), map_location="cpu",
+                      weights_only=True, mmap=True)
+
+
+def _saved_layout(state: dict) -> dict:
+    """The parallel layout a rank file records, plus what resharding needs."""
     return dict(state["layout"], num_layers=state["args"]["num_layers"], swiglu=state["args"]["swiglu"])
 
 
@@ -240,10 +252,7 @@ def read_checkpoint_args(load_dir: str) -> dict:
     iteration, release = read_tracker(load_dir)
     if iteration is None:
         raise CheckpointError(f"--use-checkpoint-args: no {TRACKER_FILENAME} in {load_dir}")
-    iter_dir = iteration_dir(load_dir, iteration, release)
-    first = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))[0]
-    state = torch.load(os.path.join(iter_dir, first, "model_optim_rng.pt"), map_location="cpu", weights_only=True)
-    return state["args"]
+    return first_rank_state(iteration_dir(load_dir, iteration, release))["args"]
 
 
 def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
@@ -261,17 +270,23 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    path = _rank_file(iter_dir, tp_rank, pp_rank, args.pipeline_model_parallel_size)
-    saved_layout = _saved_layout(iter_dir)
-    weights_only_load = args.finetune or release or (args.no_load_optim and args.no_load_rng)
-    if any(saved_layout[k] != v for k, v in _layout(args).items()):
+    path = rank_file(iter_dir, tp_rank, pp_rank, args.pipeline_model_parallel_size)
+    # This rank's own file, memory-mapped, when the checkpoint has one: under an
+    # unchanged layout it is all this rank needs. Otherwise any rank file says
+    # which layout the checkpoint was saved under.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if os.path.isfile(path) else None
+    if state is None or any(state["layout"].get(k) != v for k, v in _layout(args).items()):
+        saved = state if state is not None else first_rank_state(iter_dir)
+        saved_layout = _saved_layout(saved)
+        weights_only_load = args.finetune or release or (args.no_load_optim and args.no_load_rng)
         if not weights_only_load:
             _check_layout(saved_layout, args, iter_dir)
         _load_model_resharded(args, model, iter_dir, saved_layout)
-        state = {"iteration": iteration}
+        # Only the weights are taken; the data position is the checkpoint's.
+        state = {"iteration": iteration, "consumed_train_samples": saved.get("consumed_train_samples", 0)}
+        del saved
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key, chunk in zip(_model_keys(len(model)), model):
+        for key, chunk in zip(model_keys(len(model)), model):
             if key not in state:
                 raise CheckpointError(f"{path} has no '{key}' entry")
             module = _unwrap(chunk)
@@ -347,32 +362,51 @@ def _keeping_optimizer_step(opt):
 def _load_model_resharded(args, model: list, iter_dir: str, saved: dict) -> None:
     """Load model weights saved under another TP/PP/VP layout: merge the
     source shards into full tensors, then cut this rank's part. Every rank
-    reads the source files of all source ranks (fine up to a few billion
+    maps the source files of all source ranks (memory-mapped) but copies out
+    only the entries it needs: its own layers, and the embedding, output layer
+    and final norm where its model chunks have them (fine up to a few billion
     parameters; the checkpoint tools reshard larger models offline)."""
     src_tp, src_pp = saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]
     src_vp = saved["virtual_pipeline_model_parallel_size"]
     if saved["num_layers"] != args.num_layers:
         raise CheckpointError(f"{iter_dir} has {saved['num_layers']} layers, this run --num-layers {args.num_layers}")
     gated = bool(saved["swiglu"])
-    full: dict = {}
-    src_offsets = sharding.layer_offsets(saved["num_layers"], src_pp, src_vp)
-    for p in range(src_pp):
-        states = [torch.load(_rank_file(iter_dir, t, p, src_pp), map_location="cpu", weights_only=True)
-                  for t in range(src_tp)]
-        for v, key in enumerate(_model_keys(src_vp or 1)):
-            merged = sharding.merge_tp_states([s[key] for s in states], gated)
-            full.update(sharding.to_global_names(merged, src_offsets[(p, v)]))
-    if "output_layer.weight" not in full and not args.untie_embeddings_and_output_weights:
-        # Tied embeddings saved without pipelining: the last stage's output layer is
-        # megatron-core's copy of the word embeddings.
-        full["output_layer.weight"] = full["embedding.word_embeddings.weight"]
+    tied = not args.untie_embeddings_and_output_weights
     offsets = sharding.layer_offsets(args.num_layers, args.pipeline_model_parallel_size,
                                      args.virtual_pipeline_model_parallel_size)
     per_chunk = args.num_layers // (args.pipeline_model_parallel_size * len(model))
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    targets = [_unwrap(chunk).state_dict() for chunk in model]
+
+    # What this rank needs, in global names: its layers, and the other entries its chunks hold.
+    layer_ranges = [(offsets[(pp_rank, v)], offsets[(pp_rank, v)] + per_chunk) for v in range(len(model))]
+    other_names = {n for target in targets for n in target if not n.startswith("decoder.layers.")}
+    if tied and _OUTPUT_LAYER in other_names:
+        other_names.add(_EMBEDDING)  # the output layer may have to be copied from the embedding (below)
+
+    def needed(name: str) -> bool:
+        if not name.startswith("decoder.layers."):
+            return name in other_names
+        index = int(name.split(".", 3)[2])
+        return any(first <= index < end for first, end in layer_ranges)
+
+    full: dict = {}
+    src_offsets = sharding.layer_offsets(saved["num_layers"], src_pp, src_vp)
+    for p in range(src_pp):
+        states = [torch.load(rank_file(iter_dir, t, p, src_pp), map_location="cpu", weights_only=True, mmap=True)
+                  for t in range(src_tp)]
+        for v, key in enumerate(model_keys(src_vp or 1)):
+            chunks = [sharding.to_global_names(s[key], src_offsets[(p, v)]) for s in states]
+            wanted = [{n: x for n, x in c.items() if needed(n)} for c in chunks]
+            full.update(sharding.merge_tp_states(wanted, gated))
+        del states, chunks, wanted
+    if _OUTPUT_LAYER not in full and tied and _EMBEDDING in full:
+        # Tied embeddings saved without pipelining: the last stage's output layer is
+        # megatron-core's copy of the word embeddings.
+        full[_OUTPUT_LAYER] = full[_EMBEDDING]
     for v, chunk in enumerate(model):
-        target = _unwrap(chunk).state_dict()
+        target = targets[v]
         local = sharding.match_layer_spec(sharding.to_local_names(full, offsets[(pp_rank, v)], per_chunk), target)
         missing = [n for n in target if n not in local and not n.endswith("_extra_state")]
         if missing:
@@ -384,15 +418,10 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict) -> None
 
 
 def _fit_vocab(local: dict, target: dict, tp: int) -> dict:
-    """Pad (zeros) or trim the vocabulary rows of full embedding/output
-    matrices to this run's padded vocabulary size."""
+    """The full embedding/output matrices in `local` padded (zeros) or trimmed
+    to this run's padded vocabulary size (the target's rows x TP)."""
     out = dict(local)
-    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    for name in (_EMBEDDING, _OUTPUT_LAYER):
         if name in local and name in target:
-            rows = target[name].shape[0] * tp
-            full = local[name]
-            if full.shape[0] > rows:
-                out[name] = full[:rows]
-            elif full.shape[0] < rows:
-                out[name] = torch.cat([full, full.new_zeros(rows - full.shape[0], full.shape[1])])
+            out[name] = sharding.fit_vocab_rows(local[name], target[name].shape[0] * tp)
     return out

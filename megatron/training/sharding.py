@@ -40,6 +40,7 @@ TE_FUSED_NORMS: Dict[str, str] = {
     "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
     "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
 }
+FROM_TE_NORMS: Dict[str, str] = {te: local for local, te in TE_FUSED_NORMS.items()}
 
 
 def rename_suffixes(state: Dict[str, torch.Tensor], table: Dict[str, str]) -> Dict[str, torch.Tensor]:
@@ -63,7 +64,7 @@ def match_layer_spec(state: Dict[str, torch.Tensor], target_names: Iterable[str]
     if any(n.endswith(".self_attention.linear_qkv.layer_norm_weight") for n in target):
         state = rename_suffixes(state, TE_FUSED_NORMS)
     elif any(n.endswith(".input_layernorm.weight") for n in target):
-        state = rename_suffixes(state, {te: local for local, te in TE_FUSED_NORMS.items()})
+        state = rename_suffixes(state, FROM_TE_NORMS)
     out = {n: v for n, v in state.items() if not n.endswith("_extra_state") or n in target}
     out.update({n: None for n in target if n.endswith("_extra_state") and n not in out})
     return out
@@ -133,13 +134,34 @@ def merge_tp_states(states: List[Dict[str, torch.Tensor]], gated_mlp: bool) -> D
     return merged
 
 
+def split_for_ranks(full_chunk: Dict[str, torch.Tensor], tp: int, gated_mlp: bool,
+                    names: Optional[Iterable[str]] = None) -> List[Dict[str, torch.Tensor]]:
+    """Every TP rank's part of a (pipeline-chunk-local) full state dict, rank
+    by rank, restricted to `names` when given. Replicated entries (and
+    non-tensors) are shared, not copied."""
+    out = [{} for _ in range(tp)]
+    for name in (names if names is not None else full_chunk):
+        value = full_chunk[name]
+        part = tp_partition(name, gated_mlp) if isinstance(value, torch.Tensor) else None
+        shards = [value] * tp if part is None else split_tp(value, part[0], part[1], tp)
+        for r in range(tp):
+            out[r][name] = shards[r]
+    return out
+
+
 def shard_for_rank(full_chunk: Dict[str, torch.Tensor], tp_rank: int, tp: int, gated_mlp: bool,
                    names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
     """This TP rank's part of a (pipeline-chunk-local) full state dict,
     restricted to `names` when given."""
-    out = {}
-    for name in (names if names is not None else full_chunk):
-        value = full_chunk[name]
-        part = tp_partition(name, gated_mlp) if isinstance(value, torch.Tensor) else None
-        out[name] = value if part is None else split_tp(value, part[0], part[1], tp)[tp_rank]
-    return out
+    return split_for_ranks(full_chunk, tp, gated_mlp, names)[tp_rank]
+
+
+def fit_vocab_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` (an embedding or output layer) with exactly `rows` rows:
+    trimmed, or padded with zero rows (the padding ids are never produced by
+    the tokenizer)."""
+    if weight.shape[0] > rows:
+        return weight[:rows].contiguous()
+    if weight.shape[0] < rows:
+        return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])])
+    return weight

@@ -93,6 +93,19 @@ def test_resuming_under_another_layout_says_what_to_do(tmp_path):
                      world_size=2)
 
 
+def test_weights_only_load_under_another_layout_keeps_the_data_position(tmp_path):
+    """--no-load-optim --no-load-rng (without --finetune) under a new layout
+    takes the weights alone but carries on from the checkpoint's iteration and
+    consumed samples, as under the same layout."""
+    ckpt, again = str(tmp_path / "ckpt"), str(tmp_path / "again")
+    run_pretrain(_argv(["--train-iters", "3", "--exit-interval", "1", "--save", ckpt]))
+    resumed = run_pretrain(_argv(["--train-iters", "3", "--load", ckpt, "--no-load-optim", "--no-load-rng",
+                                  "--tensor-model-parallel-size", "2", "--save", again]), world_size=2)
+    assert [it for it, _, _ in resumed] == [2, 3]
+    state = torch.load(os.path.join(again, "iter_0000003", "mp_rank_00", "model_optim_rng.pt"), weights_only=True)
+    assert state["consumed_train_samples"] == 3 * 8  # global batch 8: 1 step before the checkpoint, 2 after
+
+
 def _to_transformer_engine_names(src, out, tp):
     from tools.checkpoint import util
 

@@ -7,7 +7,7 @@ state-dict names with global layer indices, one layer at a time. A loader
 turns its format into that; a saver cuts it into its own. Memory stays near
 one layer plus one output file, whatever the model size.
 
-    core.py              ModelSource, ConversionError, staged_output, vocabulary fitting
+    core.py              ModelSource, ConversionError, staged_output, convert
     megatron_format.py   this project's per-rank checkpoints: MegatronSource, save_megatron
     hf_files.py          HF weight files: lazy reader (safetensors / .bin), sharded safetensors writer
     llama.py             the Llama family: HF config <-> Megatron flags, HF <-> Megatron name tables

@@ -81,20 +81,6 @@ def check_target_layout(args: dict, tp: int, pp: int, vp_layers: Optional[int] =
                 f"{per_stage} layers per stage below {per_stage} ({divisors(per_stage)})")
 
 
-def fit_vocab_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """`weight` with exactly `rows` rows: trimmed, or padded with zero rows
-    (the padding ids are never produced by the tokenizer)."""
-    if weight.shape[0] > rows:
-        return weight[:rows].contiguous()
-    if weight.shape[0] < rows:
-        return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])])
-    return weight
-
-
-def round_up(n: int, multiple: int) -> int:
-    return ((n + multiple - 1) // multiple) * multiple
-
-
 def cast(tensors: Dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
     if dtype is None:
         return tensors

@@ -17,10 +17,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, fit_vocab_rows, progress, round_up,
+    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, progress,
 )
 from megatron.training.checkpoint_convert.hf_files import HFWeights, ShardedSafetensorsWriter
+from megatron.training.sharding import fit_vocab_rows
 
 HF_MODEL_TYPES = ("llama",)
 
@@ -124,7 +126,7 @@ def check_llama_architecture(args: dict) -> None:
 
 
 def hf_config_from_megatron(args: dict, vocab_rows: int, dtype: torch.dtype, special_ids: dict) -> dict:
-    check_llama_architecture(args)
+    """The config.json of a Llama-architecture model (check_llama_architecture) with these Megatron flags."""
     heads = args["num_attention_heads"]
     factor = args.get("rotary_seq_len_interpolation_factor")
     dtype_name = str(dtype).replace("torch.", "")
@@ -271,11 +273,12 @@ def save_llama_hf(source: ModelSource, out_dir: str, dtype: Optional[torch.dtype
     Returns the config written."""
     args = source.args
     check_llama_architecture(args)
-    rows = round_up(source.vocab_size or args["padded_vocab_size"], divisible_by)
+    rows = padded_vocab_size(source.vocab_size or args["padded_vocab_size"], divisible_by, 1)
     special = {}
-    tokenizer = (args.get("tokenizer_type"), tokenizer_model or args.get("tokenizer_model"))
     if tokenizer_model:
         tokenizer = find_tokenizer(out_dir, tokenizer_model)
+    else:
+        tokenizer = (args.get("tokenizer_type"), args.get("tokenizer_model"))
     if tokenizer[1] and tokenizer[0] not in (None, "NullTokenizer"):
         if not os.path.exists(tokenizer[1]):
             raise ConversionError(f"the checkpoint's tokenizer {tokenizer[1]} is not on this machine: "

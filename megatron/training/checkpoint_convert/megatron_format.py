@@ -14,26 +14,19 @@ written. Peak memory: one full layer plus one output rank file.
 import os
 import shutil
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
 from megatron.training import checkpointing, sharding
+from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, check_target_layout, fit_vocab_rows,
-    progress, round_up,
+    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, check_target_layout, progress,
 )
 
 # Module names of megatron-core's linear layers: each carries an `_extra_state`
 # entry (None outside FP8) that a strict load_state_dict expects.
 LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
-
-TE_FUSED_NORMS = sharding.TE_FUSED_NORMS
-_FROM_TE = {te: local for local, te in TE_FUSED_NORMS.items()}
-
-
-def model_keys(vp: Optional[int]) -> List[str]:
-    return ["model"] if not vp else [f"model{i}" for i in range(vp)]
 
 
 def read_vocab_size(args: dict, tokenizer_model: Optional[str] = None) -> Optional[int]:
@@ -70,7 +63,10 @@ class MegatronSource(ModelSource):
                 f"{self.path} has no {checkpointing.TRACKER_FILENAME}: it is not a checkpoint saved by "
                 "pretrain_gpt.py (for a Hugging Face directory use --loader llama2_hf)")
         self.iter_dir = checkpointing.iteration_dir(self.path, iteration, release)
-        first = self._load(0, 0, pp_size=None)
+        try:
+            first = checkpointing.first_rank_state(self.iter_dir)
+        except checkpointing.CheckpointError as e:
+            raise ConversionError(str(e))
         self.args = dict(first["args"])
         layout = first["layout"]
         self.tp = layout["tensor_model_parallel_size"]
@@ -91,32 +87,21 @@ class MegatronSource(ModelSource):
             self.args["tokenizer_model"] = os.path.abspath(tokenizer_model)
 
     def _file(self, t: int, p: int) -> str:
-        return os.path.join(self.iter_dir, checkpointing.rank_dir_name(t, p, self.pp), "model_optim_rng.pt")
-
-    def _load(self, t: int, p: int, pp_size: Optional[int]):
-        if pp_size is None:  # the layout is not known yet: take the first rank directory there is
-            names = sorted(n for n in os.listdir(self.iter_dir) if n.startswith("mp_rank_")) \
-                if os.path.isdir(self.iter_dir) else []
-            if not names:
-                raise ConversionError(f"{self.iter_dir} holds no mp_rank_* directories: the checkpoint is incomplete")
-            path = os.path.join(self.iter_dir, names[0], "model_optim_rng.pt")
-        else:
-            path = self._file(t, p)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return checkpointing.rank_file(self.iter_dir, t, p, self.pp)
 
     def _read(self, p: int, v: int, wanted) -> Dict[str, torch.Tensor]:
         """The tensors of chunk (p, v) whose chunk-local names `wanted(name)`
         accepts, merged over TP."""
-        key = model_keys(self.vp)[v]
+        key = checkpointing.model_keys(self.vp or 1)[v]
         states = []
         for t in range(self.tp):
-            chunk = self._load(t, p, self.pp)[key]
+            chunk = torch.load(self._file(t, p), map_location="cpu", weights_only=True, mmap=True)[key]
             # `_extra_state`: None, or Transformer Engine's FP8 scaling state (a uint8 tensor since TE 1.14),
             # which does not carry over to another model; the saver writes fresh ones
             states.append({n: x.clone() for n, x in chunk.items()
                            if isinstance(x, torch.Tensor) and wanted(n) and not n.endswith("_extra_state")})
             del chunk  # drops the memory map
-        return sharding.rename_suffixes(sharding.merge_tp_states(states, self.gated), _FROM_TE)
+        return sharding.rename_suffixes(sharding.merge_tp_states(states, self.gated), sharding.FROM_TE_NORMS)
 
     def embedding(self):
         return self._read(0, 0, lambda n: n == EMBEDDING)
@@ -163,16 +148,6 @@ class _Spool:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _split_for_ranks(full: Dict[str, torch.Tensor], tp: int, gated: bool) -> List[Dict[str, torch.Tensor]]:
-    out = [{} for _ in range(tp)]
-    for name, value in full.items():
-        part = sharding.tp_partition(name, gated)
-        shards = [value] * tp if part is None else sharding.split_tp(value, part[0], part[1], tp)
-        for r in range(tp):
-            out[r][name] = shards[r]
-    return out
-
-
 def _with_extra_states(state: Dict[str, torch.Tensor], post_process: bool) -> dict:
     out = {}
     for name, value in state.items():
@@ -195,7 +170,7 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
     layers = source.num_layers
     vp = (layers // pp) // vp_layers if vp_layers else None
     divisible_by = divisible_by or args.get("make_vocab_size_divisible_by") or 128
-    rows = round_up(source.vocab_size or args["padded_vocab_size"], divisible_by * tp)
+    rows = padded_vocab_size(source.vocab_size or args["padded_vocab_size"], divisible_by, tp)
     gated = bool(args["swiglu"])
     saved_args = dict(args, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                       num_layers_per_virtual_pipeline_stage=vp_layers, virtual_pipeline_model_parallel_size=vp,
@@ -209,10 +184,10 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
     chunks = vp or 1
     per_chunk = layers // (pp * chunks)
     offsets = sharding.layer_offsets(layers, pp, vp)
-    te_names = TE_FUSED_NORMS if transformer_impl == "transformer_engine" else {}
+    te_names = sharding.TE_FUSED_NORMS if transformer_impl == "transformer_engine" else {}
 
     def prepare(tensors, first):
-        tensors = {n: fit_vocab_rows(x, rows) if n in (EMBEDDING, OUTPUT_LAYER) else x for n, x in tensors.items()}
+        tensors = {n: sharding.fit_vocab_rows(x, rows) if n in (EMBEDDING, OUTPUT_LAYER) else x for n, x in tensors.items()}
         return sharding.rename_suffixes(sharding.to_local_names(cast(tensors, dtype), first, per_chunk), te_names)
 
     bar = progress(layers, f"writing Megatron checkpoint (TP={tp} PP={pp}{f' VP={vp}' if vp else ''})")
@@ -222,7 +197,7 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
             first = offsets[(p, v)]
 
             def put(tensors):
-                for r, shard in enumerate(_split_for_ranks(prepare(tensors, first), tp, gated)):
+                for r, shard in enumerate(sharding.split_for_ranks(prepare(tensors, first), tp, gated)):
                     spool.put(r, v, shard)
 
             if (p, v) == (0, 0):
@@ -244,7 +219,7 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
                 "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                            "virtual_pipeline_model_parallel_size": vp},
             }
-            for v, key in enumerate(model_keys(vp)):
+            for v, key in enumerate(checkpointing.model_keys(chunks)):
                 state[key] = _with_extra_states(spool.collect(t, v), p == pp - 1 and v == chunks - 1)
             rank_dir = os.path.join(iter_dir, checkpointing.rank_dir_name(t, p, pp))
             os.makedirs(rank_dir, exist_ok=True)
