@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron.training.checkpoint_convert.core import DTYPES, convert, run_command  # noqa: E402
+from megatron.training.checkpoint_convert.core import convert, run_command  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,31 +53,37 @@ def print_structure(source) -> None:
             print(f"{name:70s} {str(tuple(t.shape)):>20s} {str(t.dtype).replace('torch.', '')}")
 
 
-def run(args) -> None:
-    dtype = DTYPES.get(args.target_params_dtype)
-    if args.convert_checkpoint_from_megatron_to_transformers:
-        from megatron.training.checkpoint_convert.hf_files import parse_size
-        from megatron.training.checkpoint_convert.llama import save_llama_hf
-        from megatron.training.checkpoint_convert.megatron_format import MegatronSource
-
-        source, target_format = MegatronSource(args.load_path, args.tokenizer_model), "hf"
-
-        def save(src, out):
-            save_llama_hf(src, out, dtype, args.make_vocab_size_divisible_by or 1,
-                          parse_size(args.max_shard_size), args.tokenizer_model)
+def plugin_argv(args) -> list:
+    """The tools/checkpoint/util.py command line doing the conversion `args` asks for."""
+    to_hf = args.convert_checkpoint_from_megatron_to_transformers
+    argv = ["--model-type", "GPT", "--loader", "megatron" if to_hf else "llama2_hf",
+            "--saver", "hf" if to_hf else "megatron", "--load-dir", args.load_path, "--save-dir", args.save_path]
+    if args.tokenizer_model:
+        argv += ["--tokenizer-model", args.tokenizer_model]
+    if args.target_params_dtype:
+        argv += ["--target-params-dtype", args.target_params_dtype]
+    if args.make_vocab_size_divisible_by is not None:
+        argv += ["--make-vocab-size-divisible-by", str(args.make_vocab_size_divisible_by)]
+    if to_hf:
+        argv += ["--max-shard-size", args.max_shard_size]
     else:
-        from megatron.training.checkpoint_convert.llama import LlamaHFSource
-        from megatron.training.checkpoint_convert.megatron_format import save_megatron
+        argv += ["--target-tensor-parallel-size", str(args.target_tensor_model_parallel_size),
+                 "--target-pipeline-parallel-size", str(args.target_pipeline_model_parallel_size),
+                 "--saver-transformer-impl", "local"]
+    if args.verify:
+        argv.append("--verify")
+    return argv
 
-        source, target_format = LlamaHFSource(args.load_path, args.tokenizer_model), "megatron"
 
-        def save(src, out):
-            save_megatron(src, out, args.target_tensor_model_parallel_size,
-                          args.target_pipeline_model_parallel_size, None, args.make_vocab_size_divisible_by,
-                          dtype)
+def run(args) -> None:
+    from tools.checkpoint import util
+
+    plugin_args, loader, saver = util.parse_args(plugin_argv(args))
+    source = loader.load_source(plugin_args)
     if args.print_checkpoint_structure:
         print_structure(source)
-    convert(source, save, args.save_path, target_format, 1e-3 if args.verify else None)
+    convert(source, lambda src, out: saver.save(plugin_args, src, out), args.save_path, saver.FORMAT,
+            plugin_args.verify_atol if plugin_args.verify else None)
 
 
 def main(argv=None) -> int:

@@ -364,16 +364,49 @@ def test_dongwu_megatron_to_transformers_command(hf_dirs, tmp_path, capsys):
     assert config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and config["torch_dtype"] == "bfloat16"
 
 
-def test_command_line_with_verify(hf_dirs, tmp_path):
+def _util_script(tmp_path, argv, megatron_logits_shift=None):
+    """tools/checkpoint/util.py run as a command (a process of its own); with
+    `megatron_logits_shift`, the Megatron side's --verify logits are shifted by it."""
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    run = subprocess.run(
-        [sys.executable, os.path.join(root, "tools", "checkpoint", "util.py"), "--model-type", "GPT",
-         "--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf_dirs["gqa"], "--save-dir",
-         str(tmp_path / "mg"), "--target-tensor-parallel-size", "2", "--verify", "--megatron-path", "/unused"],
-        cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    if megatron_logits_shift is None:
+        command = [sys.executable, os.path.join(root, "tools", "checkpoint", "util.py")]
+    else:
+        command = [sys.executable, "-c", (
+            f"import sys; sys.path.insert(0, {root!r}); "
+            "from megatron.training.checkpoint_convert import verify; "
+            "real = verify.LOGITS['megatron']; "
+            f"verify.LOGITS['megatron'] = lambda path, tokens: real(path, tokens) + {megatron_logits_shift!r}; "
+            "from tools.checkpoint import util; sys.exit(util.main(sys.argv[1:]))")]
+    return subprocess.run(command + [str(a) for a in argv], cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+
+
+def _verify_line(stdout):
+    lines = [line for line in stdout.splitlines() if line.startswith("verify: logits")]
+    assert len(lines) == 1, stdout[-3000:]
+    return lines[0]
+
+
+def test_command_line_with_verify(hf_dirs, tmp_path):
+    run = _util_script(tmp_path, [
+        "--model-type", "GPT", "--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf_dirs["gqa"],
+        "--save-dir", tmp_path / "mg", "--target-tensor-parallel-size", "2", "--verify", "--megatron-path", "/unused"])
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "verify: logits" in run.stdout and "max abs diff" in run.stdout
+    line = _verify_line(run.stdout)
+    # the source and the converted checkpoint, each with its format
+    assert f"hf {hf_dirs['gqa']} vs megatron {tmp_path / 'mg'}: max abs diff" in line
     assert "writing Megatron checkpoint (TP=2 PP=1)" in run.stderr  # the progress bar
+
+
+def test_command_line_verify_fails_when_the_logits_differ(hf_dirs, tmp_path):
+    """A converted model whose logits are off by 1.0 fails --verify: non-zero exit, and says why."""
+    run = _util_script(tmp_path, [
+        "--model-type", "GPT", "--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf_dirs["gqa"],
+        "--save-dir", tmp_path / "mg", "--verify"], megatron_logits_shift=1.0)
+    assert run.returncode == 1, run.stderr[-3000:]
+    line = _verify_line(run.stdout)
+    assert f"hf {hf_dirs['gqa']} vs megatron {tmp_path / 'mg'}: max abs diff 1," in line
+    assert "verification failed" in run.stderr and str(tmp_path / "mg") in run.stderr
