@@ -127,7 +127,7 @@ def test_preprocess_counts_bad_records_with_file_and_line(tmp_path):
         want[reason] = want.get(reason, 0) + 1
     assert report.bad == want
     for lineno, (line, reason) in enumerate(BAD.items(), start=2):
-        assert (path, lineno) in report.bad_examples[reason] or len(report.bad_examples[reason]) == 3
+        assert (path, lineno) in report.bad_examples[reason]  # up to 3 examples are kept per reason
     assert f"skipping {path}:2:" in messages[1] and "missing" in messages[1]
     text = sft_report_text(report)
     assert "wrong_role" in text and f"{path}:4" in text and "response tokens" in text
