@@ -241,8 +241,9 @@ def preprocess(cfg: PreprocessConfig, log=None) -> Report:
 
     writers = _open_writers(cfg, dtype)
     report = Report()
-    results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_block, _init_worker, (cfg,))
+    results = None
     try:
+        results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_block, _init_worker, (cfg,))
         report.startup_s = time.time() - start
         t0 = time.time()
         next_log = cfg.log_interval
@@ -259,7 +260,8 @@ def preprocess(cfg: PreprocessConfig, log=None) -> Report:
                 next_log = (report.documents // cfg.log_interval + 1) * cfg.log_interval
         report.outputs = _finalize(cfg, writers, dtype)
     except BaseException:
-        results.close()
+        if results is not None:
+            results.close()
         for per_key in writers:
             for w in per_key.values():
                 w.abort()
@@ -269,14 +271,37 @@ def preprocess(cfg: PreprocessConfig, log=None) -> Report:
 
 
 def encoded_blocks(files: Sequence[str], block_bytes: int, workers: int, encode, initializer, initargs):
-    """Yield `encode(block)` for every block of `files`, in input order,
-    computed by `workers` processes (started with `initializer(*initargs)`)
-    with at most a few blocks in flight. Closing the generator stops them."""
+    """An iterator of `encode(block)` for every block of `files`, in input
+    order, computed by `workers` processes (started with
+    `initializer(*initargs)`) with at most a few blocks in flight. The pool
+    starts here, not at the first block, so a caller timing its start-up
+    counts it; `close()` stops the workers, whether iteration began or not."""
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
+    return _PoolResults(pool, _ordered_results(pool, read_blocks(files, block_bytes), workers, encode))
+
+
+class _PoolResults:
+    """Iterates a generator of pool results; close() also stops the pool,
+    which the generator's own clean-up would not if it never started."""
+
+    def __init__(self, pool, results):
+        self._pool, self._results = pool, results
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._results)
+
+    def close(self) -> None:
+        self._results.close()
+        self._pool.terminate()
+
+
+def _ordered_results(pool, blocks, workers: int, encode):
     try:
         inflight: deque = deque()
-        blocks = read_blocks(files, block_bytes)
         while True:
             while len(inflight) < 2 * workers + 2:
                 block = next(blocks, None)

@@ -100,8 +100,9 @@ def preprocess_sft(cfg: SFTPreprocessConfig, log=None) -> Report:
                IndexedDatasetWriter(mask_prefix, np.uint8)]
     report = Report()
     report.response_tokens = 0
-    results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_sft_block, _init_worker, (cfg,))
+    results = None
     try:
+        results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_sft_block, _init_worker, (cfg,))
         report.startup_s = time.time() - start
         for result in results:
             _account(cfg, report, result, log, describe=SFT_BAD_REASONS.get)
@@ -114,7 +115,8 @@ def preprocess_sft(cfg: SFTPreprocessConfig, log=None) -> Report:
                              "fix the records the report lists, or give --sft-format")
         report.outputs = [p for w in writers for p in w.finalize()]
     except BaseException:
-        results.close()
+        if results is not None:
+            results.close()
         for w in writers:
             w.abort()
         raise
