@@ -13,8 +13,15 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-# Reasons a line is skipped, in report order.
-BAD_REASONS = ("invalid_utf8", "not_json", "missing_key", "not_text", "empty")
+# Reasons a line is skipped, in report order, and what the report says of each.
+BAD_DESCRIPTIONS: Dict[str, str] = {
+    "invalid_utf8": "not valid UTF-8",
+    "not_json": "not a JSON object",
+    "missing_key": "lacks a --json-keys key",
+    "not_text": "value is not a string",
+    "empty": "empty text",
+}
+BAD_REASONS = tuple(BAD_DESCRIPTIONS)
 
 # --json-format: how a record becomes the text of each --json-keys dataset.
 # "title_content" is PandaLLM's pretraining record: title and content joined
@@ -126,21 +133,10 @@ def parse_record(line: bytes, keys: Sequence[str], json_format: str) -> Union[st
     return out
 
 
-def describe_bad(reason: str) -> str:
-    return {
-        "invalid_utf8": "not valid UTF-8",
-        "not_json": "not a JSON object",
-        "missing_key": "lacks a --json-keys key",
-        "not_text": "value is not a string",
-        "empty": "empty text",
-    }[reason]
-
-
 def bad_summary(counts: Dict[str, int], examples: Dict[str, List[Tuple[str, int]]],
-                reasons: Optional[Dict[str, str]] = None) -> Optional[str]:
+                reasons: Dict[str, str]) -> Optional[str]:
     """One line per reason with its first locations, or None when all lines were good.
-    `reasons` (reason -> description, in report order) defaults to this reader's."""
-    reasons = reasons or {r: describe_bad(r) for r in BAD_REASONS}
+    `reasons` maps reason -> description, in report order (BAD_DESCRIPTIONS for this reader)."""
     width = max(13, max(len(r) for r in reasons) + 1)
     lines = []
     for reason, description in reasons.items():

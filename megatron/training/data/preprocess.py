@@ -27,7 +27,7 @@ import numpy as np
 
 from megatron.training.data.indexed_writer import IndexedDatasetWriter, optimal_dtype, temp_name
 from megatron.training.data.jsonl_reader import (
-    BAD_REASONS, Block, InputError, bad_summary, find_input_files, parse_record, read_blocks, split_lines,
+    BAD_DESCRIPTIONS, Block, InputError, bad_summary, find_input_files, parse_record, read_blocks, split_lines,
 )
 
 _SPLIT_CHUNK_CHARS = 1_000_000  # Megatron-LM splits sentences in pieces of this many characters
@@ -107,10 +107,15 @@ class Report:
     startup_s: float = 0.0
     elapsed_s: float = 0.0
     outputs: List[str] = field(default_factory=list)
+    # why a line can be skipped -> its description, in report order; other
+    # record kinds (SFT) replace the jsonl reader's own
+    reasons: Dict[str, str] = field(default_factory=lambda: dict(BAD_DESCRIPTIONS))
 
-    def text(self, reasons: Optional[Dict[str, str]] = None) -> str:
-        """The summary; `reasons` (reason -> description, in report order)
-        replaces the jsonl reader's own for other record kinds."""
+    def describe(self, reason: str) -> str:
+        return self.reasons.get(reason, reason)
+
+    def text(self) -> str:
+        """The summary."""
         rate = self.documents / self.elapsed_s if self.elapsed_s else 0.0
         mbs = self.bytes / 1e6 / self.elapsed_s if self.elapsed_s else 0.0
         out = [
@@ -118,7 +123,7 @@ class Report:
             f"in {self.elapsed_s:.1f} s (start-up {self.startup_s:.2f} s): {rate:,.0f} docs/s, {mbs:.2f} MB/s",
             f"skipped lines {sum(self.bad.values()):,} of {self.lines:,}",
         ]
-        summary = bad_summary(self.bad, self.bad_examples, reasons)
+        summary = bad_summary(self.bad, self.bad_examples, self.reasons)
         if summary:
             out.append(summary)
         out += [f"wrote {p}" for p in self.outputs]
@@ -317,29 +322,21 @@ def _ordered_results(pool, blocks, workers: int, encode):
         pool.terminate()
 
 
-def _account(cfg: PreprocessConfig, report: Report, result: dict, log, describe=None) -> None:
+def _account(cfg: PreprocessConfig, report: Report, result: dict, log) -> None:
     report.lines += result["lines"]
     report.bytes += result["bytes"]
     report.documents += result["documents"]
     report.tokens += result["tokens"]
-    describe = describe or _describe
     for reason, line in result["bad"]:
         where = f"{result['path']}:{line}"
         if cfg.strict:
-            raise InputError(f"{where}: line {describe(reason)} (--strict stops here; "
+            raise InputError(f"{where}: line {report.describe(reason)} (--strict stops here; "
                              "drop --strict to skip and count such lines)")
         n = report.bad.get(reason, 0) + 1
         report.bad[reason] = n
         report.bad_examples.setdefault(reason, []).append((result["path"], line)) if n <= 3 else None
         if sum(report.bad.values()) <= cfg.max_bad_reports:
-            log(f"skipping {where}: {describe(reason)}")
-
-
-def _describe(reason: str) -> str:
-    from megatron.training.data.jsonl_reader import describe_bad
-
-    assert reason in BAD_REASONS
-    return describe_bad(reason)
+            log(f"skipping {where}: {report.describe(reason)}")
 
 
 def _open_writers(cfg: PreprocessConfig, dtype) -> List[Dict[str, IndexedDatasetWriter]]:

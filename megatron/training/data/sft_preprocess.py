@@ -98,14 +98,14 @@ def preprocess_sft(cfg: SFTPreprocessConfig, log=None) -> Report:
     tokens_prefix, mask_prefix = sft_dataset_prefixes(cfg.output_prefix)
     writers = [IndexedDatasetWriter(tokens_prefix, optimal_dtype(encoder.tokenizer.vocab_size)),
                IndexedDatasetWriter(mask_prefix, np.uint8)]
-    report = Report()
+    report = Report(reasons=SFT_BAD_REASONS)
     report.response_tokens = 0
     results = None
     try:
         results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_sft_block, _init_worker, (cfg,))
         report.startup_s = time.time() - start
         for result in results:
-            _account(cfg, report, result, log, describe=SFT_BAD_REASONS.get)
+            _account(cfg, report, result, log)
             report.response_tokens += int(result["mask"].sum())
             docs = np.ones(result["documents"], dtype=np.int64)
             writers[0].add_documents(result["ids"], result["lengths"], docs)
@@ -126,15 +126,5 @@ def preprocess_sft(cfg: SFTPreprocessConfig, log=None) -> Report:
 
 def sft_report_text(report: Report) -> str:
     share = report.response_tokens / report.tokens if report.tokens else 0.0
-    return (report.text(SFT_BAD_REASONS)
+    return (report.text()
             + f"\nresponse tokens (loss mask 1) {report.response_tokens:,} of {report.tokens:,} ({share:.1%})")
-
-
-def read_sft_lengths(prefix: str) -> np.ndarray:
-    """Token count of every example (int32), from the index alone."""
-    from megatron.training.data.indexed_writer import read_index_header
-
-    header = read_index_header(prefix + TOKENS_SUFFIX)
-    with open(header.path, "rb") as f:
-        f.seek(header.lengths_offset)
-        return np.frombuffer(f.read(4 * header.sequences), dtype=np.int32).copy()
