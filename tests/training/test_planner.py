@@ -77,11 +77,19 @@ def test_parameters_match_the_driver_count_and_split_over_stages():
     assert total == model_parameters(args)
 
 
-def test_flops_are_the_driver_formula():
+def test_flops_are_the_megatron_model_flops_written_out():
+    """Megatron-LM's model FLOPs, counted by hand for LLaMA-65B: per token and
+    layer, 2 FLOPs per weight of the Q, K, V, O projections (4h^2, MHA) and
+    the three SwiGLU matrices (3hf), plus QK^T and AV (2 x 2sh); then the
+    logit layer (2hV); backward is twice the forward. (That the training log
+    reports the same count is test_planned_flops_equal_the_driver_logged_count.)"""
     plan = _plan(LLAMA_65B, 32, tensor_model_parallel_size=8, pipeline_model_parallel_size=4, micro_batch_size=1,
                  global_batch_size=64, tflops_per_gpu=161)
-    shape = flops_module.ModelShape.from_args(plan.args)
-    assert plan.flops_per_iteration == flops_module.flops_per_iteration(shape, 64, 2048)
+    b, s, L, h, f = 64, 2048, 80, 8192, 22016
+    V = 32768  # 32000 padded to a multiple of 128 x TP 8
+    assert plan.args.padded_vocab_size == V
+    forward_per_token = L * (2 * (4 * h * h + 3 * h * f) + 2 * 2 * s * h) + 2 * h * V
+    assert plan.flops_per_iteration == pytest.approx(3 * b * s * forward_per_token, rel=1e-12)
     assert plan.seconds_per_iteration == pytest.approx(plan.flops_per_iteration / (32 * 161e12))
     assert plan.tokens_per_day == pytest.approx(64 * 2048 / plan.seconds_per_iteration * 86400)
 
