@@ -31,6 +31,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron.training import sharding
+from megatron.training.fileio import atomic_write_text, fsync_dir, temp_name
 from megatron.training.arguments import args_to_dict
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -68,32 +69,14 @@ def read_tracker(root: str) -> Tuple[Optional[int], bool]:
         raise CheckpointError(f"{path} should hold an iteration number or 'release', not {text!r}")
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save to a temporary name, fsync, then rename onto `path`."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temp_name(path)
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _rng_state() -> dict:
@@ -190,7 +173,7 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
     torch.distributed.barrier()
 
     if rank == 0:
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if os.path.exists(final_dir):
             # Re-saving an iteration: keep the old copy until the new one is in place.
             old = final_dir + ".old"
@@ -200,7 +183,7 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
             shutil.rmtree(old)
         else:
             os.replace(staging, final_dir)
-        _fsync_dir(root)
+        fsync_dir(root)
         atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(iteration))
     torch.distributed.barrier()
     return final_dir

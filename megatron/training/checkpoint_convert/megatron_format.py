@@ -19,6 +19,7 @@ from typing import Dict, Optional
 import torch
 
 from megatron.training import checkpointing, sharding
+from megatron.training.fileio import atomic_write_text
 from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert.core import (
     EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, check_target_layout, progress,
@@ -227,6 +228,6 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
             del state
         spool.remove()
     bar.close()
-    checkpointing.atomic_write_text(os.path.join(out_dir, checkpointing.TRACKER_FILENAME),
-                                    "release" if release else str(source.iteration))
+    atomic_write_text(os.path.join(out_dir, checkpointing.TRACKER_FILENAME),
+                      "release" if release else str(source.iteration))
     return saved_args
