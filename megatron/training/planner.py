@@ -143,16 +143,19 @@ def plan(args) -> Plan:
 
 def _vocab_size(args) -> int:
     """The vocabulary the driver sizes the model for (tokenizer.tokenizer_and_vocab_size):
-    the tokenizer's when --tokenizer-type is given, else --vocab-size."""
+    the tokenizer's when --tokenizer-type is given, else --vocab-size. Planning
+    often happens where the tokenizer files are not (PLAN=1 with placeholder
+    paths); then --vocab-size stands in for the tokenizer's vocabulary."""
     from megatron.training.tokenizer import tokenizer_and_vocab_size
 
     try:
         return tokenizer_and_vocab_size(args)[1]
     except Exception as exc:  # noqa: BLE001 - any unreadable tokenizer gets the same advice
+        if args.vocab_size is not None:
+            return args.vocab_size
         raise arguments.ArgumentError(
             f"cannot read the vocabulary size from --tokenizer-type {args.tokenizer_type} here ({exc}): "
-            "give the tokenizer files, or plan with --mock-data --vocab-size N and no --tokenizer-type "
-            "(32000 for the Llama 2 tokenizer)") from exc
+            "add --vocab-size N (32000 for the Llama 2 tokenizer)") from exc
 
 
 # ---------------------------------------------------------------- parameters
