@@ -20,6 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megatron.training.arguments import default_ffn_hidden_size  # noqa: E402
 from megatron.training.planner import plan_from_argv  # noqa: E402
 
 # name, our script, its nodes, DongwuLLM's (layers, hidden, heads), TFLOP/s per A100, tokens/day per 8xA100
@@ -41,7 +42,7 @@ def script_flags(script: str, nodes: int) -> list:
 
 def dongwu_shape_flags(flags: list, layers: int, hidden: int, heads: int) -> list:
     """Our script's flags with DongwuLLM's model shape (later flags win)."""
-    ffn = int(4 * hidden * 2 / 3 / 64) * 64
+    ffn = default_ffn_hidden_size(hidden, swiglu=True)
     return flags + ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", str(heads),
                     "--num-query-groups", str(heads), "--ffn-hidden-size", str(ffn)]
 

@@ -226,15 +226,19 @@ def parse_args(argv: Optional[List[str]] = None, extra_args_provider=None) -> ar
     return args
 
 
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """Megatron-LM's default --ffn-hidden-size: 4h, or 2/3 of that (rounded
+    down to a multiple of 64) with SwiGLU, which keeps the MLP's parameter count."""
+    return int(4 * hidden_size * 2 / 3 / 64) * 64 if swiglu else 4 * hidden_size
+
+
 def _fill_derived(args) -> None:
     if args.use_rotary_position_embeddings:
         args.position_embedding_type = "rope"
     if not args.add_position_embedding and args.position_embedding_type == "learned_absolute":
         args.position_embedding_type = "none"
     if args.ffn_hidden_size is None and args.hidden_size is not None:
-        # Megatron-LM's default: 4h, or 2/3 of that (rounded down to 64) with SwiGLU,
-        # which keeps the MLP's parameter count.
-        args.ffn_hidden_size = int(4 * args.hidden_size * 2 / 3 / 64) * 64 if args.swiglu else 4 * args.hidden_size
+        args.ffn_hidden_size = default_ffn_hidden_size(args.hidden_size, args.swiglu)
     if args.kv_channels is None and args.hidden_size and args.num_attention_heads:
         args.kv_channels = args.hidden_size // args.num_attention_heads
     if not args.group_query_attention:
