@@ -14,7 +14,7 @@ import argparse
 import difflib
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -342,6 +342,12 @@ def validate_args(args, world_size: int) -> None:
            f"--global-batch-size {args.global_batch_size} is not divisible by micro batch x data-parallel size = "
            f"{mbs} x {dp} = {mbs * dp}: use a global batch that is a multiple of {mbs * dp}")
     args.num_microbatches = args.global_batch_size // (mbs * dp)
+    _, warmup, decay = lr_schedule_samples(args)
+    train_iters = args.train_iters if args.train_iters is not None else args.train_samples // args.global_batch_size
+    # With no training step at all (an initial checkpoint) the schedule is never used.
+    _check(warmup < decay or not train_iters,
+           f"the LR warm-up ({warmup} samples) is not shorter than the LR decay ({decay} samples): "
+           "shorten --lr-warmup-iters/--lr-warmup-samples or lengthen --lr-decay-iters/--train-iters")
     if args.virtual_pipeline_model_parallel_size is not None:
         _check(args.num_microbatches % pp == 0,
                f"interleaved pipelining needs the number of micro-batches ({args.num_microbatches}) to be a "
@@ -370,6 +376,21 @@ def validate_args(args, world_size: int) -> None:
 
     args.world_size = world_size
     args.data_parallel_size = dp
+
+
+def lr_schedule_samples(args) -> Tuple[int, int, int]:
+    """(training, LR warm-up, LR decay) lengths in samples, from the flags and
+    the global batch size: the decay runs --lr-decay-samples, else
+    --lr-decay-iters, else the whole training; the warm-up is
+    --lr-warmup-fraction of the decay, else --lr-warmup-samples/-iters."""
+    gbs = args.global_batch_size
+    train = args.train_samples if args.train_samples is not None else args.train_iters * gbs
+    decay = args.lr_decay_samples or (args.lr_decay_iters * gbs if args.lr_decay_iters else train)
+    if args.lr_warmup_fraction is not None:
+        warmup = int(args.lr_warmup_fraction * decay)
+    else:
+        warmup = args.lr_warmup_samples or args.lr_warmup_iters * gbs
+    return train, warmup, decay
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

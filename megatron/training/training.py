@@ -153,19 +153,11 @@ def build_optimizer(args, model: list):
 
     optimizer = get_megatron_optimizer(arguments_module.optimizer_config_from_args(args), model)
     model[0].config.grad_scale_func = optimizer.scale_loss
-    gbs = args.global_batch_size
-    train_samples = args.train_samples or args.train_iters * gbs
-    decay = max(args.lr_decay_samples or (args.lr_decay_iters * gbs if args.lr_decay_iters else train_samples), 1)
-    if args.lr_warmup_fraction is not None:
-        warmup = int(args.lr_warmup_fraction * decay)
-    else:
-        warmup = args.lr_warmup_samples or args.lr_warmup_iters * gbs
+    train_samples, warmup, decay = arguments_module.lr_schedule_samples(args)
     if warmup >= decay:
-        if args.train_iters:
-            raise arguments_module.ArgumentError(
-                f"the LR warm-up ({warmup} samples) is not shorter than the LR decay ({decay} samples): "
-                "shorten --lr-warmup-iters/--lr-warmup-samples or lengthen --lr-decay-iters/--train-iters")
-        decay = warmup + 1  # no training steps (an initial checkpoint): the schedule is never used
+        # No training step (an initial checkpoint; validate_args rejects the
+        # other cases): the schedule is never used, but must be well-formed.
+        decay = warmup + 1
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=decay, lr_decay_style=args.lr_decay_style,

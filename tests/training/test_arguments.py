@@ -78,11 +78,18 @@ def test_derived_defaults():
     (["--seq-length", "64"], 1, r"--seq-length 64 exceeds --max-position-embeddings 32"),
     (["--rotary-seq-len-interpolation-factor", "2"], 1, r"needs rotary embeddings: add --use-rotary-position"),
     (["--bf16", "--fp16"], 1, r"--bf16 and --fp16 are exclusive"),
+    (["--lr-warmup-iters", "10"], 1,
+     r"the LR warm-up \(20 samples\) is not shorter than the LR decay \(20 samples\): shorten --lr-warmup-iters"),
     (["--train-samples", "100"], 1, r"exactly one of --train-iters and --train-samples"),
 ])
 def test_bad_layouts_name_the_fix(argv, world_size, message):
     with pytest.raises(ArgumentError, match=message):
         check(argv, world_size)
+
+
+def test_warm_up_longer_than_decay_is_allowed_without_training_steps():
+    """--train-iters 0 (writing an initial checkpoint) never uses the LR schedule."""
+    check(["--lr-warmup-iters", "10", "--train-iters", "0"])
 
 
 def test_no_data_is_an_error():
