@@ -61,7 +61,7 @@ def run(config: str, warmup: int, iters: int) -> dict:
     import torch
 
     from driver_harness import DriverHarness
-    from megatron.training.flops import ModelShape, flops_per_iteration
+    from megatron.training.flops import ModelShape, flops_per_iteration, throughput
     from megatron.training.models.llama import attention_backend_name
 
     flags, mbs, gbs = CONFIGS[config]
@@ -83,14 +83,15 @@ def run(config: str, warmup: int, iters: int) -> dict:
     block(iters)
     seconds = (time.perf_counter() - t0) / iters
     flops = flops_per_iteration(ModelShape.from_args(args), args.global_batch_size, args.seq_length)
+    # the training log's figures (flops.throughput) for the one GPU this benchmark runs on
+    tput = throughput(flops, seconds, args.global_batch_size * args.seq_length, world_size=1)
     name = gpu_name()
-    tflops = flops / seconds / 1e12
     peak = peak_tflops(name)
     return {
         "config": config, "gpu": name, "attention": attention_backend_name(args),
         "params_b": sum(p.numel() for c in model for p in c.parameters()) / 1e9,
-        "ms_per_iteration": seconds * 1e3, "tokens_per_s": args.global_batch_size * args.seq_length / seconds,
-        "tflops": tflops, "mfu": tflops / peak if peak else None,
+        "ms_per_iteration": seconds * 1e3, "tokens_per_s": tput.tokens_per_second_per_gpu,
+        "tflops": tput.tflops_per_gpu, "mfu": tput.tflops_per_gpu / peak if peak else None,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None,
     }
 
