@@ -1,10 +1,8 @@
 """tools/merge_datasets.py and tools/convert_nanogpt.py against megatron-core's reader."""
 
 import os
-import shutil
 
 import numpy as np
-import pytest
 
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, IndexedDataset
 from megatron.training.data.indexed_writer import IndexedDatasetWriter

@@ -11,7 +11,6 @@ runs the fused math kernel. Causal masking is done by the kernel
 import math
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
