@@ -89,13 +89,6 @@ def _add_model_flags(p):
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="default: transformer_engine when it imports, else local")
     g.add_argument("--use-mcore-models", action="store_true", help="accepted for script compatibility (always on)")
-    g.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion")
-    g.add_argument("--no-bias-swiglu-fusion", action="store_false", dest="bias_swiglu_fusion")
-    g.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion")
-    g.add_argument("--no-bias-dropout-fusion", action="store_false", dest="bias_dropout_fusion")
-    g.add_argument("--no-rope-fusion", action="store_false", dest="apply_rope_fusion")
-    g.add_argument("--no-persist-layer-norm", action="store_false", dest="persist_layer_norm")
-    g.add_argument("--no-gradient-accumulation-fusion", action="store_false", dest="gradient_accumulation_fusion")
 
 
 def _add_training_flags(p):
@@ -210,8 +203,10 @@ def _add_logging_flags(p):
 
 
 def build_parser(extra_args_provider=None) -> _Parser:
+    from megatron.training.kernels.flags import add_kernel_flags
+
     p = _Parser(description="Megatron-style Llama pretraining on megatron-core")
-    for add in (_add_model_flags, _add_training_flags, _add_parallel_flags, _add_data_flags,
+    for add in (_add_model_flags, add_kernel_flags, _add_training_flags, _add_parallel_flags, _add_data_flags,
                 _add_checkpoint_flags, _add_logging_flags):
         add(p)
     if extra_args_provider is not None:
@@ -404,8 +399,9 @@ def transformer_config_from_args(args):
     """megatron-core's TransformerConfig for a Llama-family GPT model."""
     from megatron.core.transformer import TransformerConfig
 
+    from megatron.training import kernels
+
     swiglu_or_gelu = torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu
-    kernels = _kernel_availability()
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -437,13 +433,7 @@ def transformer_config_from_args(args):
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
-        masked_softmax_fusion=args.masked_softmax_fusion and kernels["fused_softmax"],
-        bias_activation_fusion=(args.bias_swiglu_fusion if args.swiglu else args.bias_gelu_fusion)
-        and kernels["jit_fusions"],
-        bias_dropout_fusion=args.bias_dropout_fusion and kernels["jit_fusions"],
-        apply_rope_fusion=args.apply_rope_fusion and kernels["rope_fusion"],
-        persist_layer_norm=args.persist_layer_norm and kernels["persist_layer_norm"],
-        gradient_accumulation_fusion=args.gradient_accumulation_fusion and kernels["grad_accum_fusion"],
+        **kernels.transformer_config_fields(args),
         deallocate_pipeline_outputs=True,
         # With gloo, batched isend/irecv may pair two messages between the same two
         # ranks in the wrong order (interleaved PP=2: the next and previous stage
@@ -451,25 +441,6 @@ def transformer_config_from_args(args):
         # shape; the per-message path orders them. NCCL keeps megatron's default.
         batch_p2p_comm=args.distributed_backend == "nccl",
     )
-
-
-def _kernel_availability() -> dict:
-    """Which of megatron-core's fused kernels can run here. A fusion whose kernel
-    library is missing is switched off rather than failing, as Megatron-LM does
-    for some of them; the JIT fusions need CUDA."""
-    import importlib.util
-
-    has = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
-    cuda = torch.cuda.is_available()
-    te_or_apex = has("transformer_engine") or has("apex")
-    return {
-        "jit_fusions": cuda,
-        "fused_softmax": cuda and has("scaled_masked_softmax_cuda"),
-        "rope_fusion": cuda and has("transformer_engine"),
-        "persist_layer_norm": cuda and has("apex"),
-        "grad_accum_fusion": cuda and (has("fused_weight_gradient_mlp_cuda") or has("transformer_engine")),
-        "any_fused_library": te_or_apex,
-    }
 
 
 def optimizer_config_from_args(args):

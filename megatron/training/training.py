@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from megatron.training import arguments as arguments_module
-from megatron.training import checkpointing, initialize
+from megatron.training import checkpointing, initialize, kernels
 from megatron.training.flops import ModelShape, flops_per_iteration
 from megatron.training.tokenizer import tokenizer_and_vocab_size
 from megatron.training.training_log import TrainingLogger, print_rank_0
@@ -73,6 +73,7 @@ def setup_args(argv=None, extra_args_provider=None):
     initialize.set_seeds(args.seed)
     if args.train_iters is None:
         args.train_iters = args.train_samples // args.global_batch_size
+    kernels.configure(args)
     _print_args(args)
     return args
 
@@ -96,6 +97,7 @@ def _print_args(args) -> None:
         f"{args.num_microbatches} micro-batches of {args.micro_batch_size} per iteration; "
         f"backend {args.distributed_backend}; attention: {attention_backend_name(args)}"
     )
+    print_rank_0(f"> kernels: {args.kernel_selection.describe()}")
 
 
 def build_tokenizer_from_args(args):
@@ -152,6 +154,7 @@ def build_optimizer(args, model: list):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     optimizer = get_megatron_optimizer(arguments_module.optimizer_config_from_args(args), model)
+    kernels.configure_optimizer(args, optimizer)
     model[0].config.grad_scale_func = optimizer.scale_loss
     train_samples, warmup, decay = arguments_module.lr_schedule_samples(args)
     if warmup >= decay:
