@@ -7,3 +7,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS: torch sizes its thread pool on import)
+
+if not torch.cuda.is_available():
+    # Without CUDA the Triton kernels' tests run them on CPU tensors under
+    # Triton's interpreter. Triton reads this when it is first imported (and
+    # megatron.core imports it), so it is set before any test module loads.
+    # It changes nothing else: the driver runs Triton kernels on a CPU only
+    # with FINLLAMA_CPU_KERNELS=1 (megatron/training/kernels/capabilities.py).
+    os.environ.setdefault("TRITON_INTERPRET", "1")

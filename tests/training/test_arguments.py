@@ -24,7 +24,9 @@ MEGATRON_FLAGS = """--tensor-model-parallel-size --pipeline-model-parallel-size 
 --mock-data --tokenizer-type --tokenizer-model --vocab-size --vocab-file --merge-file --save --load --save-interval
 --no-save-optim --no-save-rng --no-load-optim --no-load-rng --finetune --use-checkpoint-args
 --exit-on-missing-checkpoint --log-interval --log-throughput --tensorboard-dir --eval-interval --eval-iters
---exit-interval""".split()
+--exit-interval --no-bias-swiglu-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion --no-rope-fusion
+--no-persist-layer-norm --no-gradient-accumulation-fusion --cross-entropy-loss-fusion
+--cross-entropy-fusion-impl""".split()
 
 
 def check(argv, world_size=1):

@@ -30,6 +30,7 @@ class Provider(NamedTuple):
     label: str                                          # what the start-up line calls it
     available: Callable[[Capabilities, object], bool]   # (capabilities, args) -> can it run here
     switchable: bool = True                             # False: megatron-core picks it; our flag cannot turn it off
+    by_default: Callable[[object], bool] = lambda a: True  # args -> chosen unless another one is named
 
 
 class Kernel(NamedTuple):
@@ -76,7 +77,7 @@ KERNELS: Dict[str, Kernel] = {
                                 Provider("liger", "Liger vocab-parallel, Triton", lambda c, a: c.triton_runs and c.liger),
                                 # megatron-core's fused path returns bf16 gradients whatever the
                                 # logits' dtype, so it is a default only for bf16 runs.
-                                Provider("native", "megatron-core fused", lambda c, a: c.cuda and _bf16(a)),
+                                Provider("native", "megatron-core fused", _cuda, by_default=_bf16),
                             )),
     "grad_accum": Kernel("gradient-accumulation fusion", "gradient_accumulation_fusion",
                          "--no-gradient-accumulation-fusion", lambda a: True, (
@@ -166,7 +167,8 @@ def _choose(name: str, kernel: Kernel, args, caps: Capabilities) -> str:
     if impl is not None:
         providers = tuple(p for p in providers if p.key == impl)
     for provider in providers:
-        if provider.available(caps, args) and (wanted is not False or not provider.switchable):
+        if (provider.available(caps, args) and (impl is not None or provider.by_default(args))
+                and (wanted is not False or not provider.switchable)):
             return provider.key
     if wanted is False:
         return OFF
