@@ -15,6 +15,7 @@ setup(
     py_modules=["pretrain_gpt"],
     install_requires=[
         "megatron-core==0.16.1",
+        "liger-kernel==0.8.5",
         "numpy",
         "sentencepiece",
         "tokenizers",
