@@ -259,7 +259,7 @@ def layer_activation_bytes(args, sequence_parallel: bool, selective: bool = Fals
         # The first MLP projection's output (two halves with SwiGLU) and the activation's output.
         + e * (f * (2 if args.swiglu else 1) + f) / t
     )
-    if args.swiglu and not args.bias_swiglu_fusion:
+    if args.swiglu and args.bias_swiglu_fusion is False:  # None: fused where it runs (a GPU)
         per_token += e * f / t  # unfused: silu(x1) is kept for the product's backward
     if args.hidden_dropout > 0:
         per_token += 2 * h / r  # one-byte masks after attention and after the MLP

@@ -176,8 +176,8 @@ def _choose(name: str, kernel: Kernel, args, caps: Capabilities) -> str:
         raise ArgumentError(f"{impl_flag[1]} {impl} cannot run here ({_needs(name, impl)}): "
                             f"choose another implementation or drop the flag")
     if wanted is True and name in ON_FLAGS:
-        raise ArgumentError(f"{ON_FLAGS[name]} needs CUDA (or {CPU_KERNELS_ENV}=1 with Triton for tests): "
-                            f"drop the flag on this machine")
+        raise ArgumentError(f"{ON_FLAGS[name]} needs CUDA (or, for tests, {CPU_KERNELS_ENV}=1 "
+                            f"{INTERPRETER_ENV}=1): drop the flag on this machine")
     return OFF
 
 

@@ -3,7 +3,10 @@ on (FINLLAMA_CPU_KERNELS=1: Triton under the interpreter, the addmm shim,
 torch's fused AdamW) and with every kernel turned off by its flag: the same
 loss, gradient norm and per-parameter gradients. TP=2 with sequence
 parallelism, so the vocab-parallel cross-entropy, the gathered
-gradient-accumulation inputs and the per-rank heads all take part."""
+gradient-accumulation inputs and the per-rank heads all take part; half the
+rotary channels and position interpolation, so the RoPE kernel's
+pass-through and angles do too; two micro-batches, so the gradients
+accumulate."""
 
 import contextlib
 import io
@@ -20,6 +23,7 @@ MODEL = [
     "--group-query-attention", "--num-query-groups", "2", "--seq-length", "16", "--max-position-embeddings", "16",
     "--normalization", "RMSNorm", "--swiglu", "--use-rotary-position-embeddings", "--disable-bias-linear",
     "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0",
+    "--rotary-percent", "0.5", "--rotary-seq-len-interpolation-factor", "2",  # the RoPE kernel's pass-through and PI
     "--use-flash-attn", "--make-vocab-size-divisible-by", "64", "--mock-data", "--vocab-size", "256",
     "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--train-iters", "1",
     "--clip-grad", "1e9", "--eval-iters", "0", "--seed", "1234",
