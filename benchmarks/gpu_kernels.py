@@ -141,7 +141,8 @@ def rope_rows(size, dtype, device, tiny):
             return rotate(q, freqs)
         return op
 
-    impls = {"unfused (megatron-core)": query(_apply_rotary_pos_emb_bshd), "triton (ours)": query(fused_apply_rotary_pos_emb)}
+    impls = {"unfused (megatron-core)": query(_apply_rotary_pos_emb_bshd),
+             "triton (ours)": query(fused_apply_rotary_pos_emb)}
     ref_leaf = mixed.detach().float().requires_grad_()
     ref = query(_apply_rotary_pos_emb_bshd)(ref_leaf)
     ref.backward(grad.float())

@@ -213,7 +213,8 @@ def run_megatron_lm(path: str, config: str, warmup: int, iters: int, log_path=No
     path = os.path.abspath(path)
     script = os.path.join(path, "pretrain_gpt.py")
     if not os.path.isfile(script):
-        raise SystemExit(f"--compare-megatron-lm {path}: no pretrain_gpt.py there: give a Megatron-LM core_v0.16.1 tree")
+        raise SystemExit(f"--compare-megatron-lm {path}: no pretrain_gpt.py there: "
+                         "give a Megatron-LM core_v0.16.1 tree")
     argv = megatron_lm_argv(config, warmup + iters)
     # PATH first (its megatron/training, not ours); then whatever holds megatron-core (a --target install).
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1",
@@ -283,7 +284,8 @@ def report(results: list, warmup: int, iters: int) -> str:
         if on and off:
             same = " (the same paths ran: no kernel device here, so the ratio is noise)" \
                 if on["kernel_paths"] == off["kernel_paths"] else ""
-            lines.append(f"\n{config}: kernels on / off = {on['tokens_per_s'] / off['tokens_per_s']:.3f}x tokens/s{same}")
+            ratio = on["tokens_per_s"] / off["tokens_per_s"]
+            lines.append(f"\n{config}: kernels on / off = {ratio:.3f}x tokens/s{same}")
         if on and mlm:
             lines.append(f"{config}: ours (kernels on) / Megatron-LM = {on['tokens_per_s'] / mlm['tokens_per_s']:.3f}x "
                          f"tokens/s\nMegatron-LM flags: `{mlm['argv']}`")

@@ -36,7 +36,6 @@ class Provider(NamedTuple):
 class Kernel(NamedTuple):
     title: str
     flag: str                                  # args attribute: None/True = on where possible, False = off
-    off_flag: str                              # the command-line flag that turns it off (for messages)
     applies: Callable[[object], bool]          # args -> does this model have the operation at all
     providers: Tuple[Provider, ...]
     off_label: str = "unfused"
@@ -54,57 +53,55 @@ def _fp32(a) -> bool:
     return a.params_dtype == torch.float32
 
 
+def _always(a) -> bool:
+    return True
+
+
 KERNELS: Dict[str, Kernel] = {
-    "rope": Kernel("RoPE", "apply_rope_fusion", "--no-rope-fusion",
-                   lambda a: a.position_embedding_type == "rope", (
-                       Provider("te", "Transformer Engine", lambda c, a: c.transformer_engine and c.cuda),
-                       Provider("triton", "Triton, ours", lambda c, a: c.triton_runs),
-                   )),
-    "swiglu": Kernel("SwiGLU", "bias_swiglu_fusion", "--no-bias-swiglu-fusion", lambda a: a.swiglu, (
+    "rope": Kernel("RoPE", "apply_rope_fusion", lambda a: a.position_embedding_type == "rope", (
+        Provider("te", "Transformer Engine", lambda c, a: c.transformer_engine and c.cuda),
+        Provider("triton", "Triton, ours", lambda c, a: c.triton_runs),
+    )),
+    "swiglu": Kernel("SwiGLU", "bias_swiglu_fusion", lambda a: a.swiglu, (
         # Beside Transformer Engine, megatron-core's own fusion, as in Megatron-LM.
         Provider("jit", "megatron-core jit", lambda c, a: c.transformer_engine and c.cuda),
         Provider("liger", "Liger gate-up, Triton", lambda c, a: c.triton_runs and c.liger),
         Provider("jit", "megatron-core jit", _cuda),
     )),
-    "gelu": Kernel("bias-GeLU", "bias_gelu_fusion", "--no-bias-gelu-fusion", lambda a: not a.swiglu, (
+    "gelu": Kernel("bias-GeLU", "bias_gelu_fusion", lambda a: not a.swiglu, (
         Provider("jit", "megatron-core jit", _cuda),
     )),
-    "cross_entropy": Kernel("cross-entropy", "cross_entropy_loss_fusion", "--no-cross-entropy-loss-fusion",
-                            lambda a: True, (
-                                Provider("te", "Transformer Engine", lambda c, a: c.te_cross_entropy and c.cuda),
-                                # Provisional order until a GPU measurement: Liger's H100 figures
-                                # (8.0 ms vs megatron-core's fused 18.2 ms at 8192 x 131k).
-                                Provider("liger", "Liger vocab-parallel, Triton", lambda c, a: c.triton_runs and c.liger),
-                                # megatron-core's fused path returns bf16 gradients whatever the
-                                # logits' dtype, so it is a default only for bf16 runs.
-                                Provider("native", "megatron-core fused", _cuda, by_default=_bf16),
-                            )),
-    "grad_accum": Kernel("gradient-accumulation fusion", "gradient_accumulation_fusion",
-                         "--no-gradient-accumulation-fusion", lambda a: True, (
-                             Provider("apex", "apex fused_weight_gradient_mlp_cuda",
-                                      lambda c, a: c.cuda and c.apex_wgrad),
-                             # Megatron-core's own linears need apex's extension even under the
-                             # Transformer Engine spec (the output layer is one): the shim stands in.
-                             Provider("addmm", "torch.addmm(out_dtype=fp32) shim",
-                                      lambda c, a: c.addmm_out_dtype or (c.kernel_device and _fp32(a))),
-                         ), off_label="off"),
-    "adam": Kernel("AdamW", "fused_adam", "--no-fused-adam", lambda a: a.optimizer == "adam", (
+    "cross_entropy": Kernel("cross-entropy", "cross_entropy_loss_fusion", _always, (
+        Provider("te", "Transformer Engine", lambda c, a: c.te_cross_entropy and c.cuda),
+        # Provisional order until a GPU measurement (benchmarks/gpu_kernels.py): Liger's
+        # H100 figures, 8.0 ms against megatron-core's fused 18.2 ms at 8192 x 131k.
+        Provider("liger", "Liger vocab-parallel, Triton", lambda c, a: c.triton_runs and c.liger),
+        # megatron-core's fused path returns bf16 gradients whatever the logits'
+        # dtype, so it is a default only for bf16 runs.
+        Provider("native", "megatron-core fused", _cuda, by_default=_bf16),
+    )),
+    "grad_accum": Kernel("gradient-accumulation fusion", "gradient_accumulation_fusion", _always, (
+        Provider("apex", "apex fused_weight_gradient_mlp_cuda", lambda c, a: c.cuda and c.apex_wgrad),
+        # megatron-core's own linears need apex's extension even under the Transformer
+        # Engine spec (the output layer is one): the shim stands in for it.
+        Provider("addmm", "torch.addmm(out_dtype=fp32) shim",
+                 lambda c, a: c.addmm_out_dtype or (c.kernel_device and _fp32(a))),
+    ), off_label="off"),
+    "adam": Kernel("AdamW", "fused_adam", lambda a: a.optimizer == "adam", (
         # megatron-core imports these instead of torch's AdamW when it can.
         Provider("te", "Transformer Engine FusedAdam", lambda c, a: c.transformer_engine, switchable=False),
         Provider("apex", "apex FusedAdam", lambda c, a: c.apex, switchable=False),
         Provider("torch", "torch fused", lambda c, a: c.kernel_device),
     ), off_label="torch foreach"),
-    "masked_softmax": Kernel("masked softmax", "masked_softmax_fusion", "--no-masked-softmax-fusion",
-                             lambda a: True, (
-                                 Provider("ext", "megatron CUDA extension", lambda c, a: c.cuda and c.masked_softmax_ext),
-                             ), off_label="off"),
-    "bias_dropout": Kernel("bias-dropout", "bias_dropout_fusion", "--no-bias-dropout-fusion", lambda a: True, (
+    "masked_softmax": Kernel("masked softmax", "masked_softmax_fusion", _always, (
+        Provider("ext", "megatron CUDA extension", lambda c, a: c.cuda and c.masked_softmax_ext),
+    ), off_label="off"),
+    "bias_dropout": Kernel("bias-dropout", "bias_dropout_fusion", _always, (
         Provider("jit", "megatron-core jit", _cuda),
     ), off_label="off"),
-    "persist_layer_norm": Kernel("persistent LayerNorm", "persist_layer_norm", "--no-persist-layer-norm",
-                                 lambda a: True, (
-                                     Provider("apex", "apex", lambda c, a: c.cuda and c.apex),
-                                 ), off_label="off"),
+    "persist_layer_norm": Kernel("persistent LayerNorm", "persist_layer_norm", _always, (
+        Provider("apex", "apex", lambda c, a: c.cuda and c.apex),
+    ), off_label="off"),
 }
 
 # Flags that choose one provider by name (Megatron-LM's --cross-entropy-fusion-impl, plus liger).

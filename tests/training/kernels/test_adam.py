@@ -5,6 +5,7 @@ it inside megatron-core's real optimizer)."""
 import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from megatron.training.kernels.adam import set_fused_adamw
@@ -58,3 +59,23 @@ def test_switching_off_restores_torchs_default():
     set_fused_adamw(SimpleNamespace(optimizer=adam), False)
     assert all(g["fused"] is False and g["foreach"] is None for g in adam.param_groups)
     assert set_fused_adamw(SimpleNamespace(optimizer=torch.optim.SGD(_params(2), lr=0.1)), True) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_fused_adamw_on_gpu_matches_foreach():
+    # fp32 main parameters, as megatron-core's mixed-precision optimizers hold them: 16 x 4M.
+    torch.manual_seed(0)
+    fused = [torch.nn.Parameter(torch.randn(1 << 22, device="cuda")) for _ in range(16)]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    adam = torch.optim.AdamW(fused, lr=1e-3, weight_decay=0.1)
+    reference = torch.optim.AdamW(plain, lr=1e-3, weight_decay=0.1, foreach=True)
+    set_fused_adamw(SimpleNamespace(optimizer=adam), True)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in fused]
+        for p, q, g in zip(fused, plain, grads):
+            p.grad, q.grad = g, g.clone()
+        adam.step()
+        reference.step()
+    for p, q in zip(fused, plain):
+        torch.testing.assert_close(p, q, **FP32)

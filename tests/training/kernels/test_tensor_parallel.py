@@ -46,8 +46,9 @@ def _linear_grads(rank, sequence_parallel):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     out = {}
+    row_args = {"input_is_parallel": True, "skip_bias_add": False}
     for name, cls, shape, extra in (("column", ColumnParallelLinear, (HIDDEN, FFN), {"gather_output": False}),
-                                    ("row", RowParallelLinear, (FFN, HIDDEN), {"input_is_parallel": True, "skip_bias_add": False})):
+                                    ("row", RowParallelLinear, (FFN, HIDDEN), row_args)):
         layers = []
         for fusion in (True, False):
             config = ModelParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel,
@@ -98,7 +99,8 @@ def _worker(rank, world_size):
     torch.manual_seed(0)
     logits_full = torch.randn(SEQ, BATCH, 2 * VOCAB_PER_RANK) * 4
     target = torch.randint(0, 2 * VOCAB_PER_RANK, (SEQ, BATCH))
-    return {"refused_without_shim": refused, "logits": logits_full, "target": target, "ce": _cross_entropy(rank, logits_full, target),
+    return {"refused_without_shim": refused, "logits": logits_full, "target": target,
+            "ce": _cross_entropy(rank, logits_full, target),
             "linear": _linear_grads(rank, False), "linear_sp": _linear_grads(rank, True)}
 
 
