@@ -8,10 +8,12 @@
 #    (Megatron-LM's training package imports it); and .whl/Megatron-LM: Megatron-LM core_v0.16.1's pretrain_gpt.py,
 #    its builders and megatron/{training,rl,legacy,post_training}, cloned from MEGATRON_LM_GIT (default: GitHub; a
 #    local mirror works). Its megatron/core is left out: the wheel is the same release, with compiled helpers.
-# 2. Two device calls, carrying that folder (each under 10 minutes; every step has its own time limit):
-#        run(command="bash benchmarks/gpu_session.sh env throughput-1b", carry=[".whl"], timeout_s=600)
-#        run(command="bash benchmarks/gpu_session.sh tests kernels throughput-largest", carry=[".whl"], timeout_s=600)
-#    throughput-1b runs the 1b config with the kernels on and off and Megatron-LM's pretrain_gpt.py beside them.
+# 2. Two device calls, carrying that folder (each under 10 minutes: the step limits add up to 580 s each):
+#        run(command="bash benchmarks/gpu_session.sh env kernels throughput-1b", carry=[".whl"], timeout_s=600)
+#        run(command="bash benchmarks/gpu_session.sh tests throughput-largest", carry=[".whl"], timeout_s=600)
+#    kernels times each kernel against the paths it replaces (and picks the cross-entropy implementation);
+#    throughput-1b runs the 1b config with the kernels on and off and Megatron-LM's pretrain_gpt.py beside them;
+#    throughput-largest the largest preset the planner fits in the GPU, kernels on and off.
 #    activation-memory (issue 9's planner check) is a step of its own, for a third call when device time allows.
 #    Results go to $OUT (the device tool brings back 8 files at most), else to runs/gpu_session/. Copy the tables
 #    into benchmarks/results/ with the GPU's name.
@@ -68,14 +70,14 @@ step() {  # name, time limit (s), command...
 
 for s in "${steps[@]}"; do
     case $s in
-        env) step env 60 bash -c "nvidia-smi; $PY -c 'import torch, megatron.core, triton, liger_kernel; \
+        env) step env 40 bash -c "nvidia-smi; $PY -c 'import torch, megatron.core, triton, liger_kernel; \
 print(torch.__version__, torch.version.cuda, megatron.core.__version__, triton.__version__, torch.cuda.get_device_name())'" ;;
-        tests) step tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests ;;
-        kernels) step kernels 120 "$PY" benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.md" ;;
-        throughput-1b) step throughput-1b 420 "$PY" benchmarks/gpu_throughput.py --config 1b --kernels on off \
+        tests) step tests 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests ;;
+        kernels) step kernels 100 "$PY" benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.md" ;;
+        throughput-1b) step throughput-1b 440 "$PY" benchmarks/gpu_throughput.py --config 1b --kernels on off \
             --warmup 3 --iters 8 --compare-megatron-lm "$MEGATRON_LM" --out "$OUT/gpu_throughput_1b.md" ;;
-        throughput-largest) step throughput-largest 300 "$PY" benchmarks/gpu_throughput.py --config largest \
-            --kernels on off --warmup 2 --iters 5 --out "$OUT/gpu_throughput_largest.md" ;;
+        throughput-largest) step throughput-largest 380 "$PY" benchmarks/gpu_throughput.py --config largest \
+            --kernels on off --warmup 2 --iters 4 --out "$OUT/gpu_throughput_largest.md" ;;
         activation-memory) step activation-memory 280 "$PY" benchmarks/activation_memory_gpu.py \
             --out "$OUT/activation_memory.md" ;;
         *) echo "unknown step '$s': choose from ${all[*]}" >&2; exit 2 ;;

@@ -216,11 +216,10 @@ def run_megatron_lm(path: str, config: str, warmup: int, iters: int, log_path=No
         raise SystemExit(f"--compare-megatron-lm {path}: no pretrain_gpt.py there: "
                          "give a Megatron-LM core_v0.16.1 tree")
     argv = megatron_lm_argv(config, warmup + iters)
-    # PATH first (its megatron/training, not ours); then whatever holds megatron-core (a --target install).
-    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")])))
+    launcher = os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatron_lm_launch.py")
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                          script] + argv, capture_output=True, text=True, env=env, cwd=path)
+                          launcher, path] + argv, capture_output=True, text=True, env=env, cwd=path)
     if log_path:
         from megatron.training.fileio import atomic_write_text
 
@@ -321,17 +320,22 @@ def main():
             sys.exit("--config largest sizes the model to this GPU's memory: run it on a GPU")
         config = largest_config(torch.cuda.get_device_properties(0).total_memory / 2 ** 30)
         print(f"largest preset that fits: {config}", flush=True)
-    results = [_child(config, opts.warmup, opts.iters, kernels) for kernels in opts.kernels]
+    if opts.compare_megatron_lm and not torch.cuda.is_available():
+        sys.exit("--compare-megatron-lm runs Megatron-LM, which needs CUDA: run it on a GPU")
+    from bench_report import emit
+    from megatron.training.fileio import atomic_write_text
+
+    results = []
+    for kernels in opts.kernels:
+        results.append(_child(config, opts.warmup, opts.iters, kernels))
+        if opts.out:  # what is done so far survives a time limit
+            atomic_write_text(opts.out, report(results, opts.warmup, opts.iters))
     if opts.compare_megatron_lm:
-        if not torch.cuda.is_available():
-            sys.exit("--compare-megatron-lm runs Megatron-LM, which needs CUDA: run it on a GPU")
         log = os.path.splitext(opts.out)[0] + "_megatron_lm.log" if opts.out else None
         try:
             results.append(run_megatron_lm(opts.compare_megatron_lm, config, opts.warmup, opts.iters, log))
         except RuntimeError as e:
             results.append({"config": config, "kernels": "Megatron-LM", "error": str(e)})
-    from bench_report import emit
-
     emit(report(results, opts.warmup, opts.iters), opts.out)
 
 
