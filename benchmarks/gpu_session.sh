@@ -70,12 +70,12 @@ step() {  # name, time limit (s), command...
 
 for s in "${steps[@]}"; do
     case $s in
-        env) step env 40 bash -c "nvidia-smi; $PY -c 'import torch, megatron.core, triton, liger_kernel; \
+        env) step env 30 bash -c "nvidia-smi; $PY -c 'import torch, megatron.core, triton, liger_kernel; \
 print(torch.__version__, torch.version.cuda, megatron.core.__version__, triton.__version__, torch.cuda.get_device_name())'" ;;
         tests) step tests 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests ;;
-        kernels) step kernels 100 "$PY" benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.md" ;;
-        throughput-1b) step throughput-1b 440 "$PY" benchmarks/gpu_throughput.py --config 1b --kernels on off \
-            --warmup 3 --iters 8 --compare-megatron-lm "$MEGATRON_LM" --out "$OUT/gpu_throughput_1b.md" ;;
+        kernels) step kernels 150 "$PY" benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.md" ;;
+        throughput-1b) step throughput-1b 400 "$PY" benchmarks/gpu_throughput.py --config 1b --kernels on off \
+            --warmup 2 --iters 6 --compare-megatron-lm "$MEGATRON_LM" --out "$OUT/gpu_throughput_1b.md" ;;
         throughput-largest) step throughput-largest 380 "$PY" benchmarks/gpu_throughput.py --config largest \
             --kernels on off --warmup 2 --iters 4 --out "$OUT/gpu_throughput_largest.md" ;;
         activation-memory) step activation-memory 280 "$PY" benchmarks/activation_memory_gpu.py \

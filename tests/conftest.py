@@ -7,6 +7,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ask NVML, not the CUDA driver, whether there is a GPU: a driver initialised in
+# this process would make the forked test processes (tests/distributed) fail.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS: torch sizes its thread pool on import)
 

@@ -51,8 +51,12 @@ def _worker(rank, world_size, port, fn, args, queue):
 def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 600.0):
     # fork: the children inherit the already imported torch and megatron.core
     # (~5 s of imports per process with spawn). Safe here: OMP_NUM_THREADS=1 is set
-    # before torch loads (tests/conftest.py), so no thread pool is forked.
-    ctx = mp.get_context("fork" if os.environ.get("OMP_NUM_THREADS") == "1" else "spawn")
+    # before torch loads (tests/conftest.py), so no thread pool is forked. A CUDA
+    # context cannot be forked: once a GPU test in this process has used CUDA, spawn.
+    import torch
+
+    forkable = os.environ.get("OMP_NUM_THREADS") == "1" and not torch.cuda.is_initialized()
+    ctx = mp.get_context("fork" if forkable else "spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
