@@ -79,7 +79,7 @@ def _fwd_bwd(op, x, grad):
 def cross_entropy_rows(size, dtype, device, tiny):
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
-    from megatron.training.kernels import hooks
+    from megatron.core.models.common.language_module import language_module
 
     s, b = size["tokens"]
     logits = (torch.randn(s, b, size["vocab"], device=device) * 4).to(dtype)
@@ -89,11 +89,9 @@ def cross_entropy_rows(size, dtype, device, tiny):
     # megatron-core's unfused path works in place on fp32 logits (bf16 ones it copies to fp32 first).
     impls = {"unfused (megatron-core)": lambda x: tensor_parallel.vocab_parallel_cross_entropy(
         x.clone() if x.dtype == torch.float32 else x, target),
-             "liger": lambda x: hooks._liger_cross_entropy(None)(x, target, tp)}
+             "liger": lambda x: language_module.fused_vocab_parallel_cross_entropy(x, target, tp)}
     if not tiny:
         impls["native (megatron-core fused)"] = lambda x: fused_vocab_parallel_cross_entropy(x, target, tp)
-    from megatron.core.models.common.language_module import language_module
-
     if language_module.te_parallel_cross_entropy is not None and torch.cuda.is_available():
         impls["Transformer Engine"] = lambda x: language_module.te_parallel_cross_entropy(x, target, tp, False)
     ref_leaf = logits.detach().float().requires_grad_()
@@ -104,7 +102,7 @@ def cross_entropy_rows(size, dtype, device, tiny):
 
 def swiglu_rows(size, dtype, device, tiny):
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
-    from megatron.training.kernels import hooks
+    from megatron.core.transformer import mlp
 
     s, b = size["tokens"]
     x = torch.randn(s, b, 2 * size["ffn"], device=device, dtype=dtype)
@@ -114,7 +112,7 @@ def swiglu_rows(size, dtype, device, tiny):
         gate, up = torch.chunk(t, 2, dim=-1)
         return F.silu(gate) * up
 
-    impls = {"unfused": unfused, "liger": lambda t: hooks._liger_swiglu(bias_swiglu_impl)(t, None, False, False)}
+    impls = {"unfused": unfused, "liger": lambda t: mlp.bias_swiglu_impl(t, None, False, False)}
     if not tiny:
         impls["megatron-core jit"] = lambda t: bias_swiglu_impl(t, None)
     ref_leaf = x.detach().float().requires_grad_()
@@ -217,6 +215,11 @@ def main(argv=None):
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
     parallel_state.initialize_model_parallel()
+    # Liger's kernels where megatron-core's model calls its fusions (the defining modules keep megatron-core's own).
+    from megatron.training.kernels import hooks
+    from megatron.training.kernels.selection import KernelSelection
+
+    hooks.install(KernelSelection({"cross_entropy": "liger", "swiglu": "liger"}))
     torch.manual_seed(0)
     rows = []
     for bench in (cross_entropy_rows, swiglu_rows, rope_rows, grad_accum_rows, adam_rows):
