@@ -204,10 +204,11 @@ def _add_logging_flags(p):
 
 def build_parser(extra_args_provider=None) -> _Parser:
     from megatron.training.kernels.flags import add_kernel_flags
+    from megatron.training.peft.arguments import add_adapter_flags
 
     p = _Parser(description="Megatron-style Llama pretraining on megatron-core")
     for add in (_add_model_flags, add_kernel_flags, _add_training_flags, _add_parallel_flags, _add_data_flags,
-                _add_checkpoint_flags, _add_logging_flags):
+                _add_checkpoint_flags, _add_logging_flags, add_adapter_flags):
         add(p)
     if extra_args_provider is not None:
         extra_args_provider(p)
@@ -261,9 +262,13 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+def _fail(message: str) -> None:
+    raise ArgumentError(message)
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
-        raise ArgumentError(message)
+        _fail(message)
 
 
 def validate_args(args, world_size: int) -> None:
@@ -369,6 +374,9 @@ def validate_args(args, world_size: int) -> None:
                "--tokenizer-type is required (Llama2Tokenizer, HuggingFaceTokenizer, NullTokenizer, ...); "
                "with --mock-data, --vocab-size N alone is enough")
 
+    from megatron.training.peft.arguments import validate_adapter_args
+
+    validate_adapter_args(args, _fail)
     args.world_size = world_size
     args.data_parallel_size = dp
 

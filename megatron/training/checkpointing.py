@@ -33,6 +33,8 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.training import sharding
 from megatron.training.fileio import atomic_write_text, fsync_dir, temp_name
 from megatron.training.arguments import args_to_dict
+from megatron.training.peft.arguments import adapters_enabled
+from megatron.training.peft.targets import is_adapter_key
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -116,6 +118,15 @@ def _unwrap(chunk):
     return chunk
 
 
+def _model_state(args, chunk) -> dict:
+    """A model chunk's entries for a checkpoint: all of them, or with adapters
+    the adapter tensors only (the frozen base stays where `adapter_base` says)."""
+    state = _unwrap(chunk).state_dict()
+    if adapters_enabled(args):
+        return {name: value for name, value in state.items() if is_adapter_key(name)}
+    return state
+
+
 def model_keys(n_chunks: int) -> List[str]:
     """The state keys of a model of `n_chunks` virtual-pipeline chunks."""
     return ["model"] if n_chunks == 1 else [f"model{i}" for i in range(n_chunks)]
@@ -161,7 +172,9 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
             "layout": _layout(args),
         }
         for key, chunk in zip(model_keys(len(model)), model):
-            state[key] = _unwrap(chunk).state_dict()
+            state[key] = _model_state(args, chunk)
+        if adapters_enabled(args):
+            state["adapter_base"] = dict(args.adapter_base)
         if optimizer is not None and not args.no_save_optim:
             state["optimizer"] = optimizer.state_dict()
             state["opt_param_scheduler"] = scheduler.state_dict()
@@ -242,6 +255,10 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
     """Load args.load into the model (and, unless told otherwise, optimizer,
     scheduler and RNG). Returns (iteration, consumed_train_samples); (0, 0)
     when there is no checkpoint to load."""
+    if adapters_enabled(args):  # the base and the adapter come from two checkpoints
+        from megatron.training.peft.checkpoint import load_adapter_checkpoint
+
+        return load_adapter_checkpoint(args, model, optimizer, scheduler)
     try:
         iter_dir, iteration, release = _iteration_dir_from_tracker(args.load)
     except FileNotFoundError:
@@ -260,6 +277,7 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if os.path.isfile(path) else None
     if state is None or any(state["layout"].get(k) != v for k, v in _layout(args).items()):
         saved = state if state is not None else first_rank_state(iter_dir)
+        _refuse_adapter_checkpoint(saved, iter_dir)
         saved_layout = _saved_layout(saved)
         weights_only_load = args.finetune or release or (args.no_load_optim and args.no_load_rng)
         if not weights_only_load:
@@ -269,6 +287,7 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
         state = {"iteration": iteration, "consumed_train_samples": saved.get("consumed_train_samples", 0)}
         del saved
     else:
+        _refuse_adapter_checkpoint(state, iter_dir)
         for key, chunk in zip(model_keys(len(model)), model):
             if key not in state:
                 raise CheckpointError(f"{path} has no '{key}' entry")
@@ -276,6 +295,26 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
             module.load_state_dict(sharding.match_layer_spec(state[key], module.state_dict()), strict=True)
 
     fresh_start = args.finetune or release
+    restore_training_state(args, optimizer, scheduler, state, path, fresh_start)
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        print(f"loaded checkpoint {os.path.dirname(os.path.dirname(path))} (iteration {iteration})", flush=True)
+    if fresh_start:
+        return 0, 0
+    return iteration, state.get("consumed_train_samples", 0)
+
+
+def _refuse_adapter_checkpoint(state: dict, iter_dir: str) -> None:
+    if "adapter_base" in state:
+        from megatron.training.peft.arguments import adapter_flags
+
+        raise CheckpointError(f"{iter_dir} is an adapter checkpoint (on the base {state['adapter_base']['load']}): "
+                              f"load it with its adapter flags ({' '.join(adapter_flags(state['args']))})")
+
+
+def restore_training_state(args, optimizer, scheduler, state: dict, path: str, fresh_start: bool) -> None:
+    """Optimizer, LR scheduler and RNG from a rank file's `state` (unless
+    starting afresh or told not to)."""
     if optimizer is not None and not fresh_start and not args.no_load_optim:
         if "optimizer" not in state:
             raise CheckpointError(f"{path} was saved without optimizer state (--no-save-optim): "
@@ -289,13 +328,6 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
         if "rng_state" not in state:
             raise CheckpointError(f"{path} was saved without RNG state (--no-save-rng): load it with --no-load-rng")
         _set_rng_state(state["rng_state"])
-
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        print(f"loaded checkpoint {os.path.dirname(os.path.dirname(path))} (iteration {iteration})", flush=True)
-    if fresh_start:
-        return 0, 0
-    return iteration, state.get("consumed_train_samples", 0)
 
 
 def _load_distributed_optimizer_state(optimizer, path: str) -> None:
@@ -342,13 +374,18 @@ def _keeping_optimizer_step(opt):
         del opt._set_main_param_and_optimizer_states
 
 
-def _load_model_resharded(args, model: list, iter_dir: str, saved: dict) -> None:
+def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=None, on_full=None) -> None:
     """Load model weights saved under another TP/PP/VP layout: merge the
     source shards into full tensors, then cut this rank's part. Every rank
     maps the source files of all source ranks (memory-mapped) but copies out
     only the entries it needs: its own layers, and the embedding, output layer
     and final norm where its model chunks have them (fine up to a few billion
-    parameters; the checkpoint tools reshard larger models offline)."""
+    parameters; the checkpoint tools reshard larger models offline).
+
+    select(name): which of the model's state-dict entries this checkpoint
+    provides (default: all). on_full(chunk, full): called with each chunk's
+    full (unsharded, chunk-local names) tensors before they are cut, for
+    layers that keep a transformed copy of them (QLoRA's quantised base)."""
     src_tp, src_pp = saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]
     src_vp = saved["virtual_pipeline_model_parallel_size"]
     if saved["num_layers"] != args.num_layers:
@@ -360,7 +397,8 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict) -> None
     per_chunk = args.num_layers // (args.pipeline_model_parallel_size * len(model))
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    targets = [_unwrap(chunk).state_dict() for chunk in model]
+    targets = [{n: v for n, v in _unwrap(chunk).state_dict().items() if select is None or select(n)}
+               for chunk in model]
 
     # What this rank needs, in global names: its layers, and the other entries its chunks hold.
     layer_ranges = [(offsets[(pp_rank, v)], offsets[(pp_rank, v)] + per_chunk) for v in range(len(model))]
@@ -391,6 +429,8 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict) -> None
     for v, chunk in enumerate(model):
         target = targets[v]
         local = sharding.match_layer_spec(sharding.to_local_names(full, offsets[(pp_rank, v)], per_chunk), target)
+        if on_full is not None:
+            on_full(_unwrap(chunk), local)
         missing = [n for n in target if n not in local and not n.endswith("_extra_state")]
         if missing:
             raise CheckpointError(f"{iter_dir} lacks {missing[:3]}: it is not a checkpoint of this model")

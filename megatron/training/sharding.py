@@ -27,6 +27,22 @@ TP_PARTITIONS: Tuple[Tuple[str, int, object], ...] = (
     ("mlp.linear_fc1.weight", 0, "glu"),
     ("mlp.linear_fc1.bias", 0, "glu"),
     ("mlp.linear_fc2.weight", 1, 1),
+    # Adapters (megatron/training/peft): on column-parallel linears B and DoRA's magnitude are split like
+    # the base rows, each contiguous in its HF module's rows (a linear_qkv shard holds whole query groups,
+    # an fc1 shard its own gate and up rows); on row-parallel linears A is split like the base columns.
+    # Not listed, hence replicated: lora_A of column-parallel linears, lora_B and magnitude of row-parallel ones.
+    ("self_attention.linear_qkv.adapter.q_proj.lora_B.weight", 0, 1),
+    ("self_attention.linear_qkv.adapter.k_proj.lora_B.weight", 0, 1),
+    ("self_attention.linear_qkv.adapter.v_proj.lora_B.weight", 0, 1),
+    ("self_attention.linear_qkv.adapter.q_proj.lora_magnitude_vector", 0, 1),
+    ("self_attention.linear_qkv.adapter.k_proj.lora_magnitude_vector", 0, 1),
+    ("self_attention.linear_qkv.adapter.v_proj.lora_magnitude_vector", 0, 1),
+    ("mlp.linear_fc1.adapter.gate_proj.lora_B.weight", 0, 1),
+    ("mlp.linear_fc1.adapter.up_proj.lora_B.weight", 0, 1),
+    ("mlp.linear_fc1.adapter.gate_proj.lora_magnitude_vector", 0, 1),
+    ("mlp.linear_fc1.adapter.up_proj.lora_magnitude_vector", 0, 1),
+    ("self_attention.linear_proj.adapter.o_proj.lora_A.weight", 1, 1),
+    ("mlp.linear_fc2.adapter.down_proj.lora_A.weight", 1, 1),
 )
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")

@@ -16,6 +16,7 @@ import torch
 from megatron.training import arguments as arguments_module
 from megatron.training import checkpointing, initialize, kernels
 from megatron.training.flops import ModelShape, flops_per_iteration
+from megatron.training.peft.arguments import adapters_enabled
 from megatron.training.tokenizer import tokenizer_and_vocab_size
 from megatron.training.training_log import TrainingLogger, print_rank_0
 
@@ -125,6 +126,10 @@ def build_model(args, model_provider) -> list:
     config = arguments_module.transformer_config_from_args(args)
     vp = args.virtual_pipeline_model_parallel_size
     chunks = [model_provider(args, config, None, None, vp_stage) for vp_stage in (range(vp) if vp else [None])]
+    if adapters_enabled(args):  # freeze the base and attach adapters before Float16Module and DDP see the model
+        from megatron.training.peft.model import apply_adapters
+
+        apply_adapters(args, config, chunks)
     device = initialize.device()
     for chunk in chunks:
         chunk.to(device)

@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megatron.training.models.norms import LocalNorm
 from megatron.training.models.sdpa_attention import SDPAttention
+from megatron.training.peft.quantized import quantize_layer_spec
 
 
 def build_llama_layer_spec(args, num_layers_in_chunk: int):
@@ -30,6 +31,8 @@ def build_llama_layer_spec(args, num_layers_in_chunk: int):
     layer.submodules.pre_mlp_layernorm = LocalNorm
     if args.use_flash_attn:
         layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    if getattr(args, "lora_quant_bits", None):  # QLoRA: the dense linears keep their weights quantised
+        quantize_layer_spec(layer, args.lora_quant_bits)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_in_chunk, layer_norm=LocalNorm)
 
 
