@@ -12,7 +12,9 @@ with the Llama spec, and the driver's checkpoint loader, which reshards a
 checkpoint saved under another layout on load. The forward pass is
 megatron-core's pipeline schedule in forward-only mode; the last stage
 gathers the vocabulary shards over TP and broadcasts them to the other stages.
-No tokenizer files are needed: the model takes token ids.
+No tokenizer files are needed: the model takes token ids. An adapter
+checkpoint (megatron/training/peft) gives its base's logits with the adapters
+applied.
 """
 
 from typing import List, Sequence, Tuple
@@ -21,6 +23,7 @@ import torch
 
 from megatron.training import arguments, checkpointing, initialize, training
 from megatron.training.models.llama import build_gpt_model
+from megatron.training.peft.arguments import adapter_flags, adapters_enabled
 
 
 def inference_argv(load_dir: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
@@ -37,6 +40,8 @@ def inference_argv(load_dir: str, tensor_model_parallel_size: int = 1, pipeline_
     ]
     if saved.get("tokenizer_type") is None:
         argv.append("--mock-data")  # the model's vocabulary comes from the checkpoint; no data is read
+    if adapter_flags(saved):  # an adapter checkpoint: its base (named inside it) with its adapters
+        argv += adapter_flags(saved) + ["--transformer-impl", "local"]
     return argv + list(extra_argv)
 
 
@@ -46,7 +51,12 @@ def load_model(load_dir: str, tensor_model_parallel_size: int = 1, pipeline_mode
     args = training.setup_args(inference_argv(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size,
                                               extra_argv))
     config = arguments.transformer_config_from_args(args)
-    model = [build_gpt_model(args, config).to(initialize.device())]
+    model = [build_gpt_model(args, config)]
+    if adapters_enabled(args):
+        from megatron.training.peft.model import apply_adapters
+
+        apply_adapters(args, config, model)
+    model = [chunk.to(initialize.device()) for chunk in model]
     checkpointing.load_checkpoint(args, model, None, None)
     for chunk in model:
         chunk.eval()
