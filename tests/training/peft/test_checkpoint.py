@@ -10,6 +10,7 @@ import torch
 from megatron.training.peft.checkpoint import merged_adapter_state
 from tests.distributed.launcher import run_distributed
 from tests.training.lora_runner import TP2, adapter_argv, lora_flags
+from tests.tools.checkpoint.test_conversion import megatron_logits
 from tests.training.pretrain_runner import run_pretrain
 
 # Dropout everywhere (the model's and the adapters'), so an exact resume needs the RNG states back.
@@ -40,28 +41,16 @@ def test_resumed_adapter_training_reproduces_the_uninterrupted_run_exactly(runs)
     assert [(l, g) for _, l, g in first + resumed] == [(l, g) for _, l, g in straight]
 
 
-def _logits_worker(rank, world_size, jobs):
-    from megatron.training import inference
-
-    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
-    out = []
-    for load_dir, tp, pp in jobs:
-        args, model = inference.load_model(load_dir, tp, pp)
-        out.append(inference.forward_logits(args, model, tokens))
-        del model
-        inference.unload()
-    return out if rank == 0 else None
-
-
 def test_adapter_checkpoint_loads_resharded_under_other_layouts(runs, base_checkpoint):
-    """Saved at TP=2 with sequence parallelism; loaded at TP=2, TP=1 x PP=2 and PP=2 alone."""
+    """Saved at TP=2 with sequence parallelism; loaded at TP=2, at PP=2 and in one process (the
+    second rank a data-parallel replica)."""
     save = runs[3]
-    same, other, pp_only, base = run_distributed(
-        _logits_worker, world_size=2,
-        args=([(save, 2, 1), (save, 1, 2), (save, 1, 2), (base_checkpoint, 2, 1)],))[0]
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    same, pp2, single, base = megatron_logits(
+        [(save, 2, 1, tokens), (save, 1, 2, tokens), (save, 1, 1, tokens), (base_checkpoint, 2, 1, tokens)], 2)
     # fp32: the layouts differ by reduction order only (observed ~1e-6); a misplaced shard moves logits by >1e-2.
-    torch.testing.assert_close(other, same, rtol=0, atol=1e-4)
-    torch.testing.assert_close(pp_only, same, rtol=0, atol=1e-4)
+    torch.testing.assert_close(pp2, same, rtol=0, atol=1e-4)
+    torch.testing.assert_close(single, same, rtol=0, atol=1e-4)
     assert (same - base).abs().max() > 1e-3, "the adapters should change the base's logits"
 
 
