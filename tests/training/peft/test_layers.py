@@ -175,8 +175,41 @@ def _compare_all(rank, world_size):
             module = model.decoder.layers[0].get_submodule(suffix)
             for key, value in _compare_module(args, module, suffix, dims, generator).items():
                 out[(case, suffix, key)] = value
+    out["saved"] = _saved_by_frozen_bases(base_args)
     initialize.destroy()
     return out
+
+
+def _saved_by_frozen_bases(base_args):
+    """What autograd keeps for backward from a frozen linear without adapter and
+    from a 4-bit QLoRA base: [(numel, is the weight parameter)] per layer."""
+    from megatron.training import arguments
+    from megatron.training.models.llama import build_gpt_model
+    from megatron.training.peft.model import apply_adapters
+    from megatron.training.peft.targets import LayerDims
+
+    saved = {}
+    for bits in (None, 4):
+        args = copy.copy(base_args)
+        args.lora_quant_bits, args.lora_target_modules = bits, ["q_proj"]
+        config = arguments.transformer_config_from_args(args)
+        model = build_gpt_model(args, config)
+        apply_adapters(args, config, [model])
+        fc1 = model.decoder.layers[0].mlp.linear_fc1  # no adapter on it: only q_proj is targeted
+        if bits:
+            fc1.load_full_weight(torch.randn(fc1.out_local, fc1.in_local), LayerDims.from_config(config))
+        weight = getattr(fc1, "weight", None)
+        records = []
+
+        def pack(t):
+            records.append((t.numel(), weight is not None and t.data_ptr() == weight.data_ptr()))
+            return t
+
+        x = torch.randn(SEQ, 1, args.hidden_size, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fc1(x)[0].sum().backward()
+        saved[bits] = (records, x.grad.abs().max().item(), fc1.out_local * fc1.in_local if bits else weight.numel())
+    return saved
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +231,13 @@ def test_adapted_layers_equal_peft(case, comparisons):
         assert all(got[k + "_nonzero"] for k in grads), f"{case} {suffix}: a reference gradient is zero"
         if "dequantized_bitwise_equal" in got:
             assert got["dequantized_bitwise_equal"], f"{case} {suffix}: the dequantised base differs from bitsandbytes'"
+
+
+def test_frozen_bases_keep_no_activation_or_dequantised_weight_for_backward(comparisons):
+    """A frozen megatron-core linear (LinearWithFrozenWeight) keeps only its weight parameter, no
+    input; a QLoRA base keeps nothing (its weight is dequantised again in backward)."""
+    records, input_grad, _ = comparisons["saved"][None]
+    assert records and all(is_weight for _, is_weight in records) and input_grad > 0
+    records, input_grad, weight_numel = comparisons["saved"][4]
+    assert input_grad > 0
+    assert not [n for n, _ in records if n >= weight_numel], f"a weight-sized tensor is kept: {records}"
