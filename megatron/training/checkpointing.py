@@ -314,7 +314,8 @@ def _refuse_adapter_checkpoint(state: dict, iter_dir: str) -> None:
 
 def restore_training_state(args, optimizer, scheduler, state: dict, path: str, fresh_start: bool) -> None:
     """Optimizer, LR scheduler and RNG from a rank file's `state` (unless
-    starting afresh or told not to)."""
+    starting afresh or told not to); without optimizer state, the optimizer
+    takes its main parameters from the loaded weights."""
     if optimizer is not None and not fresh_start and not args.no_load_optim:
         if "optimizer" not in state:
             raise CheckpointError(f"{path} was saved without optimizer state (--no-save-optim): "
@@ -324,6 +325,11 @@ def restore_training_state(args, optimizer, scheduler, state: dict, path: str, f
             _load_distributed_optimizer_state(optimizer, os.path.join(os.path.dirname(path), "distrib_optim.pt"))
         if scheduler is not None:
             scheduler.load_state_dict(state["opt_param_scheduler"])
+    elif optimizer is not None:
+        # Weights loaded without optimizer state: a mixed-precision optimizer's fp32 main
+        # parameters are copies taken when it was built (the random initialisation), and its
+        # first step would write them back over the loaded weights. Take them again.
+        optimizer.reload_model_params()
     if not fresh_start and not args.no_load_rng:
         if "rng_state" not in state:
             raise CheckpointError(f"{path} was saved without RNG state (--no-save-rng): load it with --no-load-rng")

@@ -63,7 +63,7 @@ def load_adapter_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[in
         load_base(args, model, iter_dir, first)
         del first
         init_magnitudes([checkpointing._unwrap(chunk) for chunk in model])
-        _refresh_main_params(optimizer)
+        checkpointing.restore_training_state(args, optimizer, scheduler, {}, iter_dir, fresh_start=True)
         _print(f"> new adapters on the base {args.adapter_base['load']} (iteration {iteration})")
         return 0, 0
 
@@ -76,13 +76,13 @@ def load_adapter_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[in
         checkpointing._check_layout(saved_layout, args, iter_dir)
     # Adapter tensors are small: read them from every source rank and cut this rank's part (any layout).
     checkpointing._load_model_resharded(args, model, iter_dir, saved_layout, select=is_adapter_key)
-    state = {"consumed_train_samples": first.get("consumed_train_samples", 0)}
     if same_layout:
         path = checkpointing.rank_file(iter_dir, *_tp_pp_rank(), args.pipeline_model_parallel_size)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         checkpointing.restore_training_state(args, optimizer, scheduler, state, path, fresh_start=args.finetune)
-    if args.finetune or not same_layout or args.no_load_optim:
-        _refresh_main_params(optimizer)
+    else:  # weights only (checked above); the data position is the checkpoint's
+        state = {"consumed_train_samples": first.get("consumed_train_samples", 0)}
+        checkpointing.restore_training_state(args, optimizer, scheduler, state, iter_dir, fresh_start=True)
     torch.distributed.barrier()
     _print(f"loaded adapter checkpoint {iter_dir} (iteration {iteration}) on the base {args.adapter_base['load']}")
     if args.finetune:
@@ -94,13 +94,6 @@ def _tp_pp_rank() -> Tuple[int, int]:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
-
-
-def _refresh_main_params(optimizer) -> None:
-    """Weights changed outside the optimizer: a mixed-precision optimizer's fp32
-    main copies (taken when it was built) must be taken again."""
-    if optimizer is not None:
-        optimizer.reload_model_params()
 
 
 def _setting(value):
