@@ -58,8 +58,9 @@ def validate_adapter_args(args, error) -> None:
     if not adapters_enabled(args):
         given = [f"--{k.replace('_', '-')}" for k in ADAPTER_KEYS[1:] if getattr(args, k, None) not in (None, False)]
         if given:
-            error(f"{', '.join(given)} configure(s) adapters, which --lora-rank R switches on: add --lora-rank "
-                  "(e.g. 8), or drop the flag(s) to train all weights")
+            verb, them = ("configures", "it") if len(given) == 1 else ("configure", "them")
+            error(f"{', '.join(given)} {verb} adapters, which --lora-rank R switches on: add --lora-rank (e.g. 8), "
+                  f"or drop {them} to train all weights")
         return
     if args.lora_rank < 1:
         error(f"--lora-rank {args.lora_rank}: the adapter rank must be a positive integer (e.g. 8 or 16)")
