@@ -68,12 +68,17 @@ def load_adapter_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[in
         return 0, 0
 
     _check_same_adapter(args, first["args"], iter_dir)
+    layout_diffs = [f"{k}: checkpoint {first['layout'].get(k)} vs this run {v}"
+                    for k, v in checkpointing._layout(args).items() if first["layout"].get(k) != v]
+    if layout_diffs and not (args.finetune or (args.no_load_optim and args.no_load_rng)):
+        raise CheckpointError(
+            f"{iter_dir} was saved with another parallel layout ({'; '.join(layout_diffs)}): resume with the "
+            "checkpoint's layout, or load the adapters alone into this layout (resharded on load) with --finetune, "
+            "or with --no-load-optim --no-load-rng to keep the data position")
+    same_layout = not layout_diffs
     args.adapter_base = dict(first["adapter_base"])
     load_base(args, model, base_iteration_dir(args.adapter_base, iter_dir))
     saved_layout = checkpointing._saved_layout(first)
-    same_layout = all(first["layout"].get(k) == v for k, v in checkpointing._layout(args).items())
-    if not same_layout and not (args.finetune or (args.no_load_optim and args.no_load_rng)):
-        checkpointing._check_layout(saved_layout, args, iter_dir)
     # Adapter tensors are small: read them from every source rank and cut this rank's part (any layout).
     checkpointing._load_model_resharded(args, model, iter_dir, saved_layout, select=is_adapter_key)
     if same_layout:

@@ -29,6 +29,7 @@ Float16Module casts every floating-point buffer to bf16/fp16, which would
 round the scales; integer buffers only move with the module's device.
 """
 
+import logging
 import math
 from typing import Tuple
 
@@ -47,6 +48,9 @@ _INT8_SCALE = 7.874015718698502e-3  # 1/127, bitsandbytes' constant for int8 deq
 
 
 def _bnb():
+    # Its CPU backend logs at import that an optional fused CPU 4-bit matmul kernel is missing; we
+    # never call bitsandbytes' matmuls (the base is dequantised here), so the message is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError as e:
