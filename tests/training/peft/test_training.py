@@ -138,3 +138,24 @@ def test_layout_trains_the_same_adapters_and_keeps_the_base(layout, single, base
         assert adapters[name].shape == tensor.shape, name
         scale = tensor.abs().max().clamp(min=1e-12)
         assert ((adapters[name] - tensor).abs().max() / scale).item() < TOLERANCE, f"{layout}: {name}"
+
+
+def test_tied_embeddings_under_pipeline_parallelism(tmp_path):
+    """With tied embeddings and PP=2 the last stage keeps megatron-core's copy of the (frozen)
+    word embeddings: both copies stay bit-identical and the adapters train as in one process."""
+    from tests.training.lora_runner import make_base
+
+    base = make_base(str(tmp_path / "tied_base"), tied=True, train_iters=3)
+    saves = {n: str(tmp_path / n) for n in ("single", "pp2")}
+    single = _run(adapter_argv(base, LORA, save=saves["single"], tied=True), 1)
+    pp2 = _run(adapter_argv(base, LORA, layout=["--pipeline-model-parallel-size", "2"], save=saves["pp2"], tied=True),
+               2)
+    first_stage, last_stage = (next(r for r in pp2 if r["pp"] == p) for p in (0, 1))
+    assert torch.equal(last_stage["base"]["output_layer.weight"], first_stage["base"]["embedding.word_embeddings.weight"])
+    assert torch.equal(first_stage["base"]["embedding.word_embeddings.weight"],
+                       _base_file(base)["embedding.word_embeddings.weight"])
+    assert [l for _, l in last_stage["losses"]] == pytest.approx([l for _, l in single[0]["losses"]], rel=TOLERANCE)
+    got, want = merged_adapter_state(saves["pp2"])[2], merged_adapter_state(saves["single"])[2]
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert ((got[name] - tensor).abs().max() / tensor.abs().max()).item() < TOLERANCE, name
