@@ -26,7 +26,7 @@ Tensor parallelism moves only r-wide activations between ranks:
 """
 
 import contextlib
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,15 +105,17 @@ class ParallelAdapter(nn.Module):
     def sub(self, name: str) -> LoraWeights:
         return getattr(self, name)
 
+    def dropout_active(self) -> bool:
+        return self.training and self.dropout > 0.0
+
     def dropped(self, x: torch.Tensor, split_input: bool) -> torch.Tensor:
-        if not self.training or self.dropout == 0.0:
+        """peft's lora_dropout; inputs split over TP ranks (or over the sequence) draw from
+        megatron-core's per-rank tensor-parallel RNG stream, replicated ones from the default one."""
+        if not self.dropout_active():
             return x
         fork = tensor_parallel.get_cuda_rng_tracker().fork() if split_input else contextlib.nullcontext()
         with fork:
             return F.dropout(x, self.dropout, training=True)
-
-    def dropout_active(self) -> bool:
-        return self.training and self.dropout > 0.0
 
     def extra_repr(self) -> str:
         return (f"{self.module_name}: {', '.join(self.targeted)}; r={self.rank} scaling={self.scaling:g} "
@@ -255,7 +257,3 @@ class RowParallelAdapter(ParallelAdapter):
 
 
 ADAPTERS = {"column": ColumnParallelAdapter, "row": RowParallelAdapter}
-
-
-def adapter_parameters(adapter: ParallelAdapter) -> List[nn.Parameter]:
-    return [p for p in adapter.parameters()]
