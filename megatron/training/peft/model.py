@@ -46,8 +46,10 @@ def _add_adapter_output(module: nn.Module, inputs, output):
 def _require_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     # Full recomputation (megatron-core's CheckpointFunction) only back-propagates into a layer block whose
     # input requires grad; with a frozen embedding the first block's input would not, and its adapters
-    # would get no gradient at all.
-    return output.requires_grad_(True) if not output.requires_grad else output
+    # would get no gradient at all. Inert without grad (evaluation; inference tensors refuse requires_grad).
+    if torch.is_grad_enabled() and not output.requires_grad:
+        return output.requires_grad_(True)
+    return output
 
 
 def _global_layer(chunk: nn.Module, local_index: int) -> int:

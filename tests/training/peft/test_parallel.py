@@ -32,6 +32,9 @@ METHODS = {
     "dora_rslora": lora_flags(dora=True, rslora=True),
     "qlora4_dora": lora_flags(dora=True, quant_bits=4),
 }
+# Dropout on the column-parallel modules only: their input is replicated, so TP=1 and TP=2 draw the same
+# masks from the default generator in the same order, and DoRA's dropout path compares across layouts.
+COLUMN_DROPOUT = lora_flags(dora=True, dropout=0.3, targets=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
 SP = ["--sequence-parallel"]
 FULL_RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 SELECTIVE_RECOMPUTE = ["--recompute-activations"]
@@ -141,6 +144,7 @@ def _argv(base, method, layout=()):
 @pytest.fixture(scope="module")
 def single(base_checkpoint):
     configs = [(m, _argv(base_checkpoint, m)) for m in METHODS]
+    configs += [("column_dropout", adapter_argv(base_checkpoint, COLUMN_DROPOUT, iters=3))]
     configs += [("full_recompute", _argv(base_checkpoint, "dora_rslora", FULL_RECOMPUTE)),
                 ("selective_recompute", _argv(base_checkpoint, "dora_rslora", SELECTIVE_RECOMPUTE))]
     return run_distributed(_run, world_size=1, args=(configs,))[0]
@@ -150,7 +154,8 @@ def single(base_checkpoint):
 def tp2(base_checkpoint):
     configs = [(f"{m}_tp2", _argv(base_checkpoint, m, TP2)) for m in METHODS]
     configs += [(f"{m}_tp2_sp", _argv(base_checkpoint, m, TP2 + SP)) for m in METHODS]
-    configs += [("dropout_tp2", adapter_argv(base_checkpoint, lora_flags(dropout=0.3), layout=TP2, iters=3))]
+    configs += [("dropout_tp2", adapter_argv(base_checkpoint, lora_flags(dropout=0.3), layout=TP2, iters=3)),
+                ("column_dropout_tp2", adapter_argv(base_checkpoint, COLUMN_DROPOUT, layout=TP2, iters=3))]
     return run_distributed(_run, world_size=2, args=(configs,))
 
 
@@ -206,3 +211,9 @@ def test_dropout_masks_on_replicated_activations_agree_across_tp_ranks(tp2):
         assert torch.equal(with_dropout[0][name], with_dropout[1][name]), f"{name}: dropout masks differ"
         # and dropout was on: the gradient differs from the run without it
         assert not torch.allclose(with_dropout[0][name], tp2[0]["lora_tp2"]["local"][name])
+
+
+def test_dora_with_dropout_matches_single_process(single, tp2):
+    """DoRA with active dropout recomputes W x' on the dropped input (as peft); on the
+    column-parallel modules (replicated input, same masks at TP=1 and TP=2) it matches."""
+    _assert_same(tp2[0]["column_dropout_tp2"], single["column_dropout"], "column_dropout_tp2")
