@@ -383,15 +383,16 @@ def _keeping_optimizer_step(opt):
 def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=None, on_full=None) -> None:
     """Load model weights saved under another TP/PP/VP layout: merge the
     source shards into full tensors, then cut this rank's part. Every rank
-    maps the source files of all source ranks (memory-mapped) but copies out
-    only the entries it needs: its own layers, and the embedding, output layer
-    and final norm where its model chunks have them (fine up to a few billion
-    parameters; the checkpoint tools reshard larger models offline).
+    maps the source files of all source ranks (memory-mapped) and merges only
+    the entries it needs, one layer at a time (each is cut and loaded before
+    the next is merged): its own layers, then the embedding, output layer and
+    final norm where its model chunks have them.
 
     select(name): which of the model's state-dict entries this checkpoint
-    provides (default: all). on_full(chunk, full): called with each chunk's
-    full (unsharded, chunk-local names) tensors before they are cut, for
-    layers that keep a transformed copy of them (QLoRA's quantised base)."""
+    provides (default: all). on_full(chunk, full): called with the full
+    (unsharded, chunk-local names) tensors of each layer (and of the other
+    entries) before they are cut, for layers that keep a transformed copy of
+    them (QLoRA's quantised base)."""
     src_tp, src_pp = saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]
     src_vp = saved["virtual_pipeline_model_parallel_size"]
     if saved["num_layers"] != args.num_layers:
@@ -413,37 +414,53 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=
         other_names.add(_EMBEDDING)  # the output layer may have to be copied from the embedding (below)
 
     def needed(name: str) -> bool:
-        if not name.startswith("decoder.layers."):
+        index = sharding.layer_index(name)
+        if index is None:
             return name in other_names
-        index = int(name.split(".", 3)[2])
         return any(first <= index < end for first, end in layer_ranges)
 
-    full: dict = {}
+    loaded = [set() for _ in model]
+
+    def load(full: dict) -> None:
+        """Cut full tensors (global names) for every chunk holding some of them, and load them."""
+        for v, chunk in enumerate(model):
+            module, target = _unwrap(chunk), targets[v]
+            local = sharding.match_layer_spec(sharding.to_local_names(full, offsets[(pp_rank, v)], per_chunk), target)
+            if on_full is not None:
+                on_full(module, local)
+            names = [n for n in target if n in local]
+            shard = sharding.shard_for_rank(_fit_vocab(local, target, args.tensor_model_parallel_size), tp_rank,
+                                            args.tensor_model_parallel_size, gated, names)
+            module.load_state_dict(shard, strict=False)
+            loaded[v].update(names)
+
+    others: dict = {}
     src_offsets = sharding.layer_offsets(saved["num_layers"], src_pp, src_vp)
     for p in range(src_pp):
         states = [torch.load(rank_file(iter_dir, t, p, src_pp), map_location="cpu", weights_only=True, mmap=True)
                   for t in range(src_tp)]
         for v, key in enumerate(model_keys(src_vp or 1)):
             chunks = [sharding.to_global_names(s[key], src_offsets[(p, v)]) for s in states]
-            wanted = [{n: x for n, x in c.items() if needed(n)} for c in chunks]
-            full.update(sharding.merge_tp_states(wanted, gated))
-        del states, chunks, wanted
-    if _OUTPUT_LAYER not in full and tied and _EMBEDDING in full:
+            by_layer: dict = {}
+            for name in chunks[0]:
+                if needed(name):
+                    by_layer.setdefault(sharding.layer_index(name), []).append(name)
+            for index, names in by_layer.items():
+                merged = sharding.merge_tp_states([{n: c[n] for n in names} for c in chunks], gated)
+                if index is None:
+                    others.update(merged)
+                else:
+                    load(merged)
+        del states, chunks
+    if _OUTPUT_LAYER not in others and tied and _EMBEDDING in others:
         # Tied embeddings saved without pipelining: the last stage's output layer is
         # megatron-core's copy of the word embeddings.
-        full[_OUTPUT_LAYER] = full[_EMBEDDING]
-    for v, chunk in enumerate(model):
-        target = targets[v]
-        local = sharding.match_layer_spec(sharding.to_local_names(full, offsets[(pp_rank, v)], per_chunk), target)
-        if on_full is not None:
-            on_full(_unwrap(chunk), local)
-        missing = [n for n in target if n not in local and not n.endswith("_extra_state")]
+        others[_OUTPUT_LAYER] = others[_EMBEDDING]
+    load(others)
+    for v, target in enumerate(targets):
+        missing = [n for n in target if n not in loaded[v] and not n.endswith("_extra_state")]
         if missing:
             raise CheckpointError(f"{iter_dir} lacks {missing[:3]}: it is not a checkpoint of this model")
-        names = [n for n in target if n in local]
-        shard = sharding.shard_for_rank(_fit_vocab(local, target, args.tensor_model_parallel_size), tp_rank,
-                                        args.tensor_model_parallel_size, gated, names)
-        _unwrap(chunk).load_state_dict(shard, strict=False)
 
 
 def _fit_vocab(local: dict, target: dict, tp: int) -> dict:

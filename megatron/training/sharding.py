@@ -117,6 +117,12 @@ def layer_offsets(num_layers: int, pp: int, vp: Optional[int]) -> Dict[Tuple[int
     return {(p, v): v * (num_layers // chunks) + p * per_chunk for p in range(pp) for v in range(chunks)}
 
 
+def layer_index(name: str) -> Optional[int]:
+    """The (chunk-local or global) layer index of a `decoder.layers.<i>.` entry; None for the others."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
 def to_global_names(state: Dict[str, torch.Tensor], offset: int) -> Dict[str, torch.Tensor]:
     out = {}
     for name, value in state.items():

@@ -154,21 +154,24 @@ def load_base(args, model: list, iter_dir: str, first: dict = None) -> None:
                 raise CheckpointError(f"{path} does not fit this model (missing {missing[:3]}, unexpected "
                                       f"{result.unexpected_keys[:3]}): is it a checkpoint of this base model?")
     else:
+        quantised = set()
+
+        def quantize_from_full(module, full: Dict[str, torch.Tensor]) -> None:
+            dims = LayerDims.from_config(module.config)
+            for name, layer in module.named_modules():
+                if isinstance(layer, QuantizedLinear) and f"{name}.weight" in full:
+                    layer.load_full_weight(full[f"{name}.weight"], dims)
+                    quantised.add(layer)
+
         checkpointing._load_model_resharded(args, model, iter_dir, saved_layout,
                                             select=lambda name: not is_adapter_key(name),
-                                            on_full=_quantize_from_full if quantized else None)
+                                            on_full=quantize_from_full if quantized else None)
+        missing = [n for chunk in model for n, m in checkpointing._unwrap(chunk).named_modules()
+                   if isinstance(m, QuantizedLinear) and m not in quantised]
+        if missing:
+            raise CheckpointError(f"{iter_dir} has no {missing[0]}.weight: it is not a checkpoint of this model")
     if quantized:
         _print(f"> quantised the base {iter_dir} to {args.lora_quant_bits} bits in {time.time() - t0:.1f} s")
-
-
-def _quantize_from_full(module, full: Dict[str, torch.Tensor]) -> None:
-    dims = LayerDims.from_config(module.config)
-    for name, layer in module.named_modules():
-        if isinstance(layer, QuantizedLinear):
-            key = f"{name}.weight"
-            if key not in full:
-                raise CheckpointError(f"the base checkpoint has no {key}: it is not a checkpoint of this model")
-            layer.load_full_weight(full[key], dims)
 
 
 def merged_adapter_state(load_dir: str) -> Tuple[dict, dict, Dict[str, torch.Tensor]]:
