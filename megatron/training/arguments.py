@@ -262,13 +262,13 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
-def _fail(message: str) -> None:
-    raise ArgumentError(message)
-
-
 def _check(cond: bool, message: str) -> None:
     if not cond:
-        _fail(message)
+        raise ArgumentError(message)
+
+
+def _fail(message: str) -> None:
+    raise ArgumentError(message)
 
 
 def validate_args(args, world_size: int) -> None:
