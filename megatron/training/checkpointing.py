@@ -9,7 +9,9 @@
 stage) under megatron-core's own state-dict names, `optimizer`,
 `opt_param_scheduler`, `rng_state`, `iteration`, `consumed_train_samples`,
 `checkpoint_version` and `args` (a plain dict, so the file loads with
-`torch.load(weights_only=True)`). The distributed optimizer's shards are
+`torch.load(weights_only=True)`). With adapters (--lora-rank) the `model`
+entries hold the adapter tensors only and `adapter_base` names the frozen
+base checkpoint; megatron/training/peft/checkpoint.py loads both. The distributed optimizer's shards are
 gathered to data-parallel rank 0 (megatron-core's dp-zero format), so a run can
 resume with a different data-parallel size.
 
