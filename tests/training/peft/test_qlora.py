@@ -4,7 +4,7 @@ Hugging Face checkpoint, bit for bit, and gives that model's logits.
 A tiny random HF Llama is converted to a Megatron checkpoint (TP=1) by
 tools/checkpoint; the driver loads it as a QLoRA base at TP=2 (so each
 matrix is quantised whole, then sliced: o_proj's 64-blocks are cut in half
-between the two ranks) for 4 and 8 bits. The reference is transformers'
+between the two ranks) and at PP=2, for 4 and 8 bits. The reference is transformers'
 LlamaForCausalLM.from_pretrained with BitsAndBytesConfig (load_in_4bit nf4
 without double quantisation; load_in_8bit), which runs on CPU here. Every
 in_features is a multiple of 64, where bitsandbytes' native CPU kernel
@@ -57,6 +57,11 @@ def _qlora_worker(rank, world_size, base, bits_list):
             for hf_name, part in zip(hf_names[layer.module_name], split_to_hf(layer.module_name, full, dims)):
                 weights[f"model.layers.{index}.{hf_name}"] = part
         out[bits] = (weights, inference.forward_logits(args, model, TOKENS))
+        del model
+        inference.unload()
+        # The same base at PP=2: every stage quantises its own layers from the full tensors.
+        args, model = inference.load_model(base, 1, 2, extra_argv=flags)
+        out[f"{bits}_pp2"] = inference.forward_logits(args, model, TOKENS)
         del model
         inference.unload()
     return out if rank == 0 else None
@@ -116,6 +121,7 @@ def test_qlora_logits_equal_an_unquantised_model_of_the_dequantised_weights(bits
     with torch.no_grad():
         want = reference(TOKENS).logits
     torch.testing.assert_close(logits[..., :MODEL["vocab_size"]], want, rtol=0, atol=ATOL)
+    torch.testing.assert_close(ours[f"{bits}_pp2"], logits, rtol=0, atol=ATOL)
     # The quantisation is real: the full-precision model's logits are further away.
     reference.load_state_dict(original)
     with torch.no_grad():
