@@ -94,8 +94,11 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (codes[:, 0::2] << 4) | codes[:, 1::2]
 
 
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(packed.shape[0], -1)
+def nf4_pair_table(device) -> torch.Tensor:
+    """[256, 2] fp32: the two NF4 values a packed byte holds (high nibble first), so
+    dequantisation indexes once per byte instead of once per element."""
+    code = nf4_code(device)
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
 
 
 class _DequantizedLinear(torch.autograd.Function):
@@ -144,7 +147,7 @@ class QuantizedLinear(nn.Module):
                                  persistent=False)
             self.register_buffer("absmax_bits", torch.zeros(self.out_local, self.in_local // self.piece,
                                                             dtype=torch.int32), persistent=False)
-            self.register_buffer("code_bits", nf4_code("cpu").view(torch.int32).clone(), persistent=False)
+            self.register_buffer("pair_bits", nf4_pair_table("cpu").view(torch.int32).clone(), persistent=False)
         elif quant_bits == 8:
             self.register_buffer("codes", torch.zeros(self.out_local, self.in_local, dtype=torch.int8),
                                  persistent=False)
@@ -168,7 +171,7 @@ class QuantizedLinear(nn.Module):
         """This shard's weight [out_local, in_local] in the parameter dtype, bit
         for bit what bitsandbytes' dequantize_4bit / int8_vectorwise_dequant give."""
         if self.bits == 4:
-            values = self.code_bits.view(torch.float32)[unpack_nibbles(self.codes).long()]
+            values = self.pair_bits.view(torch.float32)[self.codes.int()]  # [out, in / 2, 2]
             absmax = self.absmax_bits.view(torch.float32)
             weight = (values.view(self.out_local, -1, self.piece) * absmax.unsqueeze(-1)).view(self.out_local, -1)
         else:
