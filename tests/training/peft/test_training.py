@@ -24,9 +24,11 @@ LAYOUTS = {
     "pp2_interleaved": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
 }
 # fp32 on CPU, 3 Adam steps: the layouts differ by reduction order only (a few ulp in every
-# gradient), and Adam's update is smooth in the gradient, so the adapters agree to ~1e-7 of
-# their largest entry; 1e-5 still fails for a lost gradient or a wrongly sharded update.
-TOLERANCE = 1e-5
+# gradient); Adam divides by sqrt(v), which magnifies that for entries with tiny gradients, so
+# the adapters agree to a few 1e-6 of each tensor's largest entry (observed <= 4e-6) and the
+# losses to ~1e-7. 1e-4 still fails for a lost gradient or a wrongly sharded update (O(1)).
+TOLERANCE = 1e-4
+LOSS_RTOL = 1e-5  # as tests/training/test_parity.py
 
 
 def _train_and_read_base(rank, world_size, argv):
@@ -124,7 +126,7 @@ def test_layout_trains_the_same_adapters_and_keeps_the_base(layout, single, base
     reference_results, reference_save = single
     losses = next(r["losses"] for r in results if r["losses"])
     for (it, got), (_, want) in zip(losses, reference_results[0]["losses"]):
-        assert got == pytest.approx(want, rel=TOLERANCE), f"{layout}: iteration {it} loss"
+        assert got == pytest.approx(want, rel=LOSS_RTOL), f"{layout}: iteration {it} loss"
     base = _base_file(base_checkpoint)
     after = _merged_base(results)
     for name, tensor in base.items():
@@ -154,7 +156,7 @@ def test_tied_embeddings_under_pipeline_parallelism(tmp_path):
     assert torch.equal(last_stage["base"]["output_layer.weight"], first_stage["base"]["embedding.word_embeddings.weight"])
     assert torch.equal(first_stage["base"]["embedding.word_embeddings.weight"],
                        _base_file(base)["embedding.word_embeddings.weight"])
-    assert [l for _, l in last_stage["losses"]] == pytest.approx([l for _, l in single[0]["losses"]], rel=TOLERANCE)
+    assert [l for _, l in last_stage["losses"]] == pytest.approx([l for _, l in single[0]["losses"]], rel=LOSS_RTOL)
     got, want = merged_adapter_state(saves["pp2"])[2], merged_adapter_state(saves["single"])[2]
     assert set(got) == set(want)
     for name, tensor in want.items():
