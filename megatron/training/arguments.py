@@ -500,7 +500,7 @@ MODEL_SHAPE_FLAGS = (
     "group_query_attention", "kv_channels", "max_position_embeddings", "position_embedding_type",
     "rotary_base", "rotary_percent", "normalization", "norm_epsilon", "swiglu",
     "untie_embeddings_and_output_weights", "add_bias_linear", "add_position_embedding",
-    "make_vocab_size_divisible_by", "padded_vocab_size",
+    "make_vocab_size_divisible_by", "padded_vocab_size", "unpadded_vocab_size",
 )
 
 

@@ -102,7 +102,9 @@ def _print_args(args) -> None:
 
 def build_tokenizer_from_args(args):
     """The tokenizer named by the flags (None for --mock-data without one);
-    sets args.padded_vocab_size."""
+    sets args.padded_vocab_size and args.unpadded_vocab_size (the real
+    vocabulary, recorded in checkpoints: its padding rows are excluded from
+    the softmax, models/padded_vocab.py)."""
     tokenizer, vocab = tokenizer_and_vocab_size(args)
     padded = arguments_module.padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                 args.tensor_model_parallel_size)
@@ -112,6 +114,7 @@ def build_tokenizer_from_args(args):
             f"the checkpoint's vocabulary ({saved} rows) does not match the tokenizer's padded vocabulary ({padded}): "
             "use the tokenizer the checkpoint was trained with")
     args.padded_vocab_size = padded
+    args.unpadded_vocab_size = vocab
     return tokenizer
 
 

@@ -35,6 +35,8 @@ def read_vocab_size(args: dict, tokenizer_model: Optional[str] = None) -> Option
     tokenizer cannot be found); `tokenizer_model` overrides the recorded path."""
     from megatron.training.tokenizer import build_tokenizer
 
+    if tokenizer_model is None and args.get("unpadded_vocab_size"):  # recorded by the driver and save_megatron
+        return args["unpadded_vocab_size"]
     kind = args.get("tokenizer_type")
     if kind is None:
         return args.get("vocab_size")
@@ -175,7 +177,8 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
     gated = bool(args["swiglu"])
     saved_args = dict(args, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                       num_layers_per_virtual_pipeline_stage=vp_layers, virtual_pipeline_model_parallel_size=vp,
-                      padded_vocab_size=rows, make_vocab_size_divisible_by=divisible_by,
+                      padded_vocab_size=rows, unpadded_vocab_size=source.vocab_size,
+                      make_vocab_size_divisible_by=divisible_by,
                       transformer_impl=transformer_impl)
     if dtype is not None:
         saved_args.update(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
