@@ -203,11 +203,13 @@ def _add_logging_flags(p):
 
 
 def build_parser(extra_args_provider=None) -> _Parser:
+    from megatron.training.checkpoint_integrity import add_checkpoint_integrity_args
+    from megatron.training.exit_signal import add_exit_signal_args
     from megatron.training.kernels.flags import add_kernel_flags
 
     p = _Parser(description="Megatron-style Llama pretraining on megatron-core")
     for add in (_add_model_flags, add_kernel_flags, _add_training_flags, _add_parallel_flags, _add_data_flags,
-                _add_checkpoint_flags, _add_logging_flags):
+                _add_checkpoint_flags, _add_logging_flags, add_checkpoint_integrity_args, add_exit_signal_args):
         add(p)
     if extra_args_provider is not None:
         extra_args_provider(p)

@@ -60,7 +60,10 @@ class MegatronSource(ModelSource):
         self.path = os.path.abspath(load_dir)
         if not os.path.isdir(self.path):
             raise ConversionError(f"--load-dir {self.path} does not exist")
-        iteration, release = checkpointing.read_tracker(self.path)
+        try:
+            iteration, release = checkpointing.read_tracker(self.path)
+        except checkpointing.CheckpointError as e:
+            raise ConversionError(str(e))
         if iteration is None:
             raise ConversionError(
                 f"{self.path} has no {checkpointing.TRACKER_FILENAME}: it is not a checkpoint saved by "
