@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron.training.fileio import atomic_write_text, owner_is_gone, remove_quietly, sweep_stale_temps, temp_owner
+from megatron.training.fileio import atomic_write_text, is_stale_temp, owner_is_gone, remove_entries, temp_owner
 
 CHECKSUM_FILE = "checksums.sha256"
 PARTIAL_SUFFIX = ".partial"
@@ -161,28 +161,18 @@ def sweep_save_dir(root: str, log=None) -> List[str]:
     directories in which no file is being written by a live process,
     `*.tmp-PID` files of dead processes, and `iter_N.old/` when `iter_N` is
     complete (a re-save killed before the old copy was removed). Returns the
-    paths removed. Called before a run's first save, when no rank of this
-    run is writing; another job must not save to the same directory."""
-    removed = sweep_stale_temps(root)
-    try:
-        names = sorted(os.listdir(root))
-    except OSError:
-        return removed
-    for name in names:
-        path = os.path.join(root, name)
-        if name.startswith("iter_") and name.endswith(PARTIAL_SUFFIX) and os.path.isdir(path):
-            if not _being_written(path):
-                remove_quietly(path)
-                removed.append(path)
-        elif name.startswith("iter_") and name.endswith(OLD_SUFFIX) and os.path.isdir(path):
-            final = path[: -len(OLD_SUFFIX)]
-            if os.path.isdir(final) and incomplete_reason(final) is None:
-                remove_quietly(path)
-                removed.append(path)
-    if removed and log is not None:
-        log(f"removed {len(removed)} leftover(s) of interrupted saves from {root} "
-            f"(e.g. {os.path.basename(removed[0])})")
-    return removed
+    paths removed. Called before each save, when no rank of this run is
+    writing; another job must not save to the same directory."""
+
+    def stale(name: str, path: str) -> bool:
+        if not (name.startswith("iter_") and os.path.isdir(path)):
+            return is_stale_temp(name, path)
+        if name.endswith(PARTIAL_SUFFIX):
+            return not _being_written(path)
+        final = path[: -len(OLD_SUFFIX)]
+        return name.endswith(OLD_SUFFIX) and os.path.isdir(final) and incomplete_reason(final) is None
+
+    return remove_entries(root, stale, log, "leftover(s) of interrupted saves")
 
 
 def _being_written(folder: str) -> bool:

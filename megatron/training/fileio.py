@@ -17,7 +17,7 @@ import errno
 import os
 import re
 import shutil
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 _TEMP = re.compile(r"\.tmp-(\d+)(?:\.|$)")
 
@@ -130,21 +130,28 @@ def owner_is_gone(path: str, pid: int) -> bool:
     return started is not None and started > modified + 2.0
 
 
+def remove_entries(folder: str, is_stale: Callable[[str, str], bool], log=None,
+                   what: str = "temporary file(s) left by killed runs") -> List[str]:
+    """Remove the entries of `folder` for which `is_stale(name, path)`;
+    returns their paths (and logs how many, when there were some)."""
+    try:
+        names = sorted(os.listdir(folder or "."))
+    except OSError:
+        return []
+    removed = [os.path.join(folder, n) for n in names if is_stale(n, os.path.join(folder, n))]
+    remove_quietly(*removed)
+    if removed and log is not None:
+        log(f"removed {len(removed)} {what} in {folder or '.'} (e.g. {os.path.basename(removed[0])})")
+    return removed
+
+
+def is_stale_temp(name: str, path: str) -> bool:
+    """Whether `name` is a temporary (`temp_name`) whose writer is gone."""
+    pid = temp_owner(name)
+    return pid is not None and owner_is_gone(path, pid)
+
+
 def sweep_stale_temps(folder: str, name_prefix: str = "", log=None) -> List[str]:
     """Remove the temporaries of dead writers among the entries of `folder`
     whose name starts with `name_prefix`; returns their paths."""
-    try:
-        names = os.listdir(folder or ".")
-    except OSError:
-        return []
-    removed = []
-    for name in sorted(names):
-        pid = temp_owner(name) if name.startswith(name_prefix) else None
-        path = os.path.join(folder, name)
-        if pid is not None and owner_is_gone(path, pid):
-            remove_quietly(path)
-            removed.append(path)
-    if removed and log is not None:
-        log(f"removed {len(removed)} temporary file(s) left by killed runs in {folder or '.'} "
-            f"(e.g. {os.path.basename(removed[0])})")
-    return removed
+    return remove_entries(folder, lambda name, path: name.startswith(name_prefix) and is_stale_temp(name, path), log)
