@@ -150,8 +150,9 @@ def last_complete_iteration(root: str, below: Optional[int] = None) -> Optional[
 
 
 def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:200]
+    """The first sentence of an exception's message (torch's run on for lines)."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return text.split(". ")[0].rstrip(".")[:160]
 
 
 # ---------------------------------------------------------------- what killed saves left

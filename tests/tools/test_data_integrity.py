@@ -199,7 +199,9 @@ def test_a_really_full_small_file_system(corpus, sp_model, tmp_path):
                                "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", sp_model, "--workers", "1"],
                               capture_output=True, text=True)
         assert proc.returncode == 1
-        assert "No space left on device; the disk is full" in proc.stderr.strip().splitlines()[-1]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {disk}/c_text_document.") and ".tmp-" in last, last
+        assert "No space left on device; the disk is full" in last
         assert "Traceback" not in proc.stderr
         assert os.listdir(disk) == [] and shutil.disk_usage(disk).used == 0
     finally:

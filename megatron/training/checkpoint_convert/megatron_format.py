@@ -85,6 +85,10 @@ class MegatronSource(ModelSource):
                 if not os.path.isfile(self._file(t, p)):
                     raise ConversionError(f"{self._file(t, p)} is missing: the checkpoint at {self.path} is "
                                           f"incomplete (saved with TP={self.tp}, PP={self.pp})")
+                try:  # opens, and matches its checksum when it has one (--ckpt-checksum)
+                    checkpointing.read_checkpoint_file(self._file(t, p))
+                except checkpointing.CheckpointError as e:
+                    raise ConversionError(str(e))
         self.gated = bool(self.args.get("swiglu"))
         self.offsets = sharding.layer_offsets(self.num_layers, self.pp, self.vp)
         self.per_chunk = self.num_layers // (self.pp * (self.vp or 1))

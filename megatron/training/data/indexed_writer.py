@@ -79,8 +79,8 @@ class IndexedDatasetWriter:
         self.documents = 0
         self.tokens = 0
 
-    def _open(self, path: str):
-        f = open(path, "wb")
+    def _open(self, path: str) -> "_OutputFile":
+        f = _OutputFile(path)
         self._files.append(f)
         return f
 
@@ -130,7 +130,8 @@ class IndexedDatasetWriter:
     def finalize(self) -> Tuple[str, str]:
         """Write the `.idx`, rename both files into place; returns their paths.
         On failure the caller calls `abort()`."""
-        _close_synced(self._bin)
+        self._bin.sync()
+        self._bin.close()
         for f in (self._lengths, self._docs):
             f.close()
         itemsize = np.dtype(self.dtype).itemsize
@@ -151,8 +152,7 @@ class IndexedDatasetWriter:
             idx.write(np.zeros(1, np.int64).tobytes())
             with open(self._docs_tmp, "rb") as f:
                 shutil.copyfileobj(f, idx, 16 << 20)
-            idx.flush()
-            os.fsync(idx.fileno())
+            idx.sync()
         bin_path, idx_path = self.prefix + ".bin", self.prefix + ".idx"
         # The order that keeps the halves matched: a reader sees the old pair,
         # a lone .bin (incomplete: rejected), or the new pair.
@@ -178,10 +178,38 @@ class IndexedDatasetWriter:
             remove_quietly(self.prefix + ".bin")
 
 
-def _close_synced(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
+class _OutputFile:
+    """A binary output file whose failures name it: Python's file objects
+    raise a bare "[Errno 28] No space left on device" for a full disk."""
+
+    def __init__(self, path: str):
+        self.name = path
+        self._f = open(path, "wb")
+
+    def _named(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as e:
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror, self.name) from e
+
+    def write(self, data) -> int:
+        return self._named(self._f.write, data)
+
+    def sync(self) -> None:
+        """Flush and fsync."""
+        self._named(self._f.flush)
+        self._named(os.fsync, self._f.fileno())
+
+    def close(self) -> None:
+        self._named(self._f.close)
+
+    def __enter__(self) -> "_OutputFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class IndexHeader:
