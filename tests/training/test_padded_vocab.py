@@ -2,24 +2,22 @@
 the loss does not depend on how much a layout pads, and a converted Hugging
 Face model's loss is transformers' own."""
 
+import os
+
 import torch
 
 from tests.distributed.launcher import run_distributed
-from tests.training.pretrain_runner import SCHEDULE, TINY_LLAMA, run_pretrain
+from tests.training.pretrain_runner import SCHEDULE, TINY_LLAMA, run_pretrain_sequence
 
 
-def _masked_vocab_parallel_loss(rank, world_size, cases):
+def _masked_vocab_parallel_loss(cases, rank, world_size):
     """megatron-core's vocab-parallel cross-entropy on this TP rank's slice of
-    padded logits, masked; returns (loss, gradient of this rank's slice) per case."""
-    from megatron.core import parallel_state
+    padded logits, masked; (loss, gradient of this rank's slice) per case.
+    Needs megatron-core's parallel state at TP = world_size."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron.training import cpu_backend
     from megatron.training.models.padded_vocab import mask_padded_logits, vocab_slice_start
 
-    cpu_backend.activate()
-    torch.distributed.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     out = []
     for full, target, vocab in cases:
         width = full.shape[-1] // world_size
@@ -31,28 +29,6 @@ def _masked_vocab_parallel_loss(rank, world_size, cases):
     return out
 
 
-def test_masked_vocab_parallel_cross_entropy_equals_the_unpadded_softmax():
-    """Against torch's cross-entropy over the real columns only, at TP=2: a
-    vocabulary ending inside rank 1's slice, and one ending in rank 0's slice
-    (rank 1 all padding). fp32, same maths in another summation order: 1e-6."""
-    gen = torch.Generator().manual_seed(0)
-    cases = []
-    for vocab in (150, 100):
-        full = torch.randn(5, 3, 256, generator=gen) * 3  # [seq, batch, padded vocab]
-        target = torch.randint(0, vocab, (5, 3), generator=gen)
-        cases.append((full, target, vocab))
-    results = run_distributed(_masked_vocab_parallel_loss, world_size=2, args=(cases,))
-    for (full, target, vocab), rank0, rank1 in zip(cases, *results):
-        real = full[..., :vocab].clone().requires_grad_(True)
-        expected = torch.nn.functional.cross_entropy(real.reshape(-1, vocab), target.reshape(-1),
-                                                     reduction="none").view(5, 3)
-        expected.sum().backward()
-        assert torch.allclose(rank0[0], expected, atol=1e-6) and torch.allclose(rank1[0], expected, atol=1e-6)
-        grad = torch.cat([rank0[1], rank1[1]], dim=-1)
-        assert torch.allclose(grad[..., :vocab], real.grad, atol=1e-6)
-        assert torch.all(grad[..., vocab:] == 0), "padding columns must get no gradient"
-
-
 # 257 ids padded to a multiple of 128 x TP: 384 rows at TP=1, 512 at TP=2.
 VOCAB_257 = ["--mock-data", "--vocab-size", "257", "--make-vocab-size-divisible-by", "128", "--split", "98,1,1",
              "--micro-batch-size", "2", "--global-batch-size", "4"]
@@ -61,38 +37,52 @@ VOCAB_257 = ["--mock-data", "--vocab-size", "257", "--make-vocab-size-divisible-
 def test_loss_does_not_move_when_tp_changes_the_padding(tmp_path):
     """The issue's case: the same weights continued at TP=1 and at TP=2 give
     the same first loss (it rose by log(512/384) = 0.29 nats before). The two
-    layouts differ only in the order of fp32 reductions: 1e-5."""
+    layouts differ only in the order of fp32 reductions: 1e-5. (TP=1 runs
+    on 2 processes as 2 data-parallel replicas: the same 4 samples.)"""
     ckpt = str(tmp_path / "ckpt")
     argv = TINY_LLAMA + SCHEDULE + VOCAB_257
-    run_pretrain(argv + ["--train-iters", "0", "--save", ckpt])
     go_on = ["--load", ckpt, "--finetune", "--train-iters", "1", "--lr-warmup-iters", "0"]
-    tp1 = run_pretrain(argv + go_on)
-    tp2 = run_pretrain(argv + go_on + ["--tensor-model-parallel-size", "2"], world_size=2)
+    _, tp1, tp2 = run_pretrain_sequence([argv + ["--train-iters", "0", "--save", ckpt], argv + go_on,
+                                         argv + go_on + ["--tensor-model-parallel-size", "2"]], world_size=2)
     assert abs(tp1[0][1] - tp2[0][1]) < 1e-5, (tp1, tp2)
+    saved = torch.load(os.path.join(ckpt, "iter_0000000", "mp_rank_00", "model_optim_rng.pt"), weights_only=True)
+    assert (saved["args"]["unpadded_vocab_size"], saved["args"]["padded_vocab_size"]) == (257, 384)
     # At initialisation the model is near uniform over the real ids: log(257) = 5.55, not log(384) = 5.95.
     assert abs(tp1[0][1] - 5.55) < 0.05
 
 
-def _training_loss(rank, world_size, load_dir, tp, sequence):
-    """The training path's loss (GPTModel with labels -> megatron-core's
-    vocab-parallel cross-entropy -> pretrain_gpt.loss_func) of a converted checkpoint."""
+def _converted_model_checks(rank, world_size, checkpoints, sequence, cases):
+    """For each (checkpoint, TP): the training path's loss (GPTModel with
+    labels -> megatron-core's vocab-parallel cross-entropy ->
+    pretrain_gpt.loss_func) and whether the inference logits are -inf exactly
+    on the padding rows; then, at the last TP, the masked cross-entropy cases."""
     import pretrain_gpt
     from megatron.training import inference
 
-    args, model = inference.load_model(load_dir, tp)
     tokens, labels = sequence[:, :-1], sequence[:, 1:]
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    with torch.no_grad():
-        per_token = model[0](tokens, positions, None, labels=labels)
-    loss, _ = pretrain_gpt.loss_func(torch.ones_like(labels, dtype=torch.float), per_token)
-    inference.unload()
-    return float(loss)
+    out = []
+    for load_dir, tp in checkpoints:
+        args, model = inference.load_model(load_dir, tp)
+        with torch.no_grad():
+            per_token = model[0](tokens, positions, None, labels=labels)
+        loss, _ = pretrain_gpt.loss_func(torch.ones_like(labels, dtype=torch.float), per_token)
+        logits = inference.forward_logits(args, model, tokens)  # what tasks/ and generation read
+        excluded = bool(torch.isneginf(logits[..., 257:]).all() and torch.isfinite(logits[..., :257]).all())
+        out.append((float(loss), excluded))
+        if (load_dir, tp) != checkpoints[-1]:
+            inference.unload()
+    return out, _masked_vocab_parallel_loss(cases, rank, world_size)
 
 
-def test_converted_hf_model_loss_equals_transformers(tmp_path):
+def test_converted_hf_model_loss_equals_transformers_and_the_mask_is_tp_safe(tmp_path):
     """A 257-token HF Llama converted to Megatron at TP=1 (padded to 320 rows)
     and TP=2 (384 rows): the training loss equals transformers' own loss
-    (labels=, its cross-entropy over its 257 rows). fp32: 1e-5."""
+    (labels=, its cross-entropy over its 257 rows; fp32: 1e-5), and the
+    inference logits the tasks read are -inf on the padding rows.
+    The mask itself, at TP=2, against torch's cross-entropy over the real
+    columns only: a vocabulary ending inside rank 1's slice, and one ending in
+    rank 0's slice (rank 1 all padding). Same maths, another summation order: 1e-6."""
     from tests.tools.checkpoint.test_conversion import make_hf_model, to_megatron
     from transformers import AutoModelForCausalLM
 
@@ -103,7 +93,22 @@ def test_converted_hf_model_loss_equals_transformers(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = float(hf(sequence, labels=sequence).loss)
-    for tp in (1, 2):
-        ckpt = to_megatron(hf_dir, tmp_path / f"tp{tp}", tp)
-        got = run_distributed(_training_loss, world_size=tp, args=(ckpt, tp, sequence))
-        assert all(abs(g - expected) < 1e-5 for g in got), (tp, got, expected)
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for vocab in (150, 100):
+        full = torch.randn(5, 3, 256, generator=gen) * 3  # [seq, batch, padded vocab]
+        cases.append((full, torch.randint(0, vocab, (5, 3), generator=gen), vocab))
+    checkpoints = [(to_megatron(hf_dir, tmp_path / f"tp{tp}", tp), tp) for tp in (1, 2)]
+    results = run_distributed(_converted_model_checks, world_size=2, args=(checkpoints, sequence, cases))
+    for losses, _ in results:
+        assert all(abs(loss - expected) < 1e-5 and excluded for loss, excluded in losses), (losses, expected)
+
+    for (full, target, vocab), rank0, rank1 in zip(cases, results[0][1], results[1][1]):
+        real = full[..., :vocab].clone().requires_grad_(True)
+        reference = torch.nn.functional.cross_entropy(real.reshape(-1, vocab), target.reshape(-1),
+                                                      reduction="none").view(5, 3)
+        reference.sum().backward()
+        assert torch.allclose(rank0[0], reference, atol=1e-6) and torch.allclose(rank1[0], reference, atol=1e-6)
+        grad = torch.cat([rank0[1], rank1[1]], dim=-1)
+        assert torch.allclose(grad[..., :vocab], real.grad, atol=1e-6)
+        assert torch.all(grad[..., vocab:] == 0), "padding columns must get no gradient"

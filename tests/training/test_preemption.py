@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.distributed.launcher import ROOT, free_port
-from tests.training.pretrain_runner import MOCK_DATA, SCHEDULE, TINY_LLAMA, run_pretrain
+from tests.training.pretrain_runner import MOCK_DATA, SCHEDULE, TINY_LLAMA, run_pretrain_sequence
 
 PRETRAIN = os.path.join(ROOT, "pretrain_gpt.py")
 # Dropout on: the resumed run matches only if the RNG states were saved too.
@@ -69,8 +69,7 @@ def test_sigterm_to_torchrun_saves_that_iteration_and_the_resumed_run_is_exact(t
     assert sorted(os.listdir(done)) == ["rank0", "rank1"], output[-3000:]
     assert status != 0  # torchrun itself re-raises the signal once its workers are done (see the README)
 
-    straight = run_pretrain(ARGV + ["--train-iters", "12"], world_size=2)
-    resumed = run_pretrain(argv + ["--load", ckpt], world_size=2)
+    straight, resumed = run_pretrain_sequence([ARGV + ["--train-iters", "12"], argv + ["--load", ckpt]], world_size=2)
     assert [it for it, _, _ in resumed] == list(range(saved + 1, 13))
     # Bitwise: weights, optimizer moments, LR schedule, data position and dropout masks all came back.
     assert [(loss, g) for _, loss, g in resumed] == [(loss, g) for _, loss, g in straight[saved:]]
