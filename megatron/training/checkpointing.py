@@ -40,8 +40,8 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron.training import sharding
 from megatron.training.checkpoint_integrity import (
-    OLD_SUFFIX, PARTIAL_SUFFIX, CheckpointFileWriter, checksum_problem, first_line, iteration_dirs, last_complete_iteration,
-    sweep_save_dir, write_checksums,
+    OLD_SUFFIX, PARTIAL_SUFFIX, CheckpointFileWriter, checksum_problem, first_line, iteration_dirs,
+    last_complete_iteration, sweep_save_dir, write_checksums,
 )
 from megatron.training.fileio import atomic_write_text, describe_os_error, fsync_dir, remove_quietly, temp_name
 from megatron.training.arguments import args_to_dict
@@ -365,7 +365,8 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
     chosen = _iteration_to_load(args.load, getattr(args, "ckpt_step", None))
     if chosen is None:
         if args.exit_on_missing_checkpoint:
-            raise CheckpointError(f"--load {args.load} has no {TRACKER_FILENAME} and --exit-on-missing-checkpoint is set")
+            raise CheckpointError(f"--load {args.load} has no {TRACKER_FILENAME} and "
+                                  "--exit-on-missing-checkpoint is set")
         if torch.distributed.get_rank() == 0:
             print(f"no checkpoint found in {args.load}: starting from scratch", flush=True)
         return 0, 0

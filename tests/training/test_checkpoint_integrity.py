@@ -153,8 +153,8 @@ def test_a_failed_save_stops_every_rank_and_leftovers_of_killed_saves_are_swept(
     errors = [r[0] for r in results]
     assert errors[0] == errors[1], "every rank stops with the same error"
     assert errors[0] == (f"saving iteration 4 to {ckpt} failed: {ckpt}/iter_0000004.partial/mp_rank_01/"
-                         f"model_optim_rng.pt.tmp-1: No space left on device; the disk is full: free space, or write to another disk "
-                         f"(--save); the partial save was removed and iteration 2 is still the latest checkpoint")
+                         f"model_optim_rng.pt.tmp-1: No space left on device; the disk is full: free space, or write "
+                         f"to another disk (--save); the partial save was removed and iteration 2 is still the latest checkpoint")
     assert left == ["iter_0000002", "iter_0000007.partial", "latest_checkpointed_iteration.txt"]
     assert os.path.exists(kept)
     assert open(ckpt / "latest_checkpointed_iteration.txt").read() == "2"
