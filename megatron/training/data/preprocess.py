@@ -26,11 +26,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron.training.data.indexed_writer import IndexedDatasetWriter, optimal_dtype, temp_name
-from megatron.training.data.long_text import tokenize_texts
-from megatron.training.fileio import sweep_stale_temps
 from megatron.training.data.jsonl_reader import (
     BAD_DESCRIPTIONS, Block, InputError, bad_summary, find_input_files, parse_record, read_blocks, split_lines,
 )
+from megatron.training.data.long_text import tokenize_texts
+from megatron.training.fileio import sweep_stale_temps
 
 _SPLIT_CHUNK_CHARS = 1_000_000  # Megatron-LM splits sentences in pieces of this many characters
 
@@ -388,15 +388,26 @@ def _account(cfg: PreprocessConfig, report: Report, result: dict, log) -> None:
 
 
 def _open_writers(cfg: PreprocessConfig, dtype, log) -> List[Dict[str, IndexedDatasetWriter]]:
+    """One writer per key (per partition with --partitions); a failure while
+    opening them removes what the ones already open made."""
     folder = os.path.dirname(os.path.abspath(cfg.output_prefix))
     os.makedirs(folder, exist_ok=True)
     for key in cfg.keys:  # what killed runs left, partition shards included
         sweep_stale_temps(folder, os.path.basename(cfg.output_name(key)) + ".", log)
-    if cfg.partitions == 1:
-        return [{k: IndexedDatasetWriter(cfg.output_name(k), dtype) for k in cfg.keys}]
     # partition shards live under temporary names until merged into the output
-    return [{k: IndexedDatasetWriter(temp_name(f"{cfg.output_name(k)}.part{p}"), dtype) for k in cfg.keys}
-            for p in range(cfg.partitions)]
+    prefixes = ([{k: cfg.output_name(k) for k in cfg.keys}] if cfg.partitions == 1 else
+                [{k: temp_name(f"{cfg.output_name(k)}.part{p}") for k in cfg.keys} for p in range(cfg.partitions)])
+    writers: List[Dict[str, IndexedDatasetWriter]] = []
+    try:
+        for per_key in prefixes:
+            writers.append({})
+            for key, prefix in per_key.items():
+                writers[-1][key] = IndexedDatasetWriter(prefix, dtype)
+    except BaseException:
+        for w in (w for per_key in writers for w in per_key.values()):
+            w.abort()
+        raise
+    return writers
 
 
 def _finalize(cfg: PreprocessConfig, writers, dtype) -> List[str]:
