@@ -277,17 +277,22 @@ def _collectively(step, root: str, iteration: int, staging: str) -> None:
     agree with every rank: if a write failed anywhere (a full disk, a
     read-only folder), rank 0 removes the partial iteration and every rank
     raises the same CheckpointError. Also the step's barrier."""
-    error = None
+    rank = torch.distributed.get_rank()
+    failure = error = None
     if step is not None:
         try:
             step()
         except OSError as e:
-            error = describe_os_error(e, "--save")
+            failure, error = e, describe_os_error(e, "--save")
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks were told
+            failure, error = e, f"rank {rank}: {type(e).__name__}: {first_line(e)}"
     error = agreed_error(error)
     if error is None:
         return
-    if torch.distributed.get_rank() == 0:
+    if rank == 0:
         remove_quietly(staging)
+    if failure is not None and not isinstance(failure, OSError):
+        raise failure  # a bug, not the disk: its own traceback on the rank it happened on
     try:
         previous, _ = read_tracker(root)
     except CheckpointError:
@@ -376,14 +381,18 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
 
     # Every file this rank needs is read (and the weights loaded) before any
     # collective, so that a bad file on one rank stops all ranks with its message.
-    error = param_states = None
+    failure = error = param_states = None
     try:
         state, path = _load_model(args, model, iter_dir, iteration, release)
         if load_optim and args.use_distributed_optimizer and parallel_state.get_data_parallel_rank() == 0:
             param_states = _read_distributed_optimizer_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
-    except CheckpointError as e:
-        error = str(e)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks were told
+        failure = e
+        error = str(e) if isinstance(e, CheckpointError) else (
+            f"loading {iter_dir} failed on rank {torch.distributed.get_rank()}: {type(e).__name__}: {first_line(e)}")
     error = agreed_error(error)
+    if failure is not None:
+        raise failure
     if error is not None:
         raise CheckpointError(error)
 
