@@ -17,7 +17,7 @@ import errno
 import os
 import re
 import shutil
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 _TEMP = re.compile(r"\.tmp-(\d+)(?:\.|$)")
 
@@ -97,37 +97,39 @@ def temp_owner(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def _process_start_time(pid: int) -> Optional[float]:
-    """When process `pid` started (seconds since the epoch), where /proc tells."""
+def _process_state(pid: int) -> Tuple[Optional[str], Optional[float]]:
+    """(state letter, start time in seconds since the epoch) of process
+    `pid`, where /proc tells; (None, None) elsewhere."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
         with open("/proc/stat", "rb") as f:
             boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime"))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return fields[0].decode(), boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
-        return None
+        return None, None
 
 
 def owner_is_gone(path: str, pid: int) -> bool:
     """True when the process that wrote `path` (a temporary named with `pid`)
-    cannot still be running: no process has that PID, or the one that has it
-    started after `path` was last modified (the PID was reused)."""
+    cannot still be running: no process has that PID (or only a zombie), or
+    the one that has it started after `path` was last modified (the PID was
+    reused)."""
     if pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return True
     except PermissionError:
         pass  # alive, another user's
-    started = _process_start_time(pid)
+    state, started = _process_state(pid)
     try:
         modified = os.stat(path).st_mtime
     except FileNotFoundError:
         return False  # its owner just renamed or removed it
     # Start times have clock-tick resolution (10 ms) and boot-time rounding: 2 s of slack.
-    return started is not None and started > modified + 2.0
+    return state == "Z" or (started is not None and started > modified + 2.0)
 
 
 def remove_entries(folder: str, is_stale: Callable[[str, str], bool], log=None,
