@@ -12,7 +12,7 @@ checkpointing.py):
   there and open, for load errors to name.
 - `sweep_save_dir`: what killed saves left in --save (`iter_N.partial/`,
   `*.tmp-PID` of dead processes, `iter_N.old` beside a complete `iter_N`),
-  removed by rank 0 before a run's first save.
+  removed by rank 0 before each save (so at the first save of the next run).
 """
 
 import hashlib
