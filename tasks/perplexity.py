@@ -35,12 +35,15 @@ def read_indexed_tokens(prefix: str, max_tokens: int = 0) -> np.ndarray:
     """The documents of a megatron-core indexed dataset (PREFIX.bin/.idx), concatenated."""
     import os
 
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.training.data.indexed_writer import DatasetFormatError, checked_indexed_dataset
 
-    if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+    if not (os.path.isfile(prefix + ".bin") or os.path.isfile(prefix + ".idx")):
         raise EvalError(f"--data-path {prefix}: no {prefix}.bin/.idx; give the prefix without the suffix "
                         "(tools/preprocess_data.py prints it)")
-    dataset = IndexedDataset(prefix)
+    try:
+        dataset = checked_indexed_dataset(prefix)
+    except DatasetFormatError as e:
+        raise EvalError(f"--data-path {prefix}: {e}")
     parts, total = [], 0
     for i in range(len(dataset)):
         doc = np.asarray(dataset[i], dtype=np.int64)

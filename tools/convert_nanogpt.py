@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from megatron.training.data.indexed_writer import DatasetFormatError
     from megatron.training.data.nanogpt import from_nanogpt, to_nanogpt
+    from megatron.training.fileio import describe_os_error
 
     try:
         if args.command == "to-nanogpt":
@@ -40,6 +41,10 @@ def main(argv=None) -> int:
                   file=sys.stderr)
     except DatasetFormatError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        flag = "--output-dir" if args.command == "to-nanogpt" else "--output-prefix"
+        print(f"error: {describe_os_error(e, flag)}; partial outputs removed", file=sys.stderr)
         return 1
     return 0
 

@@ -15,11 +15,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from megatron.training.data.indexed_writer import DatasetFormatError
     from megatron.training.data.merge import merge_datasets
+    from megatron.training.fileio import describe_os_error
 
     try:
         w = merge_datasets(args.input, args.output_prefix)
     except DatasetFormatError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}; nothing was written", file=sys.stderr)
         return 1
     print(f"merged {w.documents:,} documents, {w.tokens:,} tokens into {args.output_prefix}.bin/.idx",
           file=sys.stderr)

@@ -203,12 +203,15 @@ def _add_logging_flags(p):
 
 
 def build_parser(extra_args_provider=None) -> _Parser:
+    from megatron.training.checkpoint_integrity import add_checkpoint_integrity_args
+    from megatron.training.exit_signal import add_exit_signal_args
     from megatron.training.kernels.flags import add_kernel_flags
     from megatron.training.peft.arguments import add_adapter_flags
 
     p = _Parser(description="Megatron-style Llama pretraining on megatron-core")
     for add in (_add_model_flags, add_kernel_flags, _add_training_flags, _add_parallel_flags, _add_data_flags,
-                _add_checkpoint_flags, _add_logging_flags, add_adapter_flags):
+                _add_checkpoint_flags, _add_logging_flags, add_checkpoint_integrity_args, add_exit_signal_args,
+                add_adapter_flags):
         add(p)
     if extra_args_provider is not None:
         extra_args_provider(p)
@@ -508,7 +511,7 @@ MODEL_SHAPE_FLAGS = (
     "group_query_attention", "kv_channels", "max_position_embeddings", "position_embedding_type",
     "rotary_base", "rotary_percent", "normalization", "norm_epsilon", "swiglu",
     "untie_embeddings_and_output_weights", "add_bias_linear", "add_position_embedding",
-    "make_vocab_size_divisible_by", "padded_vocab_size",
+    "make_vocab_size_divisible_by", "padded_vocab_size", "unpadded_vocab_size",
 )
 
 

@@ -18,7 +18,15 @@ resume with a different data-parallel size.
 Crash safety: every rank writes into `iter_XXXXXXX.partial/`, each file is
 fsynced; after a barrier rank 0 renames the directory to `iter_XXXXXXX` and
 only then replaces the tracker file (written aside, fsynced, renamed). A crash
-at any moment leaves the tracker naming the previous complete checkpoint.
+at any moment leaves the tracker naming the previous complete checkpoint; a
+failed write (a full disk) on any rank is agreed on by all ranks, the partial
+directory removed and one error raised; what killed saves left is swept at the
+next save (checkpoint_integrity.sweep_save_dir).
+
+Loading: a file that is missing, truncated, corrupt or (with
+--ckpt-checksum) changed on disk is a CheckpointError naming it, what is
+wrong, and the newest complete iteration to resume from instead
+(--ckpt-step N). All ranks raise the same error, whichever rank's file failed.
 """
 
 import contextlib
@@ -33,14 +41,17 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron.training import sharding
-from megatron.training.fileio import atomic_write_text, fsync_dir, temp_name
+from megatron.training.checkpoint_integrity import (
+    OLD_SUFFIX, PARTIAL_SUFFIX, CheckpointFileWriter, checksum_problem, first_line, iteration_dirs,
+    last_complete_iteration, sweep_save_dir, write_checksums,
+)
+from megatron.training.fileio import atomic_write_text, describe_os_error, fsync_dir, remove_quietly, temp_name
 from megatron.training.arguments import args_to_dict
 from megatron.training.peft.arguments import adapters_enabled
 from megatron.training.peft.targets import is_adapter_key
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
-PARTIAL_SUFFIX = ".partial"
 _EMBEDDING = "embedding.word_embeddings.weight"
 _OUTPUT_LAYER = "output_layer.weight"
 
@@ -64,23 +75,85 @@ def read_tracker(root: str) -> Tuple[Optional[int], bool]:
     path = os.path.join(root, TRACKER_FILENAME)
     if not os.path.isfile(path):
         return None, False
-    text = open(path).read().strip()
+    with open(path, "rb") as f:
+        raw = f.read(64)
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        text = None
     if text == "release":
         return 0, True
-    try:
+    if text is not None and text.isdigit():
         return int(text), False
-    except ValueError:
-        raise CheckpointError(f"{path} should hold an iteration number or 'release', not {text!r}")
+    what = "binary data" if text is None else repr(text[:40])
+    raise CheckpointError(with_fallback(root, None, f"{path} holds {what}, not an iteration number or 'release'"))
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary name, fsync, then rename onto `path`."""
+def with_fallback(root: str, iteration: Optional[int], problem: str) -> str:
+    """`problem` followed by the newest complete iteration of `root` (below
+    `iteration`) and how to resume from it, or the news that there is none."""
+    found = last_complete_iteration(root, below=iteration)
+    if found is None:
+        return (f"{problem}. {root} holds no earlier complete checkpoint: restore the file from a copy, "
+                "or start without --load")
+    k, path = found
+    return (f"{problem}. Iteration {k} ({path}) is complete: resume from it with --ckpt-step {k} "
+            f"(or write {k} into {os.path.join(root, TRACKER_FILENAME)})")
+
+
+def read_checkpoint_file(path: str, mmap: bool = True):
+    """torch.load(weights_only=True) of a checkpoint file, checked against its
+    recorded checksum when there is one; any failure is a CheckpointError
+    naming the file and the iteration to use instead."""
+    iter_dir = os.path.dirname(os.path.dirname(path))
+    root, name = os.path.dirname(iter_dir), os.path.basename(iter_dir)
+    iteration = int(name[5:12]) if name.startswith("iter_") and name[5:12].isdigit() else None
+    if not os.path.isfile(path):
+        raise CheckpointError(with_fallback(root, iteration, f"{path} is missing: the checkpoint is incomplete"))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - whatever torch says, the file cannot be used
+        why = ("it holds objects that torch.load(weights_only=True) refuses to unpickle" if "Weights only" in str(e)
+               else "the file is truncated or corrupt")
+        raise CheckpointError(with_fallback(root, iteration, f"{path} cannot be loaded ({first_line(e)}): {why}"))
+    # A structurally sound file can still hold changed bytes (tensor data is read lazily).
+    problem = checksum_problem(path)
+    if problem:
+        raise CheckpointError(with_fallback(root, iteration, f"{path}: {problem}"))
+    return state
+
+
+def atomic_torch_save(obj, path: str, checksum: bool = False) -> Optional[str]:
+    """torch.save to a temporary name, fsync, then rename onto `path`; the
+    temporary is removed on any failure. Returns the file's SHA-256 (hex)
+    when `checksum`, computed while writing."""
     tmp = temp_name(path)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    out = None
+    try:
+        with open(tmp, "wb") as f:
+            out = CheckpointFileWriter(f, checksum)
+            torch.save(obj, out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        remove_quietly(tmp)
+        # torch.save reports a failed write as a RuntimeError, and a failed flush
+        # has no file name: raise the OSError, naming the file.
+        cause = out.error if out is not None and out.error is not None else e
+        if isinstance(cause, OSError) and (cause is not e or not e.filename):
+            raise OSError(cause.errno, cause.strerror, tmp) from e
+        raise
+    return out.sha256.hexdigest() if checksum else None
+
+
+def agreed_error(error: Optional[str]) -> Optional[str]:
+    """The first error any rank met (collective: every rank calls it, with
+    None when it met none), so that all ranks stop together instead of some
+    waiting forever at the next collective."""
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
 
 
 def _rng_state() -> dict:
@@ -147,12 +220,15 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
     final_dir = iteration_dir(root, iteration)
     staging = final_dir + PARTIAL_SUFFIX
     rank = torch.distributed.get_rank()
-    if rank == 0:
+
+    def prepare():
         os.makedirs(root, exist_ok=True)
+        sweep_save_dir(root, lambda msg: print(msg, flush=True))
         if os.path.exists(staging):
             shutil.rmtree(staging)
         os.makedirs(staging)
-    torch.distributed.barrier()
+
+    _collectively(prepare if rank == 0 else None, root, iteration, staging)
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -164,7 +240,7 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
     if optimizer is not None and not args.no_save_optim and args.use_distributed_optimizer:
         param_states = [o.get_parameter_state_dp_zero() for o in _param_state_optimizers(optimizer)]
 
-    if dp_rank == 0:
+    def write():
         os.makedirs(rank_dir, exist_ok=True)
         state = {
             "checkpoint_version": CHECKPOINT_VERSION,
@@ -182,16 +258,22 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
             state["opt_param_scheduler"] = scheduler.state_dict()
         if not args.no_save_rng:
             state["rng_state"] = _rng_state()
-        atomic_torch_save(state, os.path.join(rank_dir, "model_optim_rng.pt"))
+        checksum = getattr(args, "ckpt_checksum", False)
+        digests = {"model_optim_rng.pt": atomic_torch_save(state, os.path.join(rank_dir, "model_optim_rng.pt"),
+                                                           checksum)}
         if param_states is not None:
-            atomic_torch_save(param_states, os.path.join(rank_dir, "distrib_optim.pt"))
-    torch.distributed.barrier()
+            digests["distrib_optim.pt"] = atomic_torch_save(param_states, os.path.join(rank_dir, "distrib_optim.pt"),
+                                                            checksum)
+        if checksum:
+            write_checksums(rank_dir, digests)
 
-    if rank == 0:
+    _collectively(write if dp_rank == 0 else None, root, iteration, staging)
+
+    def publish():
         fsync_dir(staging)
         if os.path.exists(final_dir):
             # Re-saving an iteration: keep the old copy until the new one is in place.
-            old = final_dir + ".old"
+            old = final_dir + OLD_SUFFIX
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final_dir, old)
             os.replace(staging, final_dir)
@@ -200,17 +282,60 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
             os.replace(staging, final_dir)
         fsync_dir(root)
         atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(iteration))
-    torch.distributed.barrier()
+
+    _collectively(publish if rank == 0 else None, root, iteration, staging)
     return final_dir
 
 
-def _iteration_dir_from_tracker(load_dir: str) -> Tuple[str, int, bool]:
+def _collectively(step, root: str, iteration: int, staging: str) -> None:
+    """Run this rank's part of a save step (None: nothing to do here), then
+    agree with every rank: if a write failed anywhere (a full disk, a
+    read-only folder), rank 0 removes the partial iteration and every rank
+    raises the same CheckpointError. Also the step's barrier."""
+    rank = torch.distributed.get_rank()
+    failure = error = None
+    if step is not None:
+        try:
+            step()
+        except OSError as e:
+            failure, error = e, describe_os_error(e, "--save")
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks were told
+            failure, error = e, f"rank {rank}: {type(e).__name__}: {first_line(e)}"
+    error = agreed_error(error)
+    if error is None:
+        return
+    if rank == 0:
+        remove_quietly(staging)
+    if failure is not None and not isinstance(failure, OSError):
+        raise failure  # a bug, not the disk: its own traceback on the rank it happened on
+    try:
+        previous, _ = read_tracker(root)
+    except CheckpointError:
+        previous = None
+    kept = f"iteration {previous} is still the latest checkpoint" if previous is not None else "nothing was saved"
+    raise CheckpointError(f"saving iteration {iteration} to {root} failed: {error}; the partial save was removed "
+                          f"and {kept}")
+
+
+def _iteration_to_load(load_dir: str, step: Optional[int] = None) -> Optional[Tuple[str, int, bool]]:
+    """(iteration directory, iteration, is_release) to load from `load_dir`:
+    iteration `step` (--ckpt-step) when given, else the tracker's; None when
+    there is no tracker."""
+    if step is not None:
+        iter_dir = iteration_dir(load_dir, step)
+        if not os.path.isdir(iter_dir):
+            there = ", ".join(str(i) for i, _ in iteration_dirs(load_dir)[:8]) or "none"
+            raise CheckpointError(f"--ckpt-step {step}: {iter_dir} does not exist (iterations in {load_dir}: {there})")
+        return iter_dir, step, False
     iteration, release = read_tracker(load_dir)
     if iteration is None:
-        raise FileNotFoundError(load_dir)
+        return None
     iter_dir = iteration_dir(load_dir, iteration, release)
+    if not os.path.isdir(iter_dir) and os.path.isdir(iter_dir + OLD_SUFFIX):
+        return iter_dir + OLD_SUFFIX, iteration, release  # a re-save of it was killed between its two renames
     if not os.path.isdir(iter_dir):
-        raise CheckpointError(f"{load_dir}/{TRACKER_FILENAME} names iteration {iteration} but {iter_dir} is missing")
+        raise CheckpointError(with_fallback(load_dir, iteration, f"{os.path.join(load_dir, TRACKER_FILENAME)} names "
+                                                                 f"iteration {iteration} but {iter_dir} is missing"))
     return iter_dir, iteration, release
 
 
@@ -226,8 +351,7 @@ def first_rank_state(iter_dir: str) -> dict:
     if not names:
         raise CheckpointError(f"{iter_dir} holds no mp_rank_* directories: the checkpoint is incomplete, "
                               "or not one of this format")
-    return torch.load(os.path.join(iter_dir, names[0], "model_optim_rng.pt"), map_location="cpu",
-                      weights_only=True, mmap=True)
+    return read_checkpoint_file(os.path.join(iter_dir, names[0], "model_optim_rng.pt"))
 
 
 def _saved_layout(state: dict) -> dict:
@@ -245,12 +369,13 @@ def _check_layout(saved: dict, args, path: str) -> None:
         )
 
 
-def read_checkpoint_args(load_dir: str) -> dict:
-    """The flags a checkpoint was saved with (for --use-checkpoint-args)."""
-    iteration, release = read_tracker(load_dir)
-    if iteration is None:
+def read_checkpoint_args(load_dir: str, step: Optional[int] = None) -> dict:
+    """The flags a checkpoint was saved with (for --use-checkpoint-args); of
+    iteration `step` when given (--ckpt-step)."""
+    chosen = _iteration_to_load(load_dir, step)
+    if chosen is None:
         raise CheckpointError(f"--use-checkpoint-args: no {TRACKER_FILENAME} in {load_dir}")
-    return first_rank_state(iteration_dir(load_dir, iteration, release))["args"]
+    return first_rank_state(chosen[0])["args"]
 
 
 def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
@@ -261,46 +386,39 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
         from megatron.training.peft.checkpoint import load_adapter_checkpoint
 
         return load_adapter_checkpoint(args, model, optimizer, scheduler)
-    try:
-        iter_dir, iteration, release = _iteration_dir_from_tracker(args.load)
-    except FileNotFoundError:
+    chosen = _iteration_to_load(args.load, getattr(args, "ckpt_step", None))
+    if chosen is None:
         if args.exit_on_missing_checkpoint:
-            raise CheckpointError(f"--load {args.load} has no {TRACKER_FILENAME} and --exit-on-missing-checkpoint is set")
+            raise CheckpointError(f"--load {args.load} has no {TRACKER_FILENAME} and "
+                                  "--exit-on-missing-checkpoint is set")
         if torch.distributed.get_rank() == 0:
             print(f"no checkpoint found in {args.load}: starting from scratch", flush=True)
         return 0, 0
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    path = rank_file(iter_dir, tp_rank, pp_rank, args.pipeline_model_parallel_size)
-    # This rank's own file, memory-mapped, when the checkpoint has one: under an
-    # unchanged layout it is all this rank needs. Otherwise any rank file says
-    # which layout the checkpoint was saved under.
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if os.path.isfile(path) else None
-    if state is None or any(state["layout"].get(k) != v for k, v in _layout(args).items()):
-        saved = state if state is not None else first_rank_state(iter_dir)
-        _refuse_adapter_checkpoint(saved, iter_dir)
-        saved_layout = _saved_layout(saved)
-        weights_only_load = args.finetune or release or (args.no_load_optim and args.no_load_rng)
-        if not weights_only_load:
-            _check_layout(saved_layout, args, iter_dir)
-        _load_model_resharded(args, model, iter_dir, saved_layout)
-        # Only the weights are taken; the data position is the checkpoint's.
-        state = {"iteration": iteration, "consumed_train_samples": saved.get("consumed_train_samples", 0)}
-        del saved
-    else:
-        _refuse_adapter_checkpoint(state, iter_dir)
-        for key, chunk in zip(model_keys(len(model)), model):
-            if key not in state:
-                raise CheckpointError(f"{path} has no '{key}' entry")
-            module = _unwrap(chunk)
-            module.load_state_dict(sharding.match_layer_spec(state[key], module.state_dict()), strict=True)
-
+    iter_dir, iteration, release = chosen
     fresh_start = args.finetune or release
-    restore_training_state(args, optimizer, scheduler, state, path, fresh_start)
+    load_optim = optimizer is not None and not fresh_start and not args.no_load_optim
+
+    # Every file this rank needs is read (and the weights loaded) before any
+    # collective, so that a bad file on one rank stops all ranks with its message.
+    failure = error = param_states = None
+    try:
+        state, path = _load_model(args, model, iter_dir, iteration, release)
+        if load_optim and args.use_distributed_optimizer and parallel_state.get_data_parallel_rank() == 0:
+            param_states = _read_distributed_optimizer_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks were told
+        failure = e
+        error = str(e) if isinstance(e, CheckpointError) else (
+            f"loading {iter_dir} failed on rank {torch.distributed.get_rank()}: {type(e).__name__}: {first_line(e)}")
+    error = agreed_error(error)
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise CheckpointError(error)
+
+    restore_training_state(args, optimizer, scheduler, state, path, fresh_start, param_states)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        print(f"loaded checkpoint {os.path.dirname(os.path.dirname(path))} (iteration {iteration})", flush=True)
+        print(f"loaded checkpoint {iter_dir} (iteration {iteration})", flush=True)
     if fresh_start:
         return 0, 0
     return iteration, state.get("consumed_train_samples", 0)
@@ -314,17 +432,28 @@ def _refuse_adapter_checkpoint(state: dict, iter_dir: str) -> None:
                               f"load it with its adapter flags ({' '.join(adapter_flags(state['args']))})")
 
 
-def restore_training_state(args, optimizer, scheduler, state: dict, path: str, fresh_start: bool) -> None:
+_READ_HERE = object()
+
+
+def restore_training_state(args, optimizer, scheduler, state: dict, path: str, fresh_start: bool,
+                           param_states=_READ_HERE) -> None:
     """Optimizer, LR scheduler and RNG from a rank file's `state` (unless
     starting afresh or told not to); without optimizer state, the optimizer
-    takes its main parameters from the loaded weights."""
+    takes its main parameters from the loaded weights. `param_states`: the
+    distributed optimizer's dp-zero states when already read (else read here,
+    beside `path`, on data-parallel rank 0)."""
     if optimizer is not None and not fresh_start and not args.no_load_optim:
         if "optimizer" not in state:
             raise CheckpointError(f"{path} was saved without optimizer state (--no-save-optim): "
                                   "load it with --no-load-optim or --finetune")
         optimizer.load_state_dict(state["optimizer"])
         if args.use_distributed_optimizer:
-            _load_distributed_optimizer_state(optimizer, os.path.join(os.path.dirname(path), "distrib_optim.pt"))
+            if param_states is _READ_HERE:
+                param_states = None
+                if parallel_state.get_data_parallel_rank() == 0:
+                    param_states = _read_distributed_optimizer_state(
+                        os.path.join(os.path.dirname(path), "distrib_optim.pt"))
+            _load_distributed_optimizer_state(optimizer, param_states)
         if scheduler is not None:
             scheduler.load_state_dict(state["opt_param_scheduler"])
     elif optimizer is not None:
@@ -338,13 +467,45 @@ def restore_training_state(args, optimizer, scheduler, state: dict, path: str, f
         _set_rng_state(state["rng_state"])
 
 
-def _load_distributed_optimizer_state(optimizer, path: str) -> None:
-    states = None
-    if parallel_state.get_data_parallel_rank() == 0:
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path} is missing: the checkpoint was saved without --use-distributed-optimizer; "
-                                  "resume without it, or load with --no-load-optim")
-        states = torch.load(path, map_location="cpu", weights_only=True)
+def _load_model(args, model: list, iter_dir: str, iteration: int, release: bool) -> Tuple[dict, str]:
+    """Load the model weights of `iter_dir` into this rank's chunks (resharded
+    when the layout differs); returns (this rank's state, its file)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    path = rank_file(iter_dir, tp_rank, pp_rank, args.pipeline_model_parallel_size)
+    # This rank's own file, memory-mapped, when the checkpoint has one: under an
+    # unchanged layout it is all this rank needs. Otherwise any rank file says
+    # which layout the checkpoint was saved under.
+    state = read_checkpoint_file(path) if os.path.isfile(path) else None
+    if state is not None and all(state["layout"].get(k) == v for k, v in _layout(args).items()):
+        _refuse_adapter_checkpoint(state, iter_dir)
+        for key, chunk in zip(model_keys(len(model)), model):
+            if key not in state:
+                raise CheckpointError(f"{path} has no '{key}' entry")
+            module = _unwrap(chunk)
+            module.load_state_dict(sharding.match_layer_spec(state[key], module.state_dict()), strict=True)
+        return state, path
+    saved = state if state is not None else first_rank_state(iter_dir)
+    _refuse_adapter_checkpoint(saved, iter_dir)
+    saved_layout = _saved_layout(saved)
+    weights_only_load = args.finetune or release or (args.no_load_optim and args.no_load_rng)
+    if not weights_only_load:
+        _check_layout(saved_layout, args, iter_dir)
+    _load_model_resharded(args, model, iter_dir, saved_layout)
+    # Only the weights are taken; the data position is the checkpoint's.
+    return {"iteration": iteration, "consumed_train_samples": saved.get("consumed_train_samples", 0)}, path
+
+
+def _read_distributed_optimizer_state(path: str):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: the checkpoint was saved without --use-distributed-optimizer; "
+                              "resume without it, or load with --no-load-optim")
+    return read_checkpoint_file(path, mmap=False)
+
+
+def _load_distributed_optimizer_state(optimizer, states) -> None:
+    """The dp-zero parameter states (read on data-parallel rank 0, None
+    elsewhere) scattered into the distributed optimizer. Collective."""
     # The copies go into views of parameters (fp32 main params alias the model's):
     # outside autograd, as megatron-core's other loaders are.
     with torch.no_grad():
@@ -439,8 +600,7 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=
     others: dict = {}
     src_offsets = sharding.layer_offsets(saved["num_layers"], src_pp, src_vp)
     for p in range(src_pp):
-        states = [torch.load(rank_file(iter_dir, t, p, src_pp), map_location="cpu", weights_only=True, mmap=True)
-                  for t in range(src_tp)]
+        states = [read_checkpoint_file(rank_file(iter_dir, t, p, src_pp)) for t in range(src_tp)]
         for v, key in enumerate(model_keys(src_vp or 1)):
             chunks = [sharding.to_global_names(s[key], src_offsets[(p, v)]) for s in states]
             by_layer: dict = {}

@@ -66,7 +66,8 @@ def load_model(load_dir: str, tensor_model_parallel_size: int = 1, pipeline_mode
 @torch.no_grad()
 def forward_logits(args, model: list, tokens: torch.Tensor) -> torch.Tensor:
     """Logits [batch, seq, args.padded_vocab_size] (fp32) for token ids
-    [batch, seq], causal attention, positions 0..seq-1; on every rank."""
+    [batch, seq], causal attention, positions 0..seq-1; on every rank. The
+    vocabulary's padding columns (ids >= args.unpadded_vocab_size) are -inf."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -31,6 +31,11 @@ class TokenizerError(ValueError):
     pass
 
 
+class TokenizerInputError(TokenizerError):
+    """A text this tokenizer cannot encode (NullTokenizer: not ids in [0, --vocab-size));
+    the data tools skip and count such a line, as any other bad line."""
+
+
 class _TokenizerBase:
     """What megatron-core's datasets read besides vocab_size and eod: a
     description for their cache hash, and a pad id (-1: none, never in data)."""
@@ -303,7 +308,19 @@ class NullTokenizer(_TokenizerBase):
         return self.eos
 
     def tokenize(self, text: str) -> List[int]:
-        return [int(t) for t in text.split()]
+        """The ids written in `text`; TokenizerInputError for anything but
+        whole numbers in [0, --vocab-size) (the end-of-document id is added
+        by --append-eod, not read from the text)."""
+        ids = []
+        for t in text.split():
+            try:
+                ids.append(int(t))
+            except ValueError:
+                raise TokenizerInputError(f"{t[:20]!r} is not a token id")
+        if ids and not 0 <= min(ids) <= max(ids) < self._vocab:
+            bad = next(i for i in ids if not 0 <= i < self._vocab)
+            raise TokenizerInputError(f"token id {bad} is outside [0, --vocab-size {self._vocab})")
+        return ids
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [self.tokenize(t) for t in texts]

@@ -15,6 +15,7 @@ import torch
 
 from megatron.training import arguments as arguments_module
 from megatron.training import checkpointing, initialize, kernels
+from megatron.training.exit_signal import ExitSignalHandler
 from megatron.training.flops import ModelShape, flops_per_iteration
 from megatron.training.peft.arguments import adapters_enabled
 from megatron.training.tokenizer import tokenizer_and_vocab_size
@@ -25,7 +26,7 @@ from megatron.training.training_log import TrainingLogger, print_rank_0
 class TrainingState:
     iteration: int = 0
     consumed_train_samples: int = 0
-    exited_early: bool = False  # stopped by --exit-interval / --exit-duration-in-mins
+    exited_early: bool = False  # stopped by --exit-interval / --exit-duration-in-mins / --exit-signal-handler
     history: List[Dict[str, float]] = dataclasses.field(default_factory=list)
 
 
@@ -80,7 +81,7 @@ def setup_args(argv=None, extra_args_provider=None):
 
 
 def _take_model_shape_from_checkpoint(args) -> None:
-    saved = checkpointing.read_checkpoint_args(args.load)
+    saved = checkpointing.read_checkpoint_args(args.load, args.ckpt_step)
     for key in arguments_module.MODEL_SHAPE_FLAGS:
         if key in saved:
             setattr(args, key, saved[key])
@@ -103,7 +104,9 @@ def _print_args(args) -> None:
 
 def build_tokenizer_from_args(args):
     """The tokenizer named by the flags (None for --mock-data without one);
-    sets args.padded_vocab_size."""
+    sets args.padded_vocab_size and args.unpadded_vocab_size (the real
+    vocabulary, recorded in checkpoints: its padding rows are excluded from
+    the softmax, models/padded_vocab.py)."""
     tokenizer, vocab = tokenizer_and_vocab_size(args)
     padded = arguments_module.padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                 args.tensor_model_parallel_size)
@@ -113,6 +116,7 @@ def build_tokenizer_from_args(args):
             f"the checkpoint's vocabulary ({saved} rows) does not match the tokenizer's padded vocabulary ({padded}): "
             "use the tokenizer the checkpoint was trained with")
     args.padded_vocab_size = padded
+    args.unpadded_vocab_size = vocab
     return tokenizer
 
 
@@ -247,9 +251,17 @@ def average_losses_across_data_parallel(losses: List[dict]) -> Dict[str, torch.T
 
 
 def train(args, forward_step_func, model, optimizer, scheduler, train_iter, valid_iter, state: TrainingState):
-    """Iterate until --train-iters (or --exit-interval / --exit-duration-in-mins)."""
+    """Iterate until --train-iters (or --exit-interval / --exit-duration-in-mins /
+    the --exit-signal with --exit-signal-handler)."""
     if train_iter is None:
         raise RuntimeError("no training data: --split gives the training split no share")
+    with ExitSignalHandler(args.exit_signal if args.exit_signal_handler else None) as exit_signal:
+        return _train_loop(args, forward_step_func, model, optimizer, scheduler, train_iter, valid_iter, state,
+                           exit_signal)
+
+
+def _train_loop(args, forward_step_func, model, optimizer, scheduler, train_iter, valid_iter, state: TrainingState,
+                exit_signal: ExitSignalHandler):
     for chunk in model:
         chunk.train()
     shape = ModelShape.from_args(args)
@@ -274,6 +286,11 @@ def train(args, forward_step_func, model, optimizer, scheduler, train_iter, vali
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save(args, state, model, optimizer, scheduler)
             saved_at = state.iteration
+        if exit_signal.received_anywhere():
+            print_rank_0(f"exiting at iteration {state.iteration}: received {args.exit_signal} "
+                         f"(--exit-signal-handler){'' if args.save else '; no --save: nothing is saved'}")
+            state.exited_early = True
+            break
         if _should_exit(args, state.iteration, start_time):
             state.exited_early = True
             break

@@ -204,14 +204,18 @@ def test_sbatch_wrapper_starts_one_torchrun_per_node(tmp_path):
                    f"--container-mounts={ROOT}:{ROOT},/data:/data", f"--container-workdir={ROOT}",
                    f"--output={logs}/%x-%j-node%n.log"):
         assert option in srun
-    assert srun[-3:] == [os.path.join(ROOT, "scripts/llama_30B.sh"), "--micro-batch-size", "4"]
+    assert srun[-4:] == [os.path.join(ROOT, "scripts/llama_30B.sh"), "--exit-signal-handler",
+                         "--micro-batch-size", "4"]
+    # Slurm's SIGTERM 120 s before the time limit becomes a saved checkpoint (--exit-signal-handler)
+    with open(os.path.join(ROOT, "scripts/slurm/pretrain.sbatch")) as f:
+        assert "#SBATCH --signal=TERM@120\n" in f.read()
 
     for node in range(4):
         line = (logs / f"llama-4242-node{node}.log").read_text().strip().splitlines()[-1]
         options, flags = _torchrun_command(line)
         assert options == {"--nproc_per_node": "8", "--nnodes": "4", "--node_rank": str(node),
                            "--master_addr": "node001", "--master_port": str(20000 + 4242 % 20000)}
-        assert flags[-2:] == ["--micro-batch-size", "4"]
+        assert flags[-3:] == ["--exit-signal-handler", "--micro-batch-size", "4"]
 
 
 def test_sbatch_wrapper_needs_a_container_image(tmp_path):

@@ -111,6 +111,8 @@ BAD = {  # line content -> reason
     '{"input": 5, "target": "1"}': "not_text",
     '{"text": "1"}': "unknown_format",
     "not json": "not_json",
+    '{"input": "1 x", "target": "2"}': "bad_tokens",  # NullTokenizer: not an id
+    '{"input": "1", "target": "77"}': "bad_tokens",  # NullTokenizer: id >= --vocab-size 50
 }
 
 

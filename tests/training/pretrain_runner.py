@@ -32,6 +32,35 @@ def _worker(rank, world_size, argv, entry_point):
     return [(h["iteration"], h["lm loss"], h["grad_norm"]) for h in state.history if "lm loss" in h]
 
 
+def _sequence_worker(rank, world_size, argvs, entry_point):
+    """Several runs in one process group: only the parallel layout is torn down between them."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import importlib
+
+    from megatron.core import parallel_state
+
+    from megatron.training.initialize import destroy
+
+    out = []
+    try:
+        for argv in argvs:
+            try:
+                state = importlib.import_module(entry_point).main(list(argv))
+            finally:
+                parallel_state.destroy_model_parallel()
+            out.append([(h["iteration"], h["lm loss"], h["grad_norm"]) for h in state.history if "lm loss" in h])
+    finally:
+        destroy()
+    return out
+
+
+def run_pretrain_sequence(argvs, world_size=1, entry_point="pretrain_gpt"):
+    """run_pretrain for each argv in turn, in one launch of `world_size` processes
+    (one start-up for several runs); a list of their losses."""
+    return run_distributed(_sequence_worker, world_size=world_size, args=(tuple(map(tuple, argvs)), entry_point))[-1]
+
+
 def run_pretrain(argv, world_size=1, entry_point="pretrain_gpt"):
     """Losses [(iteration, loss, grad_norm)] logged by the last rank of
     `entry_point.main(argv)` (pretrain_gpt, finetune_gpt)."""

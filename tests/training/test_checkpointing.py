@@ -44,12 +44,12 @@ def _crash_during_second_save(rank, world_size, argv):
 
     real_save = checkpointing.atomic_torch_save
 
-    def crashing_save(obj, path):
+    def crashing_save(obj, path, *rest):
         if "iter_0000004" in path:
             with open(path + ".tmp-crash", "wb") as f:
                 f.write(pickle.dumps(obj)[:100])
             os._exit(17)
-        real_save(obj, path)
+        return real_save(obj, path, *rest)
 
     checkpointing.atomic_torch_save = crashing_save
     pretrain_gpt.main(list(argv))

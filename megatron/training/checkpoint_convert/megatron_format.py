@@ -35,6 +35,8 @@ def read_vocab_size(args: dict, tokenizer_model: Optional[str] = None) -> Option
     tokenizer cannot be found); `tokenizer_model` overrides the recorded path."""
     from megatron.training.tokenizer import build_tokenizer
 
+    if tokenizer_model is None and args.get("unpadded_vocab_size"):  # recorded by the driver and save_megatron
+        return args["unpadded_vocab_size"]
     kind = args.get("tokenizer_type")
     if kind is None:
         return args.get("vocab_size")
@@ -58,7 +60,10 @@ class MegatronSource(ModelSource):
         self.path = os.path.abspath(load_dir)
         if not os.path.isdir(self.path):
             raise ConversionError(f"--load-dir {self.path} does not exist")
-        iteration, release = checkpointing.read_tracker(self.path)
+        try:
+            iteration, release = checkpointing.read_tracker(self.path)
+        except checkpointing.CheckpointError as e:
+            raise ConversionError(str(e))
         if iteration is None:
             raise ConversionError(
                 f"{self.path} has no {checkpointing.TRACKER_FILENAME}: it is not a checkpoint saved by "
@@ -80,6 +85,10 @@ class MegatronSource(ModelSource):
                 if not os.path.isfile(self._file(t, p)):
                     raise ConversionError(f"{self._file(t, p)} is missing: the checkpoint at {self.path} is "
                                           f"incomplete (saved with TP={self.tp}, PP={self.pp})")
+                try:  # opens, and matches its checksum when it has one (--ckpt-checksum)
+                    checkpointing.read_checkpoint_file(self._file(t, p))
+                except checkpointing.CheckpointError as e:
+                    raise ConversionError(str(e))
         self.gated = bool(self.args.get("swiglu"))
         self.offsets = sharding.layer_offsets(self.num_layers, self.pp, self.vp)
         self.per_chunk = self.num_layers // (self.pp * (self.vp or 1))
@@ -175,7 +184,8 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
     gated = bool(args["swiglu"])
     saved_args = dict(args, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                       num_layers_per_virtual_pipeline_stage=vp_layers, virtual_pipeline_model_parallel_size=vp,
-                      padded_vocab_size=rows, make_vocab_size_divisible_by=divisible_by,
+                      padded_vocab_size=rows, unpadded_vocab_size=source.vocab_size,
+                      make_vocab_size_divisible_by=divisible_by,
                       transformer_impl=transformer_impl)
     if dtype is not None:
         saved_args.update(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,

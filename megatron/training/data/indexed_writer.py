@@ -5,9 +5,19 @@
 `IndexedDatasetBuilder` keeps every sequence length and document boundary in
 Python lists until `finalize`; for a 1 TB corpus that alone is tens of GB.
 Here they go to two scratch files next to the output and the `.idx` is
-assembled from them in fixed-size chunks at the end. Everything is written
-under temporary names and renamed only when complete, so an interrupted run
-never leaves a dataset that looks whole.
+assembled from them in fixed-size chunks at the end.
+
+The two halves can never be mismatched: everything is written under
+temporary names (`fileio.temp_name`) and fsynced; then the old `.idx` is
+removed, the new `.bin` renamed into place, and the new `.idx` last. A kill
+between those steps leaves a `.bin` without an `.idx`, which every reader
+rejects as incomplete, never a new `.bin` beside an old `.idx`. Readers
+(`read_index_header`, used by merge, the nanoGPT conversion, the blend
+builder, the driver's data check, the SFT and perplexity readers) also check
+that the `.bin` holds exactly the bytes the `.idx` describes, which catches a
+pair assembled by hand from two runs, a truncated copy, or a reader racing a
+rewrite. On any failure, a full disk included, the temporary files are
+removed; those of killed runs are swept by the next writer of the same output.
 
 The `.idx` layout (megatron-core `_IndexWriter`, little endian):
     b"MMIDIDX\\x00\\x00", u64 version=1, u8 dtype code,
@@ -23,7 +33,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from megatron.training.fileio import temp_name
+from megatron.training.fileio import fsync_dir, remove_quietly, sweep_stale_temps, temp_name
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 # megatron-core's DType codes (indexed_dataset.DType)
@@ -34,7 +44,7 @@ _CHUNK = 1 << 20  # entries per chunk when assembling the index
 
 
 class DatasetFormatError(ValueError):
-    pass
+    """An indexed dataset that cannot be read or written as asked; the message names the file and the fix."""
 
 
 def optimal_dtype(vocab_size: Optional[int]) -> type:
@@ -51,16 +61,28 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype).type
         if self.dtype not in DTYPE_CODES:
             raise DatasetFormatError(f"dtype {dtype} cannot be stored in an indexed dataset")
+        folder, base = os.path.split(os.path.abspath(prefix))
+        sweep_stale_temps(folder, base + ".")
         self._bin_tmp = temp_name(prefix + ".bin")
         self._idx_tmp = temp_name(prefix + ".idx")
         self._lengths_tmp = temp_name(prefix + ".lengths")
         self._docs_tmp = temp_name(prefix + ".docs")
-        self._bin = open(self._bin_tmp, "wb")
-        self._lengths = open(self._lengths_tmp, "wb")
-        self._docs = open(self._docs_tmp, "wb")
+        self._files = []
+        self._placed_bin = False  # the new .bin carries its final name, the .idx not yet
+        try:
+            self._bin, self._lengths, self._docs = (self._open(p) for p in (
+                self._bin_tmp, self._lengths_tmp, self._docs_tmp))
+        except BaseException:
+            self.abort()
+            raise
         self.sequences = 0
         self.documents = 0
         self.tokens = 0
+
+    def _open(self, path: str) -> "_OutputFile":
+        f = _OutputFile(path)
+        self._files.append(f)
+        return f
 
     def add_documents(self, tokens: np.ndarray, sequence_lengths: np.ndarray, doc_sequences: np.ndarray) -> None:
         """Append documents given as flat arrays: all their tokens, the length
@@ -106,11 +128,14 @@ class IndexedDatasetWriter:
         self.tokens += os.path.getsize(prefix + ".bin") // np.dtype(self.dtype).itemsize
 
     def finalize(self) -> Tuple[str, str]:
-        """Write the `.idx`, rename both files into place; returns their paths."""
-        for f in (self._bin, self._lengths, self._docs):
+        """Write the `.idx`, rename both files into place; returns their paths.
+        On failure the caller calls `abort()`."""
+        self._bin.sync()
+        self._bin.close()
+        for f in (self._lengths, self._docs):
             f.close()
         itemsize = np.dtype(self.dtype).itemsize
-        with open(self._idx_tmp, "wb") as idx:
+        with self._open(self._idx_tmp) as idx:
             idx.write(INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", DTYPE_CODES[self.dtype]))
             idx.write(struct.pack("<Q", self.sequences) + struct.pack("<Q", self.documents + 1))
             with open(self._lengths_tmp, "rb") as f:
@@ -127,15 +152,64 @@ class IndexedDatasetWriter:
             idx.write(np.zeros(1, np.int64).tobytes())
             with open(self._docs_tmp, "rb") as f:
                 shutil.copyfileobj(f, idx, 16 << 20)
-        os.replace(self._bin_tmp, self.prefix + ".bin")
-        os.replace(self._idx_tmp, self.prefix + ".idx")
-        _remove(self._lengths_tmp, self._docs_tmp)
-        return self.prefix + ".bin", self.prefix + ".idx"
+            idx.sync()
+        bin_path, idx_path = self.prefix + ".bin", self.prefix + ".idx"
+        # The order that keeps the halves matched: a reader sees the old pair,
+        # a lone .bin (incomplete: rejected), or the new pair.
+        remove_quietly(idx_path)
+        os.replace(self._bin_tmp, bin_path)
+        self._placed_bin = True
+        os.replace(self._idx_tmp, idx_path)
+        self._placed_bin = False
+        fsync_dir(os.path.dirname(os.path.abspath(bin_path)))
+        remove_quietly(self._lengths_tmp, self._docs_tmp)
+        return bin_path, idx_path
 
     def abort(self) -> None:
-        for f in (self._bin, self._lengths, self._docs):
-            f.close()
-        _remove(self._bin_tmp, self._idx_tmp, self._lengths_tmp, self._docs_tmp)
+        """Remove every file this writer made; never raises (a full disk makes
+        closing fail too, and the clean-up must still happen)."""
+        for f in self._files:
+            try:
+                f.close()
+            except OSError:
+                pass
+        remove_quietly(self._bin_tmp, self._idx_tmp, self._lengths_tmp, self._docs_tmp)
+        if self._placed_bin:
+            remove_quietly(self.prefix + ".bin")
+
+
+class _OutputFile:
+    """A binary output file whose failures name it: Python's file objects
+    raise a bare "[Errno 28] No space left on device" for a full disk."""
+
+    def __init__(self, path: str):
+        self.name = path
+        self._f = open(path, "wb")
+
+    def _named(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as e:
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror, self.name) from e
+
+    def write(self, data) -> int:
+        return self._named(self._f.write, data)
+
+    def sync(self) -> None:
+        """Flush and fsync."""
+        self._named(self._f.flush)
+        self._named(os.fsync, self._f.fileno())
+
+    def close(self) -> None:
+        self._named(self._f.close)
+
+    def __enter__(self) -> "_OutputFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class IndexHeader:
@@ -152,11 +226,16 @@ class IndexHeader:
 
 
 def read_index_header(prefix: str) -> IndexHeader:
-    path = prefix + ".idx"
-    if not os.path.exists(prefix + ".bin"):
-        raise DatasetFormatError(f"{path} has no partner {prefix}.bin: copy it next to the .idx or remove the .idx")
+    """The header of `{prefix}.idx`, after checking that the pair is complete
+    and belongs together: the `.idx` has exactly the size its header implies,
+    its document index ends at its sequence count, and the `.bin` holds
+    exactly the bytes its last sequence ends at."""
+    path, bin_path = prefix + ".idx", prefix + ".bin"
+    if not os.path.exists(bin_path):
+        raise DatasetFormatError(f"{path} has no partner {bin_path}: copy it next to the .idx or remove the .idx")
     if not os.path.exists(path):
-        raise DatasetFormatError(f"{prefix}.bin has no partner {path}: copy it next to the .bin or remove the .bin")
+        raise DatasetFormatError(f"{bin_path} has no partner {path} (an interrupted write leaves this): rerun the "
+                                 "tool that wrote it, or copy the .idx next to the .bin")
     with open(path, "rb") as f:
         head = f.read(len(INDEX_HEADER) + 8 + 1 + 16)
     if len(head) < 34 or head[:9] != INDEX_HEADER:
@@ -165,7 +244,48 @@ def read_index_header(prefix: str) -> IndexHeader:
     if code not in CODE_DTYPES:
         raise DatasetFormatError(f"{path} has unknown dtype code {code}")
     sequences, documents = struct.unpack("<QQ", head[18:34])
-    return IndexHeader(path, CODE_DTYPES[code], sequences, documents - 1)
+    header = IndexHeader(path, CODE_DTYPES[code], sequences, documents - 1)
+    _check_pair(header, bin_path)
+    return header
+
+
+def checked_indexed_dataset(prefix: str):
+    """megatron-core's `IndexedDataset` for `prefix`, after `read_index_header`'s checks."""
+    read_index_header(prefix)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return IndexedDataset(prefix)
+
+
+def _check_pair(header: IndexHeader, bin_path: str) -> None:
+    path = header.path
+    rebuild = ("rebuild the pair with the tool that wrote it (e.g. tools/preprocess_data.py), or copy both "
+               "files from one run")
+    expected_idx = header.doc_indices_offset + 8 * (header.documents + 1)
+    actual_idx = os.path.getsize(path)
+    if header.documents < 0 or actual_idx != expected_idx:
+        raise DatasetFormatError(f"{path} is {actual_idx:,} bytes but its header describes {expected_idx:,} "
+                                 f"(truncated or corrupt): {rebuild}")
+    expected_bin = 0
+    with open(path, "rb") as f:
+        f.seek(header.doc_indices_offset)
+        first_doc, = struct.unpack("<q", f.read(8))
+        f.seek(header.doc_indices_offset + 8 * header.documents)
+        last_doc, = struct.unpack("<q", f.read(8))
+        if header.sequences:
+            f.seek(header.lengths_offset + 4 * (header.sequences - 1))
+            last_length, = struct.unpack("<i", f.read(4))
+            f.seek(header.pointers_offset + 8 * (header.sequences - 1))
+            last_pointer, = struct.unpack("<q", f.read(8))
+            expected_bin = last_pointer + last_length * np.dtype(header.dtype).itemsize
+    if first_doc != 0 or last_doc != header.sequences:
+        raise DatasetFormatError(f"{path} has a document index that does not cover its {header.sequences:,} "
+                                 f"sequences (corrupt): {rebuild}")
+    actual_bin = os.path.getsize(bin_path)
+    if actual_bin != expected_bin:
+        raise DatasetFormatError(
+            f"{bin_path} holds {actual_bin:,} bytes but {path} describes {expected_bin:,}: the two files are not "
+            f"one dataset (truncated, or written by different runs): {rebuild}")
 
 
 def _copy_bytes(src, dst, n: int) -> None:
@@ -175,11 +295,3 @@ def _copy_bytes(src, dst, n: int) -> None:
             raise DatasetFormatError(f"{src.name} is truncated")
         dst.write(chunk)
         n -= len(chunk)
-
-
-def _remove(*paths: str) -> None:
-    for p in paths:
-        try:
-            os.remove(p)
-        except FileNotFoundError:
-            pass

@@ -10,6 +10,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -19,6 +20,7 @@ BAD_DESCRIPTIONS: Dict[str, str] = {
     "not_json": "not a JSON object",
     "missing_key": "lacks a --json-keys key",
     "not_text": "value is not a string",
+    "bad_tokens": "text the tokenizer cannot encode (NullTokenizer: whole ids in [0, --vocab-size))",
     "empty": "empty text",
 }
 BAD_REASONS = tuple(BAD_DESCRIPTIONS)
@@ -60,31 +62,70 @@ def find_input_files(spec: str) -> List[str]:
     return sorted(files)
 
 
-def read_blocks(paths: Sequence[str], block_bytes: int = 1 << 20) -> Iterator[Block]:
-    """Yield blocks of about `block_bytes` of whole lines from each file in turn."""
+def read_blocks(paths: Sequence[str], block_bytes: int = 1 << 20,
+                damaged: Optional[List[str]] = None) -> Iterator[Block]:
+    """Yield blocks of about `block_bytes` of whole lines from each file in
+    turn. A compressed file that ends early or is corrupt keeps every line
+    read before the damage; a sentence saying so is appended to `damaged`
+    (without a list, the damage is an InputError)."""
     index = 0
     for path in paths:
-        opener = gzip.open if path.endswith(".gz") else open
         line_no = 1
-        with opener(path, "rb") as f:
-            carry = b""
+        pending: List[bytes] = []  # the start of a line longer than the chunks read so far
+        failure: List[str] = []
+        for chunk in _chunks(path, block_bytes, failure):
+            cut = chunk.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a block: keep reading it
+                pending.append(chunk)
+                continue
+            data = b"".join(pending + [chunk[:cut]]) if pending else chunk[:cut]
+            pending = [chunk[cut:]] if cut < len(chunk) else []
+            lines = data.count(b"\n")
+            yield Block(path, line_no, index, data)
+            line_no += lines
+            index += lines
+        if pending:
+            yield Block(path, line_no, index, b"".join(pending))
+            index += 1
+        if failure:
+            message = (f"{path} is damaged ({failure[0]}) after line {line_no - 1}: the lines before it were kept, "
+                       "the rest of the file is lost; re-create or re-download it to use all of it")
+            if damaged is None:
+                raise InputError(message)
+            damaged.append(message)
+
+
+def _chunks(path: str, size: int, failure: List[str]) -> Iterator[bytes]:
+    """The bytes of `path` (decompressed for .gz) in chunks of about `size`.
+    A damaged .gz stops early with its error in `failure`; the chunks read
+    from it before are all there is (read1 returns what each step decompressed)."""
+    compressed = path.endswith(".gz")
+    try:
+        f = gzip.open(path, "rb") if compressed else open(path, "rb")
+    except OSError as e:
+        raise InputError(f"cannot read --input file {path}: {e.strerror}")
+    with f:
+        if not compressed:
             while True:
-                chunk = f.read(block_bytes)
+                chunk = f.read(size)
                 if not chunk:
-                    break
-                chunk = carry + chunk
-                cut = chunk.rfind(b"\n") + 1
-                if cut == 0:  # one line longer than a block: keep reading it
-                    carry = chunk
-                    continue
-                data, carry = chunk[:cut], chunk[cut:]
-                lines = data.count(b"\n")
-                yield Block(path, line_no, index, data)
-                line_no += lines
-                index += lines
-            if carry:
-                yield Block(path, line_no, index, carry)
-                index += 1
+                    return
+                yield chunk
+        parts, have = [], 0
+        while True:
+            try:
+                piece = f.read1(size)
+            except (EOFError, OSError, zlib.error) as e:  # truncated stream, bad header (BadGzipFile), bad data
+                failure.append(str(e) or type(e).__name__)
+                piece = b""
+            if piece:
+                parts.append(piece)
+                have += len(piece)
+            if parts and (have >= size or not piece):
+                yield b"".join(parts)
+                parts, have = [], 0
+            if not piece:
+                return
 
 
 def split_lines(data: bytes) -> List[bytes]:

@@ -30,9 +30,14 @@ def find_dataset_prefixes(folder: str) -> List[str]:
 
 def merge_datasets(folder: str, output_prefix: str) -> IndexedDatasetWriter:
     """Concatenate the datasets of `folder` in name order into
-    `{output_prefix}.bin/.idx` (the same bytes as Megatron-LM's merge tool)."""
+    `{output_prefix}.bin/.idx` (the same bytes as Megatron-LM's merge tool).
+    Every input is checked (complete, .bin matching its .idx) before the
+    output is opened."""
     prefixes = find_dataset_prefixes(folder)
-    headers = [read_index_header(p) for p in prefixes]
+    headers = [read_index_header(p) for p in prefixes]  # every input checked before anything is written
+    if not any(h.documents for h in headers):
+        raise DatasetFormatError(f"--input {folder}: its {len(headers)} dataset(s) hold no document: "
+                                 "nothing to merge")
     dtypes = {h.dtype for h in headers}
     if len(dtypes) > 1:
         first = headers[0]

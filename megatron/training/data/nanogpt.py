@@ -16,7 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from megatron.training.data.indexed_writer import DatasetFormatError, IndexedDatasetWriter, read_index_header, temp_name
+from megatron.training.data.indexed_writer import DatasetFormatError, IndexedDatasetWriter, read_index_header
+from megatron.training.fileio import remove_quietly, sweep_stale_temps, temp_name
 
 _CHUNK_TOKENS = 1 << 22
 
@@ -40,19 +41,25 @@ def to_nanogpt(prefix: str, out_dir: str, val_fraction: float = 0.0005) -> dict:
     split_token = (pointers[first_val_seq] // itemsize) if first_val_seq < header.sequences else \
         os.path.getsize(prefix + ".bin") // itemsize
     os.makedirs(out_dir, exist_ok=True)
+    for name in ("train", "val"):
+        sweep_stale_temps(out_dir, f"{name}.bin.")
     data = np.memmap(prefix + ".bin", dtype=header.dtype, mode="r")
     counts = {}
     for name, lo, hi in (("train", 0, int(split_token)), ("val", int(split_token), data.size)):
         path = os.path.join(out_dir, f"{name}.bin")
         tmp = temp_name(path)
-        with open(tmp, "wb") as out:
-            for s in range(lo, hi, _CHUNK_TOKENS):
-                chunk = np.asarray(data[s:min(hi, s + _CHUNK_TOKENS)])
-                if chunk.size and (chunk.max() > 65535 or chunk.min() < 0):
-                    os.remove(tmp)
-                    raise DatasetFormatError(f"{prefix}.bin holds ids above 65535: nanoGPT's uint16 files cannot store them")
-                out.write(chunk.astype(np.uint16).tobytes())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as out:
+                for s in range(lo, hi, _CHUNK_TOKENS):
+                    chunk = np.asarray(data[s:min(hi, s + _CHUNK_TOKENS)])
+                    if chunk.size and (chunk.max() > 65535 or chunk.min() < 0):
+                        raise DatasetFormatError(
+                            f"{prefix}.bin holds ids above 65535: nanoGPT's uint16 files cannot store them")
+                    out.write(chunk.astype(np.uint16).tobytes())
+            os.replace(tmp, path)
+        except BaseException:
+            remove_quietly(tmp)
+            raise
         counts[name] = hi - lo
     return counts
 
@@ -65,6 +72,11 @@ def from_nanogpt(path: str, output_prefix: str, eod: Optional[int], chunk_tokens
 
     if eod is None and chunk_tokens < 1:
         raise DatasetFormatError("give --eod-token ID, or --chunk-tokens N > 0 for data without one")
+    if not os.path.isfile(path) or os.path.getsize(path) < 2:
+        raise DatasetFormatError(f"--input {path} is missing or holds no token: give a nanoGPT train.bin or val.bin")
+    if os.path.getsize(path) % 2:
+        raise DatasetFormatError(f"--input {path} has an odd number of bytes: not a file of uint16 token ids "
+                                 "(truncated?)")
     data = np.memmap(path, dtype=np.uint16, mode="r")
     writer = IndexedDatasetWriter(output_prefix, optimal_dtype(vocab_size if vocab_size else 65535))
     try:

@@ -29,6 +29,8 @@ from megatron.training.data.indexed_writer import IndexedDatasetWriter, optimal_
 from megatron.training.data.jsonl_reader import (
     BAD_DESCRIPTIONS, Block, InputError, bad_summary, find_input_files, parse_record, read_blocks, split_lines,
 )
+from megatron.training.data.long_text import tokenize_texts
+from megatron.training.fileio import sweep_stale_temps
 
 _SPLIT_CHUNK_CHARS = 1_000_000  # Megatron-LM splits sentences in pieces of this many characters
 
@@ -53,8 +55,11 @@ class InputAndTokenizerConfig:
 def run_data_tool(args, config_cls, run, report_text, errors=()) -> int:
     """The command-line body of the data tools: the parsed flags become a
     `config_cls`, SIGTERM stops the run like Ctrl-C (partial outputs are
-    removed), an input or tokenizer error (or one of `errors`) prints one line
-    and returns 1; otherwise the report goes to stderr and 0 is returned."""
+    removed), an input, tokenizer or dataset error (or one of `errors`), or
+    a failed write (a full disk, a read-only folder), prints one line and
+    returns 1; otherwise the report goes to stderr and 0 is returned."""
+    from megatron.training.data.indexed_writer import DatasetFormatError
+    from megatron.training.fileio import describe_os_error
     from megatron.training.tokenizer import TokenizerError
 
     def on_term(signum, frame):
@@ -65,8 +70,11 @@ def run_data_tool(args, config_cls, run, report_text, errors=()) -> int:
     cfg = config_cls(**{k: v for k, v in vars(args).items() if k in fields})
     try:
         report = run(cfg)
-    except (InputError, TokenizerError, *errors) as e:
+    except (InputError, TokenizerError, DatasetFormatError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}; partial outputs removed", file=sys.stderr)
         return 1
     print(report_text(report), file=sys.stderr)
     return 0
@@ -107,6 +115,7 @@ class Report:
     startup_s: float = 0.0
     elapsed_s: float = 0.0
     outputs: List[str] = field(default_factory=list)
+    damaged: List[str] = field(default_factory=list)  # input files read only up to damage (jsonl_reader)
     # why a line can be skipped -> its description, in report order; other
     # record kinds (SFT) replace the jsonl reader's own
     reasons: Dict[str, str] = field(default_factory=lambda: dict(BAD_DESCRIPTIONS))
@@ -126,6 +135,7 @@ class Report:
         summary = bad_summary(self.bad, self.bad_examples, self.reasons)
         if summary:
             out.append(summary)
+        out += [f"warning: {d}" for d in self.damaged]
         out += [f"wrote {p}" for p in self.outputs]
         return "\n".join(out)
 
@@ -165,6 +175,32 @@ def _sentences(value, splitter) -> List[str]:
     return [s for i in range(0, len(value), _SPLIT_CHUNK_CHARS) for s in splitter(value[i:i + _SPLIT_CHUNK_CHARS])]
 
 
+def _tokenize_documents(tok, documents: List[List[str]], dtype) -> list:
+    """Per document (a list of sentences), the ids of its non-empty
+    sentences; None for a document the tokenizer rejects (TokenizerInputError).
+    One batch call for all; only when it fails, document by document."""
+    from megatron.training.tokenizer import TokenizerInputError
+
+    try:
+        flat = tokenize_texts(tok, [s for doc in documents for s in doc], dtype) if documents else []
+    except TokenizerInputError:
+        if len(documents) == 1:
+            return [None]
+        return [ids for doc in documents for ids in _tokenize_documents(tok, [doc], dtype)]
+    out, pos = [], 0
+    for doc in documents:
+        out.append([ids for ids in flat[pos:pos + len(doc)] if len(ids)])
+        pos += len(doc)
+    return out
+
+
+def _flat_ids(sequences: list, dtype, n: int) -> np.ndarray:
+    """The sequences' ids (lists, or numpy arrays for long texts) as one array of `n` ids."""
+    if any(isinstance(s, np.ndarray) for s in sequences):
+        return np.concatenate([np.asarray(s, dtype=dtype) for s in sequences]) if sequences else np.zeros(0, dtype)
+    return np.fromiter(itertools.chain.from_iterable(sequences), dtype=dtype, count=n)
+
+
 def encode_block(block: Block) -> dict:
     """Parse and tokenize one block; the result holds, per partition and key,
     (tokens, sequence lengths, sequences per document) as numpy arrays."""
@@ -182,19 +218,15 @@ def encode_block(block: Block) -> dict:
             good.append((i, rec))
 
     # tokenize every sentence of every key with one batch call per key
-    per_key: Dict[str, List[List[List[int]]]] = {}
-    for key in cfg.keys:
-        sents = [_sentences(rec[key], splitter) for _, rec in good]
-        flat = tok.tokenize_batch([s for doc in sents for s in doc]) if sents else []
-        docs, pos = [], 0
-        for doc in sents:
-            docs.append([ids for ids in flat[pos:pos + len(doc)] if ids])
-            pos += len(doc)
-        per_key[key] = docs
+    per_key = {key: _tokenize_documents(tok, [_sentences(rec[key], splitter) for _, rec in good], dtype)
+               for key in cfg.keys}
 
     parts = [{key: ([], [], []) for key in cfg.keys} for _ in range(cfg.partitions)]
     documents = tokens = 0
     for d, (i, _) in enumerate(good):
+        if any(per_key[key][d] is None for key in cfg.keys):
+            bad.append(("bad_tokens", block.first_line + i))
+            continue
         if any(not per_key[key][d] for key in cfg.keys):
             bad.append(("empty", block.first_line + i))
             continue
@@ -215,8 +247,8 @@ def encode_block(block: Block) -> dict:
         for key, (lists, lengths, counts) in part.items():
             n = sum(lengths)
             tokens += n
-            arrays[key] = (np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=n),
-                           np.asarray(lengths, dtype=np.int32), np.asarray(counts, dtype=np.int64))
+            arrays[key] = (_flat_ids(lists, dtype, n), np.asarray(lengths, dtype=np.int32),
+                           np.asarray(counts, dtype=np.int64))
         out_parts.append(arrays)
     bad.sort(key=lambda b: b[1])
     return {"path": block.path, "bad": bad, "lines": len(lines), "bytes": len(block.data),
@@ -244,11 +276,12 @@ def preprocess(cfg: PreprocessConfig, log=None) -> Report:
         log(f"splitting sentences with the {splitter_description(cfg.lang)}")
     _WORKER.update(cfg=cfg, tokenizer=tok)  # inherited by forked workers
 
-    writers = _open_writers(cfg, dtype)
+    writers = _open_writers(cfg, dtype, log)
     report = Report()
     results = None
     try:
-        results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_block, _init_worker, (cfg,))
+        results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_block, _init_worker, (cfg,),
+                                 None if cfg.strict else report.damaged)
         report.startup_s = time.time() - start
         t0 = time.time()
         next_log = cfg.log_interval
@@ -263,6 +296,9 @@ def preprocess(cfg: PreprocessConfig, log=None) -> Report:
                 log(f"Processed {report.documents:,} documents ({report.documents / el:,.0f} docs/s, "
                     f"{report.bytes / 1e6 / el:.2f} MB/s).")
                 next_log = (report.documents // cfg.log_interval + 1) * cfg.log_interval
+        require_documents(cfg, report)
+        for message in report.damaged:
+            log(f"warning: {message}")
         report.outputs = _finalize(cfg, writers, dtype)
     except BaseException:
         if results is not None:
@@ -275,15 +311,27 @@ def preprocess(cfg: PreprocessConfig, log=None) -> Report:
     return report
 
 
-def encoded_blocks(files: Sequence[str], block_bytes: int, workers: int, encode, initializer, initargs):
+def require_documents(cfg: InputAndTokenizerConfig, report: Report) -> None:
+    """An input without one usable document is an error, not an empty dataset
+    that fails only when training starts."""
+    if report.documents == 0:
+        skipped = sum(report.bad.values())
+        raise InputError(f"--input {cfg.input} has no usable document ({report.lines:,} lines, {skipped:,} skipped"
+                         f"{': see the reasons above' if skipped else ''}): fix the input, or check --json-keys "
+                         "and --tokenizer-type")
+
+
+def encoded_blocks(files: Sequence[str], block_bytes: int, workers: int, encode, initializer, initargs,
+                   damaged: Optional[List[str]] = None):
     """An iterator of `encode(block)` for every block of `files`, in input
     order, computed by `workers` processes (started with
     `initializer(*initargs)`) with at most a few blocks in flight. The pool
     starts here, not at the first block, so a caller timing its start-up
-    counts it; `close()` stops the workers, whether iteration began or not."""
+    counts it; `close()` stops the workers, whether iteration began or not.
+    Damaged compressed inputs are reported into `damaged` (None: an error)."""
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
-    return _PoolResults(pool, _ordered_results(pool, read_blocks(files, block_bytes), workers, encode))
+    return _PoolResults(pool, _ordered_results(pool, read_blocks(files, block_bytes, damaged), workers, encode))
 
 
 class _PoolResults:
@@ -339,13 +387,27 @@ def _account(cfg: PreprocessConfig, report: Report, result: dict, log) -> None:
             log(f"skipping {where}: {report.describe(reason)}")
 
 
-def _open_writers(cfg: PreprocessConfig, dtype) -> List[Dict[str, IndexedDatasetWriter]]:
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
-    if cfg.partitions == 1:
-        return [{k: IndexedDatasetWriter(cfg.output_name(k), dtype) for k in cfg.keys}]
+def _open_writers(cfg: PreprocessConfig, dtype, log) -> List[Dict[str, IndexedDatasetWriter]]:
+    """One writer per key (per partition with --partitions); a failure while
+    opening them removes what the ones already open made."""
+    folder = os.path.dirname(os.path.abspath(cfg.output_prefix))
+    os.makedirs(folder, exist_ok=True)
+    for key in cfg.keys:  # what killed runs left, partition shards included
+        sweep_stale_temps(folder, os.path.basename(cfg.output_name(key)) + ".", log)
     # partition shards live under temporary names until merged into the output
-    return [{k: IndexedDatasetWriter(temp_name(f"{cfg.output_name(k)}.part{p}"), dtype) for k in cfg.keys}
-            for p in range(cfg.partitions)]
+    prefixes = ([{k: cfg.output_name(k) for k in cfg.keys}] if cfg.partitions == 1 else
+                [{k: temp_name(f"{cfg.output_name(k)}.part{p}") for k in cfg.keys} for p in range(cfg.partitions)])
+    writers: List[Dict[str, IndexedDatasetWriter]] = []
+    try:
+        for per_key in prefixes:
+            writers.append({})
+            for key, prefix in per_key.items():
+                writers[-1][key] = IndexedDatasetWriter(prefix, dtype)
+    except BaseException:
+        for w in (w for per_key in writers for w in per_key.values()):
+            w.abort()
+        raise
+    return writers
 
 
 def _finalize(cfg: PreprocessConfig, writers, dtype) -> List[str]:

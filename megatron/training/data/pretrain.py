@@ -59,7 +59,8 @@ class DataError(ValueError):
 
 
 def check_data_prefixes(args, config: GPTDatasetConfig) -> None:
-    """Every prefix of the config's blend has its .bin/.idx, and every split
+    """Every prefix of the config's blend has a complete, matching .bin/.idx
+    pair (indexed_writer.read_index_header), and every split
     that must provide samples gets at least one document of each dataset
     (megatron-core would otherwise loop forever looking for tokens in an empty
     split). Reads the blend and split matrix `config` derived from --data-path
@@ -67,16 +68,18 @@ def check_data_prefixes(args, config: GPTDatasetConfig) -> None:
     will."""
     import os
 
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.training.data.indexed_writer import DatasetFormatError, read_index_header
 
     prefixes = config.blend[0] if config.blend is not None else []
     needed = train_valid_test_num_samples(args)
     for prefix in prefixes:
-        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
-        if missing:
-            raise DataError(f"--data-path {prefix}: {', '.join(missing)} not found; give the prefix without "
+        if not any(os.path.isfile(prefix + ext) for ext in (".bin", ".idx")):
+            raise DataError(f"--data-path {prefix}: {prefix}.bin and {prefix}.idx not found; give the prefix without "
                             ".bin/.idx (tools/preprocess_data.py writes PREFIX_text_document.bin/.idx)")
-        n_docs = len(IndexedDataset(prefix, mmap=True))  # sequences, as GPTDataset splits them
+        try:
+            n_docs = read_index_header(prefix).sequences  # sequences, as GPTDataset splits them
+        except DatasetFormatError as e:
+            raise DataError(f"--data-path {prefix}: {e}")
         for name, bounds, samples in zip(("train", "validation", "test"), config.split_matrix, needed):
             if bounds is None or samples == 0:
                 continue

@@ -98,16 +98,19 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, prefix: str, seq_length: int, num_samples: Optional[int] = None, packing: bool = False,
                  truncation: str = "truncate", shuffle: bool = True, seed: int = 1234):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        from megatron.training.data.indexed_writer import DatasetFormatError, checked_indexed_dataset
 
         tokens_prefix, mask_prefix = sft_dataset_prefixes(prefix)
         for p in (tokens_prefix, mask_prefix):
-            if not os.path.exists(p + ".idx"):
+            if not os.path.exists(p + ".idx") and not os.path.exists(p + ".bin"):
                 raise SFTDataError(f"{p}.idx not found: give --data-path / --valid-data-path the --output-prefix "
                                    "of tools/preprocess_sft_data.py (without the _text_document suffix)")
         self.prefix = prefix
-        self.tokens = IndexedDataset(tokens_prefix)
-        self.masks = IndexedDataset(mask_prefix)
+        try:
+            self.tokens = checked_indexed_dataset(tokens_prefix)
+            self.masks = checked_indexed_dataset(mask_prefix)
+        except DatasetFormatError as e:
+            raise SFTDataError(str(e))
         lengths = np.asarray(self.tokens.sequence_lengths, dtype=np.int64)
         if not np.array_equal(lengths, self.masks.sequence_lengths):
             raise SFTDataError(f"{tokens_prefix} and {mask_prefix} differ in example lengths: "

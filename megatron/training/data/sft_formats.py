@@ -36,6 +36,7 @@ SFT_BAD_REASONS = {
     "wrong_role": "roles must be: system (first message only), then user and assistant alternating, "
                   "starting with user and ending with assistant",
     "template_error": "the chat template could not render the conversation incrementally",
+    "bad_tokens": "a text the tokenizer cannot encode (NullTokenizer: whole ids in [0, --vocab-size))",
 }
 
 

@@ -63,7 +63,7 @@ def encode_sft_block(block: Block) -> dict:
     """Parse and encode one block: flat ids, per-example lengths, flat mask."""
     cfg: SFTPreprocessConfig = _WORKER["cfg"]
     encoder: SFTEncoder = _WORKER["encoder"]
-    bad, segment_lists = [], []
+    bad, segment_lists, line_numbers = [], [], []
     lines = split_lines(block.data)
     for i, line in enumerate(lines):
         conv = parse_sft_line(line, cfg.sft_format)
@@ -71,9 +71,10 @@ def encode_sft_block(block: Block) -> dict:
             if isinstance(conv, str):
                 raise BadRecord(conv)
             segment_lists.append(encoder.segments(conv))
+            line_numbers.append(block.first_line + i)
         except BadRecord as e:
             bad.append((e.reason, block.first_line + i))
-    encoded = encoder.encode_many(segment_lists)
+    encoded = _encode_records(encoder, segment_lists, line_numbers, bad)
     lengths = np.asarray([len(ids) for ids, _ in encoded], dtype=np.int32)
     n = int(lengths.sum())
     dtype = optimal_dtype(encoder.tokenizer.vocab_size)
@@ -81,6 +82,25 @@ def encode_sft_block(block: Block) -> dict:
     mask = np.fromiter(itertools.chain.from_iterable(m for _, m in encoded), dtype=np.uint8, count=n)
     return {"path": block.path, "bad": bad, "lines": len(lines), "bytes": len(block.data),
             "documents": len(encoded), "tokens": n, "ids": ids, "lengths": lengths, "mask": mask}
+
+
+def _encode_records(encoder: SFTEncoder, segment_lists: list, line_numbers: list, bad: list) -> list:
+    """`encoder.encode_many(segment_lists)`; when the tokenizer rejects a text,
+    record by record, the rejected ones added to `bad` as ("bad_tokens", line)."""
+    from megatron.training.tokenizer import TokenizerInputError
+
+    try:
+        return encoder.encode_many(segment_lists)
+    except TokenizerInputError:
+        pass
+    out = []
+    for segments, line in zip(segment_lists, line_numbers):
+        try:
+            out.append(encoder.encode_many([segments])[0])
+        except TokenizerInputError:
+            bad.append(("bad_tokens", line))
+    bad.sort(key=lambda b: b[1])
+    return out
 
 
 def preprocess_sft(cfg: SFTPreprocessConfig, log=None) -> Report:
@@ -102,7 +122,8 @@ def preprocess_sft(cfg: SFTPreprocessConfig, log=None) -> Report:
     report.response_tokens = 0
     results = None
     try:
-        results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_sft_block, _init_worker, (cfg,))
+        results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_sft_block, _init_worker, (cfg,),
+                                 None if cfg.strict else report.damaged)
         report.startup_s = time.time() - start
         for result in results:
             _account(cfg, report, result, log)
@@ -113,6 +134,8 @@ def preprocess_sft(cfg: SFTPreprocessConfig, log=None) -> Report:
         if report.documents == 0:
             raise InputError(f"--input {cfg.input} has no usable record ({sum(report.bad.values())} bad lines): "
                              "fix the records the report lists, or give --sft-format")
+        for message in report.damaged:
+            log(f"warning: {message}")
         report.outputs = [p for w in writers for p in w.finalize()]
     except BaseException:
         if results is not None:

@@ -75,9 +75,9 @@ def iter_jsonl_documents(spec: str, stats: SourceStats, text_key: str = "text",
 def iter_indexed_documents(prefix: str, tokenizer) -> Iterator[Document]:
     """Documents of an indexed dataset as text, without their end-of-document
     tokens; the id is the document's index."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.training.data.indexed_writer import checked_indexed_dataset
 
-    ds = IndexedDataset(prefix)
+    ds = checked_indexed_dataset(prefix)
     bounds = ds.document_indices
     eod = getattr(tokenizer, "eod", None)
     for d in range(len(bounds) - 1):

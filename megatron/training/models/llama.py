@@ -15,6 +15,7 @@ from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron.training.models.norms import LocalNorm
+from megatron.training.models.padded_vocab import exclude_padded_vocab
 from megatron.training.models.sdpa_attention import SDPAttention
 from megatron.training.peft.quantized import quantize_layer_spec
 
@@ -44,12 +45,13 @@ def attention_backend_name(args) -> str:
 
 
 def build_gpt_model(args, config, pre_process=None, post_process=None, vp_stage=None) -> GPTModel:
-    """One model chunk for this rank's pipeline stage (or virtual stage)."""
+    """One model chunk for this rank's pipeline stage (or virtual stage); the
+    logits of the vocabulary's padding rows are -inf (models/padded_vocab.py)."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=build_llama_layer_spec(args, _layers_in_chunk(args)),
         vocab_size=args.padded_vocab_size,
@@ -64,6 +66,9 @@ def build_gpt_model(args, config, pre_process=None, post_process=None, vp_stage=
         seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
         vp_stage=vp_stage,
     )
+    exclude_padded_vocab(model, getattr(args, "unpadded_vocab_size", None), args.padded_vocab_size,
+                         parallel_state.get_tensor_model_parallel_rank())
+    return model
 
 
 def _layers_in_chunk(args) -> int:

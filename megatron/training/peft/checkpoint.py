@@ -48,11 +48,11 @@ def _print(message: str) -> None:
 def load_adapter_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
     """checkpointing.load_checkpoint for a run with adapters. Returns
     (iteration, consumed_train_samples); (0, 0) for new adapters or --finetune."""
-    try:
-        iter_dir, iteration, release = checkpointing._iteration_dir_from_tracker(args.load)
-    except FileNotFoundError:
+    chosen = checkpointing._iteration_to_load(args.load, getattr(args, "ckpt_step", None))
+    if chosen is None:
         raise CheckpointError(f"--load {args.load} holds no checkpoint ({checkpointing.TRACKER_FILENAME} is missing): "
                               "adapters train on a frozen base, give its checkpoint directory")
+    iter_dir, iteration, release = chosen
     first = checkpointing.first_rank_state(iter_dir)
     if "adapter_base" not in first:
         if not (args.finetune or release):
@@ -83,7 +83,7 @@ def load_adapter_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[in
     checkpointing._load_model_resharded(args, model, iter_dir, saved_layout, select=is_adapter_key)
     if same_layout:
         path = checkpointing.rank_file(iter_dir, *_tp_pp_rank(), args.pipeline_model_parallel_size)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = checkpointing.read_checkpoint_file(path)
         checkpointing.restore_training_state(args, optimizer, scheduler, state, path, fresh_start=args.finetune)
     else:  # weights only (checked above); the data position is the checkpoint's
         state = {"consumed_train_samples": first.get("consumed_train_samples", 0)}
@@ -145,7 +145,7 @@ def load_base(args, model: list, iter_dir: str, first: dict = None) -> None:
     t0 = time.time()
     if same_layout and not quantized:
         path = checkpointing.rank_file(iter_dir, *_tp_pp_rank(), args.pipeline_model_parallel_size)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = checkpointing.read_checkpoint_file(path)
         for key, chunk in zip(checkpointing.model_keys(len(model)), model):
             module = checkpointing._unwrap(chunk)
             result = module.load_state_dict(sharding.match_layer_spec(state[key], module.state_dict()), strict=False)
@@ -179,7 +179,10 @@ def merged_adapter_state(load_dir: str) -> Tuple[dict, dict, Dict[str, torch.Ten
     `load_dir`: every adapter tensor merged over TP, named with its global
     layer index (`decoder.layers.<global i>. ...`), so each has peft's shape
     for its HF module. No process group needed."""
-    iter_dir, _, _ = checkpointing._iteration_dir_from_tracker(load_dir)
+    chosen = checkpointing._iteration_to_load(load_dir)
+    if chosen is None:
+        raise CheckpointError(f"{load_dir} holds no checkpoint ({checkpointing.TRACKER_FILENAME} is missing)")
+    iter_dir = chosen[0]
     first = checkpointing.first_rank_state(iter_dir)
     if "adapter_base" not in first:
         raise CheckpointError(f"{iter_dir} is not an adapter checkpoint (no adapter_base entry)")
@@ -189,8 +192,7 @@ def merged_adapter_state(load_dir: str) -> Tuple[dict, dict, Dict[str, torch.Ten
     offsets = sharding.layer_offsets(saved_args["num_layers"], pp, vp)
     merged: Dict[str, torch.Tensor] = {}
     for p in range(pp):
-        states = [torch.load(checkpointing.rank_file(iter_dir, t, p, pp), map_location="cpu", weights_only=True)
-                  for t in range(tp)]
+        states = [checkpointing.read_checkpoint_file(checkpointing.rank_file(iter_dir, t, p, pp)) for t in range(tp)]
         for v, key in enumerate(checkpointing.model_keys(vp or 1)):
             chunks = [sharding.to_global_names(s[key], offsets[(p, v)]) for s in states]
             merged.update(sharding.merge_tp_states(chunks, bool(saved_args["swiglu"])))
