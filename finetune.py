@@ -12,7 +12,6 @@ with the layout's process count; --finetune from the base, or resume from
 defaults: FIELDS in megatron/training/finetune_config.py.
 """
 
-import argparse
 import os
 import shlex
 import subprocess
@@ -21,49 +20,68 @@ import sys
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
-
-def run(command, dry_run: bool) -> None:
-    print("+ " + shlex.join(command), flush=True)
-    if not dry_run:
-        subprocess.run(command, check=True)
+from megatron.training.errors import USER_ERROR_EXIT_CODE, Parser, UserError, run_main  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("config_name")
     p.add_argument("--configs", default=os.path.join(REPO, "finetune_configs.json"),
                    help="the JSON file of named configurations (default: finetune_configs.json beside this file)")
     p.add_argument("--dry-run", action="store_true",
                    help="preprocess the data (needed to count steps), print the other commands, run nothing else")
-    args = p.parse_args(argv)
+    return p
 
+
+class StepFailed(UserError):
+    """A step's command failed without a one-line error of its own."""
+
+
+def run_steps(steps, dry_run: bool) -> int:
+    """Run each (command, then) in turn: print the command, run it, then call
+    `then()` (unless dry_run). 0, or the exit status 2 of a step that printed
+    its own one-line error (one line is enough); other failures raise StepFailed."""
+    for command, then in steps:
+        print("+ " + shlex.join(command), flush=True)
+        if dry_run:
+            continue
+        code = subprocess.run(command).returncode
+        if code == USER_ERROR_EXIT_CODE:
+            return code
+        if code != 0:
+            raise StepFailed(f"the step above failed (exit code {code}); fix what it reports and run finetune.py "
+                             "again: finished steps are skipped")
+        if then is not None:
+            then()
+    return 0
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     from megatron.training import finetune_config as fc
-    from megatron.training.data.jsonl_reader import InputError
-    from megatron.training.data.sft_dataset import SFTDataError
     from megatron.training.data.sft_preprocess import preprocess_sft, sft_report_text
-    from megatron.training.data.sft_templates import TemplateError
-    from megatron.training.tokenizer import TokenizerError
 
-    try:
-        plan = fc.make_plan(fc.load_config(args.configs, args.config_name))
+    plan = fc.make_plan(fc.load_config(args.configs, args.config_name))
+    finished = fc.finished_iteration(plan)
+    if finished is not None:
+        print(f"{args.config_name} is already done: {plan.checkpoints} holds iteration {finished}, the end of its "
+              "training (change the configuration to train on, or remove the checkpoints to start again)",
+              flush=True)
+        steps = [(fc.export_command(plan, REPO), None)]
+    else:
         for split in plan.to_preprocess:
             print(f"+ preprocess {plan.to_preprocess[split]} -> {plan.data[split]}", flush=True)
             print(sft_report_text(preprocess_sft(fc.preprocess_config(plan, split))), file=sys.stderr)
         train = fc.samples_per_epoch(plan, "train")
         valid = fc.samples_per_epoch(plan, "valid") if "valid" in plan.data else None
-    except (fc.ConfigError, InputError, TokenizerError, TemplateError, SFTDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for command in (fc.convert_command(plan, REPO), fc.train_command(plan, REPO, train, valid),
-                    fc.export_command(plan, REPO)):
-        if command:
-            try:
-                run(command, args.dry_run)
-            except subprocess.CalledProcessError as e:
-                print(f"error: the step above failed (exit code {e.returncode}); fix what it reports and run "
-                      "finetune.py again: finished steps are skipped", file=sys.stderr)
-                return 1
-    return 0
+        steps = [(fc.convert_command(plan, REPO), None),
+                 (fc.train_command(plan, REPO, train, valid), lambda: fc.record_if_finished(plan, train)),
+                 (fc.export_command(plan, REPO), None)]
+    return run_steps([(command, then) for command, then in steps if command], args.dry_run)
+
+
+def main(argv=None) -> int:
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import sys
 # `megatron.core` resolves to the pinned pip package (a namespace package).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from megatron.training.arguments import build_parser as build_driver_parser  # noqa: E402
 from megatron.training.data.sft_dataset import add_sft_args, build_sft_datasets  # noqa: E402
+from megatron.training.errors import run_main  # noqa: E402
 from megatron.training.training import pretrain  # noqa: E402
 from pretrain_gpt import forward_step, model_provider  # noqa: E402
 
@@ -28,10 +30,14 @@ def train_valid_test_datasets_provider(args, tokenizer):
     return build_sft_datasets(args, tokenizer)
 
 
+def build_parser():
+    return build_driver_parser(add_sft_args)
+
+
 def main(argv=None):
     return pretrain(train_valid_test_datasets_provider, model_provider, forward_step, argv=argv,
                     extra_args_provider=add_sft_args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -17,7 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from megatron.training.arguments import build_parser as build_driver_parser  # noqa: E402
 from megatron.training.data.pretrain import build_pretraining_datasets, split_batch  # noqa: E402
+from megatron.training.errors import run_main  # noqa: E402
 from megatron.training.initialize import device  # noqa: E402
 from megatron.training.models.llama import build_gpt_model  # noqa: E402
 from megatron.training.training import pretrain  # noqa: E402
@@ -47,9 +49,13 @@ def forward_step(args, data_iterator, model):
     return output_tensor, partial(loss_func, loss_mask)
 
 
+def build_parser():
+    return build_driver_parser()
+
+
 def main(argv=None):
     return pretrain(train_valid_test_datasets_provider, model_provider, forward_step, argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

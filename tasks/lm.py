@@ -20,8 +20,10 @@ from typing import List
 
 import torch
 
+from megatron.training.errors import UserError
 
-class EvalError(ValueError):
+
+class EvalError(UserError, ValueError):
     """A problem with the evaluation inputs; the message says what to change."""
 
 

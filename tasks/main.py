@@ -18,7 +18,6 @@
 (fineval, fingpt and ner need one of the two; perplexity without either prints only.)
 """
 
-import argparse
 import os
 import sys
 
@@ -26,13 +25,15 @@ import sys
 # `megatron.core` resolves to the pinned pip package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.training.errors import Parser, run_main  # noqa: E402
+
 TASKS = ("perplexity", "fineval", "fingpt", "ner")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     from tasks.lm import add_model_args
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--output", help="write OUTPUT.json and OUTPUT.md (default: print only)")
     p.add_argument("--max-length", type=int, default=0,
@@ -68,18 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    from tasks.lm import EvalError
-
-    args = build_parser().parse_args(argv)
-    try:
-        result, markdown, writer = run(args)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def evaluate(argv=None) -> None:
+    """Run the task the flags name and print its table (on the writer rank)."""
+    _, markdown, writer = run(build_parser().parse_args(argv))
     if writer:
         print(markdown)
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(evaluate, argv)
 
 
 def run(args):

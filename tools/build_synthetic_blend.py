@@ -9,13 +9,16 @@ The blend goes to stdout (one line: "W1 PREFIX1 W2 PREFIX2 ..."); the table of
 shares, token counts and epochs goes to stderr.
 """
 
-import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+from megatron.training.errors import ArgumentError, Parser, run_main  # noqa: E402
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--synthetic-dir", help="the --output-dir of tools/generate_synthetic_data.py (preprocessed here)")
     p.add_argument("--synthetic-data-path", nargs="+",
                    help="instead of --synthetic-dir: already preprocessed synthetic dataset prefixes (or a blend)")
@@ -28,37 +31,37 @@ def get_args(argv=None):
     p.add_argument("--synthetic-fraction", type=float, required=True,
                    help="share of the sampled training tokens that is synthetic (0.005 for 0.5%%)")
     p.add_argument("--train-tokens", type=float, help="tokens the run will train on; adds epochs per dataset")
-    args = p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    args = build_parser().parse_args(argv)
     if bool(args.synthetic_dir) == bool(args.synthetic_data_path):
-        p.error("give exactly one of --synthetic-dir (shards to preprocess) or --synthetic-data-path (done already)")
+        raise ArgumentError("give exactly one of --synthetic-dir (shards to preprocess) or --synthetic-data-path "
+                            "(done already)")
     if args.synthetic_dir and not (args.output_prefix and args.tokenizer_type):
-        p.error("--synthetic-dir needs --output-prefix and --tokenizer-type (and --tokenizer-model): "
-                "the student's tokenizer, the one training uses")
+        raise ArgumentError("--synthetic-dir needs --output-prefix and --tokenizer-type (and --tokenizer-model): "
+                            "the student's tokenizer, the one training uses")
     return args
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> None:
     args = get_args(argv)
-    from megatron.training.data.indexed_writer import DatasetFormatError
-    from megatron.training.data.jsonl_reader import InputError
     from megatron.training.distill.mixing import (
-        BlendError, describe_blend, format_data_path, preprocess_synthetic, synthetic_blend,
+        describe_blend, format_data_path, preprocess_synthetic, synthetic_blend,
     )
-    from megatron.training.tokenizer import TokenizerError
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        synthetic = args.synthetic_data_path or [preprocess_synthetic(
-            args.synthetic_dir, args.output_prefix, args.tokenizer_type, args.tokenizer_model, args.workers, log)]
-        entries = synthetic_blend(args.original_data_path, synthetic, args.synthetic_fraction)
-    except (BlendError, DatasetFormatError, InputError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    synthetic = args.synthetic_data_path or [preprocess_synthetic(
+        args.synthetic_dir, args.output_prefix, args.tokenizer_type, args.tokenizer_model, args.workers, log)]
+    entries = synthetic_blend(args.original_data_path, synthetic, args.synthetic_fraction)
     log(describe_blend(entries, int(args.train_tokens) if args.train_tokens else None))
     print(format_data_path(entries))
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

@@ -10,10 +10,14 @@ import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+from megatron.training.errors import Parser, os_errors_as_output_errors, run_main  # noqa: E402
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("to-nanogpt", help="indexed dataset -> train.bin/val.bin")
     a.add_argument("--input-prefix", required=True, help="dataset path without .bin/.idx")
@@ -25,12 +29,15 @@ def main(argv=None) -> int:
     b.add_argument("--eod-token", type=int, help="id that ends each document (kept in the document)")
     b.add_argument("--chunk-tokens", type=int, default=2048, help="document length when there is no --eod-token")
     b.add_argument("--vocab-size", type=int, help="store int32 when >= 65,500 (as preprocess_data would)")
-    args = p.parse_args(argv)
-    from megatron.training.data.indexed_writer import DatasetFormatError
-    from megatron.training.data.nanogpt import from_nanogpt, to_nanogpt
-    from megatron.training.fileio import describe_os_error
+    return p
 
-    try:
+
+def run(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from megatron.training.data.nanogpt import from_nanogpt, to_nanogpt
+
+    with os_errors_as_output_errors("partial outputs removed",
+                                    "--output-dir" if args.command == "to-nanogpt" else "--output-prefix"):
         if args.command == "to-nanogpt":
             counts = to_nanogpt(args.input_prefix, args.output_dir, args.val_fraction)
             print(f"wrote {args.output_dir}/train.bin ({counts['train']:,} tokens) and val.bin "
@@ -39,16 +46,11 @@ def main(argv=None) -> int:
             w = from_nanogpt(args.input, args.output_prefix, args.eod_token, args.chunk_tokens, args.vocab_size)
             print(f"wrote {args.output_prefix}.bin/.idx: {w.documents:,} documents, {w.tokens:,} tokens",
                   file=sys.stderr)
-    except DatasetFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        flag = "--output-dir" if args.command == "to-nanogpt" else "--output-prefix"
-        print(f"error: {describe_os_error(e, flag)}; partial outputs removed", file=sys.stderr)
-        return 1
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

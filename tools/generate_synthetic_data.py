@@ -14,14 +14,17 @@ retries them.
         --temperature 0.8 --top-p 0.95 --tensor-parallel-size 8
 """
 
-import argparse
 import os
 import signal
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+from megatron.training.errors import ArgumentError, Parser, run_main  # noqa: E402
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("input")
     g.add_argument("--input", help="a .jsonl / .jsonl.gz file, a folder of them, or a quoted glob")
     g.add_argument("--json-key", default="text", help="the text field of a jsonl record")
@@ -66,54 +69,56 @@ def get_args(argv=None):
     g.add_argument("--max-retries", type=int, default=2, help="retries of a failed prompt before it is logged")
     g.add_argument("--max-docs", type=int, help="stop after this many new documents")
     g.add_argument("--log-interval", type=float, default=30.0, help="seconds between progress lines")
-    args = p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    args = build_parser().parse_args(argv)
     if bool(args.input) == bool(args.input_indexed):
-        p.error("give exactly one of --input (jsonl) or --input-indexed (an indexed dataset prefix)")
+        raise ArgumentError("give exactly one of --input (jsonl) or --input-indexed (an indexed dataset prefix)")
     if args.input_indexed and not args.tokenizer_type:
-        p.error("--input-indexed needs --tokenizer-type (and --tokenizer-model) of the tokenizer that wrote it")
+        raise ArgumentError("--input-indexed needs --tokenizer-type (and --tokenizer-model) of the tokenizer that "
+                            "wrote it")
     return args
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     args = get_args(argv)
-    from megatron.training.data.jsonl_reader import InputError
     from megatron.training.distill.documents import (
         PrefixConfig, PrefixCutter, SourceStats, iter_indexed_documents, iter_jsonl_documents,
     )
     from megatron.training.distill.filters import FilterConfig
     from megatron.training.distill.generate import GenerateConfig, generate_synthetic_data
-    from megatron.training.distill.output_dir import OutputDirError
-    from megatron.training.distill.teacher import SamplingConfig, TeacherError, build_teacher
-    from megatron.training.tokenizer import TokenizerError, build_tokenizer
+    from megatron.training.distill.teacher import SamplingConfig, build_teacher
+    from megatron.training.tokenizer import build_tokenizer
 
     def on_term(signum, frame):
         raise SystemExit(f"stopped by signal {signum}; the shard in progress was removed, rerun to resume")
 
     signal.signal(signal.SIGTERM, on_term)
-    try:
-        prefix_cfg = PrefixConfig(args.prefix_unit, args.prefix_length, args.min_doc_length, not args.no_bos)
-        sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
-        filters = FilterConfig(args.min_continuation_tokens, args.max_repetition, args.repetition_ngram)
-        stats = SourceStats()
-        if args.input:
-            documents = iter_jsonl_documents(args.input, stats, args.json_key, args.id_key or None)
-        else:
-            tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-            documents = iter_indexed_documents(args.input_indexed, tok)
-        name = args.teacher_name or os.path.basename(os.path.normpath(args.teacher))
-        cfg = GenerateConfig(args.output_dir, name, args.input or args.input_indexed, args.batch_size,
-                             args.docs_per_shard, args.max_retries, args.max_docs, args.log_interval, filters)
-        teacher = build_teacher(args.backend, args.teacher, sampling, args.dtype, args.tensor_parallel_size,
-                                args.gpu_memory_utilization, args.max_model_len)
-        print(f"teacher {name} on {teacher.backend}", file=sys.stderr)
-        report = generate_synthetic_data(documents, PrefixCutter(prefix_cfg, teacher.tokenizer, stats), teacher, cfg)
-    except (InputError, TokenizerError, TeacherError, OutputDirError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    prefix_cfg = PrefixConfig(args.prefix_unit, args.prefix_length, args.min_doc_length, not args.no_bos)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    filters = FilterConfig(args.min_continuation_tokens, args.max_repetition, args.repetition_ngram)
+    stats = SourceStats()
+    if args.input:
+        documents = iter_jsonl_documents(args.input, stats, args.json_key, args.id_key or None)
+    else:
+        tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        documents = iter_indexed_documents(args.input_indexed, tok)
+    name = args.teacher_name or os.path.basename(os.path.normpath(args.teacher))
+    cfg = GenerateConfig(args.output_dir, name, args.input or args.input_indexed, args.batch_size,
+                         args.docs_per_shard, args.max_retries, args.max_docs, args.log_interval, filters)
+    teacher = build_teacher(args.backend, args.teacher, sampling, args.dtype, args.tensor_parallel_size,
+                            args.gpu_memory_utilization, args.max_model_len)
+    print(f"teacher {name} on {teacher.backend}", file=sys.stderr)
+    report = generate_synthetic_data(documents, PrefixCutter(prefix_cfg, teacher.tokenizer, stats), teacher, cfg)
     print(report.text(), file=sys.stderr)
     return 3 if report.still_failed else 0
 
 
+def main(argv=None) -> int:
+    return run_main(run, argv)
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

@@ -16,18 +16,22 @@ import sys
 # The repo root first: `megatron.training` is this repo's driver.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.training.arguments import ArgumentError  # noqa: E402
-from megatron.training.planner import format_plan, plan_from_argv  # noqa: E402
+from megatron.training.errors import run_main  # noqa: E402
+from megatron.training.planner import build_planner_parser, format_plan, plan_from_argv  # noqa: E402
+
+
+def build_parser():
+    return build_planner_parser()
+
+
+def run(argv=None) -> int:
+    plan = plan_from_argv(sys.argv[1:] if argv is None else argv)
+    print(format_plan(plan))
+    return 0 if plan.fits else 1
 
 
 def main(argv=None) -> int:
-    try:
-        plan = plan_from_argv(sys.argv[1:] if argv is None else argv)
-    except ArgumentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_plan(plan))
-    return 0 if plan.fits else 1
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ counts bad lines, and writes outputs under temporary names until complete.
         --tokenizer-type Llama2Tokenizer --tokenizer-model tokenizer.model --append-eod --workers 8
 """
 
-import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+from megatron.training.errors import Parser, run_main  # noqa: E402
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True,
                    help="a .jsonl / .jsonl.gz file, a folder of them, or a quoted glob")
@@ -54,19 +57,26 @@ def get_args(argv=None):
     g.add_argument("--keep-sequential-samples", action="store_true",
                    help="keep input order with --partitions > 1 (as Megatron-LM's flag)")
     g.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
-    args = p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    args = build_parser().parse_args(argv)
     if args.keep_sequential_samples:
         args.partitions = 1  # contiguous partitions concatenated = input order
     return args
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> None:
     args = get_args(argv)
     from megatron.training.data.preprocess import PreprocessConfig, Report, preprocess, run_data_tool
 
-    return run_data_tool(args, PreprocessConfig, preprocess, Report.text)
+    run_data_tool(args, PreprocessConfig, preprocess, Report.text)
+
+
+def main(argv=None) -> int:
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

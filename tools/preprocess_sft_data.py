@@ -9,17 +9,20 @@ sft_templates.py. Bad records are skipped and counted with file:line
 (--strict stops at the first).
 """
 
-import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def get_args(argv=None):
+from megatron.training.errors import Parser, run_main  # noqa: E402
+
+
+def build_parser() -> Parser:
     from megatron.training.data.sft_formats import SFT_FORMATS
     from megatron.training.data.sft_templates import CHAT_TEMPLATE_CHOICES
     from megatron.training.tokenizer import TOKENIZERS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="a .jsonl / .jsonl.gz file, a folder of them, or a quoted glob")
     p.add_argument("--output-prefix", required=True, help="path prefix of the outputs, without suffix")
     p.add_argument("--sft-format", choices=SFT_FORMATS, default="auto",
@@ -35,18 +38,20 @@ def get_args(argv=None):
     p.add_argument("--vocab-size", type=int, help="NullTokenizer: number of token ids")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (one per core is right)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of counting it")
-    return p.parse_args(argv)
+    return p
+
+
+def run(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from megatron.training.data.preprocess import run_data_tool
+    from megatron.training.data.sft_preprocess import SFTPreprocessConfig, preprocess_sft, sft_report_text
+
+    run_data_tool(args, SFTPreprocessConfig, preprocess_sft, sft_report_text)
 
 
 def main(argv=None) -> int:
-    args = get_args(argv)
-    from megatron.training.data.preprocess import run_data_tool
-    from megatron.training.data.sft_preprocess import SFTPreprocessConfig, preprocess_sft, sft_report_text
-    from megatron.training.data.sft_templates import TemplateError
-
-    return run_data_tool(args, SFTPreprocessConfig, preprocess_sft, sft_report_text, (TemplateError,))
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

@@ -9,17 +9,18 @@ Greedy by default (--temperature 0). For serving an exported model, see
 docs/evaluation.md (vLLM).
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.training.errors import Parser, run_main  # noqa: E402
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser() -> Parser:
     from tasks.lm import add_model_args
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(description=__doc__.split("\n\n")[0])
     add_model_args(p)
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per line of stdin")
@@ -33,20 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> None:
     from tasks.generation import generate
-    from tasks.lm import EvalError, build_language_model, document_prefix, encode, require_tokenizer
+    from tasks.lm import build_language_model, document_prefix, encode, require_tokenizer
 
     args = build_parser().parse_args(argv)
+    lm = build_language_model(args)
     try:
-        lm = build_language_model(args)
         require_tokenizer(lm, "text generation")
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    prompts = args.prompt if args.prompt else [line.rstrip("\n") for line in sys.stdin]
-    stop = None if args.no_stop else [lm.tokenizer.eod]
-    try:
+        prompts = args.prompt if args.prompt else [line.rstrip("\n") for line in sys.stdin]
+        stop = None if args.no_stop else [lm.tokenizer.eod]
         for prompt in prompts:
             prompt_ids = encode(lm.tokenizer, prompt)
             new = generate(lm, document_prefix(lm.tokenizer) + prompt_ids, args.max_new_tokens, args.temperature,
@@ -56,7 +53,10 @@ def main(argv=None) -> int:
                 print(lm.tokenizer.detokenize(prompt_ids + [t for t in new if not stop or t not in stop]), flush=True)
     finally:
         lm.close()
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -11,46 +11,13 @@ Library code receives these objects as arguments; there is no global `get_args()
 """
 
 import argparse
-import difflib
 import os
 import sys
 from typing import List, Optional, Tuple
 
 import torch
 
-
-class ArgumentError(ValueError):
-    """A flag or layout problem; the message says what to change."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with exact flag names only (no silent prefix matching) and an
-    unknown-flag error that names the closest known flags."""
-
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def known_flags(self) -> List[str]:
-        return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-
-    def parse_args(self, args=None, namespace=None):
-        parsed, unknown = self.parse_known_args(args, namespace)
-        if unknown:
-            flags = self.known_flags()
-            problems = []
-            for item in unknown:
-                if not item.startswith("-"):
-                    problems.append(f"unexpected value {item!r} (does a flag before it take no value?)")
-                    continue
-                name = item.split("=", 1)[0]
-                close = difflib.get_close_matches(name, flags, n=3, cutoff=0.6)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                problems.append(f"unknown flag {name}{hint}")
-            raise ArgumentError("; ".join(problems))
-        return parsed
-
-    def error(self, message):
-        raise ArgumentError(message)
+from megatron.training.errors import ArgumentError, Parser
 
 
 def _add_model_flags(p):
@@ -97,7 +64,7 @@ def _add_training_flags(p):
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--train-samples", type=int, default=None)
-    g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) when iteration % N == 0")
+    g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) when iteration %% N == 0")
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -202,13 +169,13 @@ def _add_logging_flags(p):
     g.add_argument("--skip-train", action="store_true")
 
 
-def build_parser(extra_args_provider=None) -> _Parser:
+def build_parser(extra_args_provider=None) -> Parser:
     from megatron.training.checkpoint_integrity import add_checkpoint_integrity_args
     from megatron.training.exit_signal import add_exit_signal_args
     from megatron.training.kernels.flags import add_kernel_flags
     from megatron.training.peft.arguments import add_adapter_flags
 
-    p = _Parser(description="Megatron-style Llama pretraining on megatron-core")
+    p = Parser(description="Megatron-style Llama pretraining on megatron-core")
     for add in (_add_model_flags, add_kernel_flags, _add_training_flags, _add_parallel_flags, _add_data_flags,
                 _add_checkpoint_flags, _add_logging_flags, add_checkpoint_integrity_args, add_exit_signal_args,
                 add_adapter_flags):

@@ -47,6 +47,7 @@ from megatron.training.checkpoint_integrity import (
 )
 from megatron.training.fileio import atomic_write_text, describe_os_error, fsync_dir, remove_quietly, temp_name
 from megatron.training.arguments import args_to_dict
+from megatron.training.errors import UserError
 from megatron.training.peft.arguments import adapters_enabled
 from megatron.training.peft.targets import is_adapter_key
 
@@ -56,7 +57,7 @@ _EMBEDDING = "embedding.word_embeddings.weight"
 _OUTPUT_LAYER = "output_layer.weight"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used as asked; the message says what to change."""
 
 

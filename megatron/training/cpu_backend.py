@@ -41,6 +41,8 @@ import threading
 
 import torch
 
+from megatron.training.errors import UserError
+
 PINNED_MEGATRON_CORE = "0.16.1"
 
 # Modules whose code allocates with a literal device="cuda".
@@ -75,7 +77,7 @@ _active = False
 _lock = threading.Lock()
 
 
-class CudaVersionMismatch(RuntimeError):
+class CudaVersionMismatch(UserError, RuntimeError):
     pass
 
 

@@ -18,6 +18,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from megatron.training.errors import UserError
+from megatron.training.fileio import atomic_write_text
+
 REQUIRED = object()
 
 FIELDS = {
@@ -60,14 +63,23 @@ ADAPTER_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "quant_bits", "peft_use_
                 "lora_target_modules")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
+
+
+TRACKER = "latest_checkpointed_iteration.txt"  # checkpointing.TRACKER_FILENAME, without importing megatron.core
+FINISHED = "finished.json"  # {save_dir}/finished.json: the configuration whose training ran to its end
 
 
 def load_config(path: str, name: str) -> dict:
     """The named entry with defaults filled in and paths made absolute."""
-    with open(path, encoding="utf-8") as f:
-        configs = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            configs = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--configs {path}: {e.strerror}: give the JSON file of named configurations")
+    except ValueError as e:
+        raise ConfigError(f"--configs {path} is not valid JSON ({e}): fix the file")
     if name not in configs:
         close = difflib.get_close_matches(name, list(configs), n=3)
         raise ConfigError(f"no configuration {name!r} in {path}" + (f"; did you mean {', '.join(close)}?" if close
@@ -167,7 +179,7 @@ def preprocess_config(plan: Plan, split: str):
 
 
 def convert_command(plan: Plan, repo: str) -> Optional[List[str]]:
-    if not plan.base_is_hf or os.path.exists(os.path.join(plan.base_checkpoint, "latest_checkpointed_iteration.txt")):
+    if not plan.base_is_hf or os.path.exists(os.path.join(plan.base_checkpoint, TRACKER)):
         return None
     return [sys.executable, os.path.join(repo, "tools", "checkpoint", "util.py"), "--model-type", "GPT",
             "--loader", "llama2_hf", "--saver", "megatron", "--load-dir", plan.cfg["base_model"],
@@ -185,12 +197,17 @@ def samples_per_epoch(plan: Plan, split: str) -> int:
     return ds.samples_in_epoch(0)
 
 
+def train_iterations(plan: Plan, train_samples: int) -> int:
+    """--train-iters: num_epochs passes over `train_samples` samples."""
+    return max(1, math.ceil(plan.cfg["num_epochs"] * train_samples / plan.global_batch_size))
+
+
 def train_command(plan: Plan, repo: str, train_samples: int, valid_samples: Optional[int]) -> List[str]:
     """The driver command (torchrun for more than one process)."""
     cfg, gbs = plan.cfg, plan.global_batch_size
     iters_per_epoch = max(1, math.ceil(train_samples / gbs))
-    train_iters = max(1, math.ceil(cfg["num_epochs"] * train_samples / gbs))
-    resume = os.path.exists(os.path.join(plan.checkpoints, "latest_checkpointed_iteration.txt"))
+    train_iters = train_iterations(plan, train_samples)
+    resume = os.path.exists(os.path.join(plan.checkpoints, TRACKER))
     layout = cfg["layout"]
     flags = [
         "--load", plan.checkpoints if resume else plan.base_checkpoint, *([] if resume else ["--finetune"]),
@@ -229,3 +246,35 @@ def export_command(plan: Plan, repo: str) -> Optional[List[str]]:
     extra = ["--tokenizer-model", tok["--tokenizer-model"]] if tok.get("--tokenizer-model") else []
     return [sys.executable, os.path.join(repo, "tools", "checkpoint", "util.py"), "--model-type", "GPT",
             "--loader", "megatron", "--saver", "hf", "--load-dir", plan.checkpoints, "--save-dir", out, *extra]
+
+
+def _tracker_iteration(plan: Plan) -> Optional[int]:
+    try:
+        with open(os.path.join(plan.checkpoints, TRACKER)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def record_if_finished(plan: Plan, train_samples: int) -> None:
+    """After the training step: when {save_dir}/checkpoints reached the end of
+    this configuration's training, write {save_dir}/finished.json (the
+    configuration and that iteration), so a rerun knows it is done."""
+    iteration = _tracker_iteration(plan)
+    if iteration is not None and iteration == train_iterations(plan, train_samples):
+        atomic_write_text(os.path.join(plan.cfg["save_dir"], FINISHED),
+                          json.dumps({"config": plan.cfg, "iteration": iteration}, indent=2))
+
+
+def finished_iteration(plan: Plan) -> Optional[int]:
+    """The iteration of {save_dir}/checkpoints when this very configuration
+    already trained to its end there (finished.json); None otherwise. Reads two
+    small files: no dataset, no model."""
+    try:
+        with open(os.path.join(plan.cfg["save_dir"], FINISHED), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same_config = record.get("config") == json.loads(json.dumps(plan.cfg))
+    iteration = _tracker_iteration(plan)
+    return iteration if same_config and iteration == record.get("iteration") else None

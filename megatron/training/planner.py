@@ -109,6 +109,11 @@ class Plan:
 
 # ---------------------------------------------------------------- entry points
 
+def build_planner_parser():
+    """pretrain_gpt.py's parser plus the planner's own flags."""
+    return arguments.build_parser(add_planner_flags)
+
+
 def plan_from_argv(argv: List[str]) -> Plan:
     """Parse and validate the flags as the driver does, then plan."""
     args = arguments.parse_args(argv, extra_args_provider=add_planner_flags)

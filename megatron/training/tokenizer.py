@@ -26,8 +26,10 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence
 
+from megatron.training.errors import UserError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(UserError, ValueError):
     pass
 
 

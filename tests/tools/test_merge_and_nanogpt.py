@@ -56,10 +56,10 @@ def test_merge_errors_name_the_file(tmp_path, capsys):
     shards.mkdir()
     make(shards / "a", [[1, 2]])
     make(shards / "wide", [[70000]], dtype=np.int32)
-    assert merge_main(["--input", str(shards), "--output-prefix", str(tmp_path / "m")]) == 1
+    assert merge_main(["--input", str(shards), "--output-prefix", str(tmp_path / "m")]) == 2
     assert "wide.idx stores int32" in capsys.readouterr().err
     os.remove(shards / "wide.bin")
-    assert merge_main(["--input", str(shards), "--output-prefix", str(tmp_path / "m")]) == 1
+    assert merge_main(["--input", str(shards), "--output-prefix", str(tmp_path / "m")]) == 2
     assert "wide.idx has no partner wide.bin" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "m.bin")
 
@@ -83,6 +83,6 @@ def test_nanogpt_round_trip(tmp_path):
 def test_to_nanogpt_refuses_ids_above_uint16(tmp_path, capsys):
     make(tmp_path / "wide", [[1, 70000], [2]], dtype=np.int32)
     assert convert_main(["to-nanogpt", "--input-prefix", str(tmp_path / "wide"), "--output-dir",
-                         str(tmp_path / "ng")]) == 1
+                         str(tmp_path / "ng")]) == 2
     assert "above 65535" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "ng" / "train.bin")

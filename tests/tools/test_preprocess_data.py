@@ -143,7 +143,7 @@ def test_bad_input_counted_and_strict(sp_model, tmp_path, capsys):
     for reason, line in (("not_json", 2), ("missing_key", 3), ("empty", 4), ("invalid_utf8", 5), ("not_text", 6)):
         assert f"{inp}:{line}" in err and reason in err
     assert run("--input", inp, "--output-prefix", tmp_path / "strict", "--tokenizer-type", "Llama2Tokenizer",
-               "--tokenizer-model", sp_model, "--workers", 1, "--strict") == 1
+               "--tokenizer-model", sp_model, "--workers", 1, "--strict") == 2
     assert f"{inp}:2" in capsys.readouterr().err
     assert not [n for n in os.listdir(tmp_path) if n.startswith("strict")]
 

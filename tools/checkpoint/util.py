@@ -13,8 +13,9 @@
 Loaders and savers are plugins: tools/checkpoint/loader_<name>.py and
 saver_<name>.py, each with FORMAT, ALIASES, add_arguments(parser) and
 load_source(args) / save(args, source, out_dir). A new model family is a new
-plugin; this file knows none of them. --verify compares next-token logits of
-both sides after converting.
+plugin; this file knows none of them. --verify then runs both sides as they
+are saved (a Megatron checkpoint as TP x PP processes) on a few hundred tokens
+and compares their logits and losses (megatron/training/checkpoint_convert/verify.py).
 """
 
 import argparse
@@ -26,7 +27,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root: our megatron.training
 
-from megatron.training.checkpoint_convert.core import ConversionError, convert, run_command  # noqa: E402
+from megatron.training.checkpoint_convert.core import ConversionError, convert  # noqa: E402
+from megatron.training.errors import Parser, run_main  # noqa: E402
 
 
 def _import(path: str):
@@ -39,23 +41,27 @@ def _import(path: str):
     return sys.modules[name]
 
 
+def plugin_names(kind: str):
+    """The names of the installed loader or saver plugins (tools/checkpoint/<kind>_<name>.py)."""
+    return [os.path.basename(p)[len(kind) + 1:-3] for p in sorted(glob.glob(os.path.join(HERE, f"{kind}_*.py")))]
+
+
 def find_plugin(kind: str, name: str):
     """The module tools/checkpoint/<kind>_<name>.py, or the one listing `name` in its ALIASES."""
-    paths = sorted(glob.glob(os.path.join(HERE, f"{kind}_*.py")))
-    for path in paths:
-        module_name = os.path.basename(path)[len(kind) + 1:-3]
-        if module_name == name:
-            return _import(path)
-    for path in paths:
-        if name in getattr(_import(path), "ALIASES", ()):
-            return _import(path)
-    known = [os.path.basename(p)[len(kind) + 1:-3] for p in paths]
+    known = plugin_names(kind)
+    path = lambda n: os.path.join(HERE, f"{kind}_{n}.py")  # noqa: E731
+    if name in known:
+        return _import(path(name))
+    for n in known:
+        if name in getattr(_import(path(n)), "ALIASES", ()):
+            return _import(path(n))
     raise ConversionError(f"unknown --{kind} {name!r}: choose one of {', '.join(known)} "
                           f"(or add tools/checkpoint/{kind}_{name}.py)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+def build_parser(loader=None, saver=None) -> Parser:
+    """The flags, with those of the `loader` and `saver` plugins (modules) when given."""
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-type", choices=["GPT"], required=True)
     p.add_argument("--loader", default="megatron", help="loader plugin: megatron, llama2_hf (alias llama_hf, hf)")
     p.add_argument("--saver", default="megatron", help="saver plugin: megatron, hf")
@@ -64,8 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", default=None,
                    help="a sentencepiece tokenizer.model file or an HF tokenizer directory")
     p.add_argument("--megatron-path", default=None, help="accepted for script compatibility; not needed")
-    p.add_argument("--verify", action="store_true", help="compare next-token logits of both sides after converting")
-    p.add_argument("--verify-atol", type=float, default=1e-3, help="largest allowed absolute logit difference")
+    p.add_argument("--verify", action="store_true",
+                   help="after converting, run both sides as saved (a Megatron checkpoint as TP x PP processes) on "
+                        "a few hundred tokens and compare logits and losses")
+    p.add_argument("--verify-atol", type=float, default=1e-3,
+                   help="--verify fails when a logit differs by more than this")
+    for kind, plugin in (("loader", loader), ("saver", saver)):
+        if plugin is not None:
+            name = plugin.__name__[len(f"checkpoint_plugin_{kind}_"):]
+            plugin.add_arguments(p.add_argument_group(f"{kind} {name}"))
     return p
 
 
@@ -76,21 +89,25 @@ def parse_args(argv=None):
     plugins.add_argument("--saver", default="megatron")
     first, _ = plugins.parse_known_args(argv)
     loader, saver = find_plugin("loader", first.loader), find_plugin("saver", first.saver)
-    parser = build_parser()
-    loader.add_arguments(parser.add_argument_group(f"loader {first.loader}"))
-    saver.add_arguments(parser.add_argument_group(f"saver {first.saver}"))
-    return parser.parse_args(argv), loader, saver
+    return build_parser(loader, saver).parse_args(argv), loader, saver
+
+
+def convert_and_verify(args, loader, saver, source=None) -> None:
+    """Save `source` (default: what the loader plugin loads) with the saver plugin, then --verify."""
+    source = source or loader.load_source(args)
+    convert(source, lambda src, out: saver.save(args, src, out), args.save_dir)
+    if args.verify:
+        from megatron.training.checkpoint_convert.verify import verify_conversion
+
+        verify_conversion(source, saver.FORMAT, os.path.abspath(args.save_dir), args.verify_atol)
 
 
 def run(argv=None) -> None:
-    args, loader, saver = parse_args(argv)
-    source = loader.load_source(args)
-    convert(source, lambda src, out: saver.save(args, src, out), args.save_dir, saver.FORMAT,
-            args.verify_atol if args.verify else None)
+    convert_and_verify(*parse_args(argv))
 
 
 def main(argv=None) -> int:
-    return run_command(lambda: run(argv))
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

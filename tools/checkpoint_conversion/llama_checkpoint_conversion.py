@@ -12,17 +12,16 @@ rope_scaling = {"rope_type": "linear", "factor": F}). Without
 (--target_tensor_model_parallel_size / --target_pipeline_model_parallel_size).
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron.training.checkpoint_convert.core import convert, run_command  # noqa: E402
+from megatron.training.errors import Parser, run_main  # noqa: E402
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Llama checkpoints: Megatron <-> Hugging Face", allow_abbrev=False)
+def build_parser() -> Parser:
+    p = Parser(description="Llama checkpoints: Megatron <-> Hugging Face")
     p.add_argument("--convert_checkpoint_from_megatron_to_transformers", action="store_true",
                    help="Megatron -> HF (default: HF -> Megatron)")
     p.add_argument("--load_path", required=True)
@@ -41,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_shard_size", default="5GB")
     p.add_argument("--print-checkpoint-structure", action="store_true")
     p.add_argument("--megatron-path", default=None, help="accepted for compatibility; not needed")
-    p.add_argument("--verify", action="store_true", help="compare next-token logits of both sides")
+    p.add_argument("--verify", action="store_true",
+                   help="run both sides as saved on a few hundred tokens and compare logits and losses")
     return p
 
 
@@ -75,20 +75,19 @@ def plugin_argv(args) -> list:
     return argv
 
 
-def run(args) -> None:
+def run(argv=None) -> None:
     from tools.checkpoint import util
 
+    args = build_parser().parse_args(argv)
     plugin_args, loader, saver = util.parse_args(plugin_argv(args))
     source = loader.load_source(plugin_args)
     if args.print_checkpoint_structure:
         print_structure(source)
-    convert(source, lambda src, out: saver.save(plugin_args, src, out), args.save_path, saver.FORMAT,
-            plugin_args.verify_atol if plugin_args.verify else None)
+    util.convert_and_verify(plugin_args, loader, saver, source)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args))
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
+from megatron.training.errors import UserError
+
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
@@ -15,7 +17,7 @@ FINAL_NORM = "decoder.final_layernorm.weight"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     """Input the converter cannot use as asked; the message says what to change."""
 
 
@@ -109,33 +111,12 @@ def staged_output(save_dir: str) -> Iterator[str]:
     os.replace(staging, final)
 
 
-def convert(source: ModelSource, save: Callable[[ModelSource, str], object], save_dir: str, target_format: str,
-            verify_atol: Optional[float] = None) -> None:
+def convert(source: ModelSource, save: Callable[[ModelSource, str], object], save_dir: str) -> None:
     """Run `save(source, staging_dir)` with the output staged beside `save_dir`
-    and renamed when complete; then, with `verify_atol`, compare the logits
-    of both sides (verify.py) and fail above it."""
+    and renamed when complete."""
     with staged_output(save_dir) as staging:
         save(source, staging)
     print(f"saved {os.path.abspath(save_dir)}", flush=True)
-    if verify_atol is not None:
-        from megatron.training.checkpoint_convert.verify import compare_logits
-
-        compare_logits((source.format, source.path), (target_format, os.path.abspath(save_dir)),
-                       source.vocab_size or source.args["padded_vocab_size"], verify_atol)
-
-
-def run_command(body: Callable[[], object]) -> int:
-    """A command's exit code: 0, or 1 after printing what to change when the
-    input is unusable (a conversion, tokenizer or flag error)."""
-    from megatron.training.arguments import ArgumentError
-    from megatron.training.tokenizer import TokenizerError
-
-    try:
-        body()
-    except (ConversionError, TokenizerError, ArgumentError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def progress(total: int, desc: str):

@@ -1,23 +1,76 @@
-"""--verify: next-token logits of the converted model against its source.
+"""--verify: the converted model against its source, each run as it is saved.
 
-Both sides run in this process in fp32 on a fixed prompt: an HF directory
-with `transformers.AutoModelForCausalLM`, a Megatron checkpoint with the
-training driver's own model and loader (megatron/training/inference.py,
-resharded on load to TP=1, PP=1).
+A Megatron checkpoint runs under the layout it was saved with: TP x PP
+processes on gloo (megatron/training/local_launch.py), each building the
+training driver's own model and loader (megatron/training/inference.py) and
+running megatron-core's forward pass over its shard. A Hugging Face directory
+runs with `transformers.AutoModelForCausalLM` in this process. Both sides see
+the same VERIFY_TOKENS token ids (rows as long as the model's context allows,
+up to 256) in fp32; the report gives the largest and the mean absolute logit
+difference over the tokenizer's vocabulary and each side's next-token loss
+(mean cross-entropy in nats), and fails above `--verify-atol`.
 """
 
-from typing import Tuple
+import math
+from dataclasses import dataclass
+from typing import List, Tuple
 
 import torch
 
-from megatron.training.checkpoint_convert.core import ConversionError
+from megatron.training.checkpoint_convert.core import ConversionError, ModelSource
 
-PROMPT_LENGTH = 16
+VERIFY_TOKENS = 256
+VERIFY_SEED = 1234
 
 
-def fixed_prompt(vocab_size: int, length: int = PROMPT_LENGTH) -> torch.Tensor:
-    """[1, length] token ids spread over the vocabulary, the same every run."""
-    return ((torch.arange(length) * 7919 + 13) % vocab_size).unsqueeze(0)
+@dataclass
+class Side:
+    """One model to run: its format ("hf" or "megatron"), path, and for a
+    Megatron checkpoint the layout it was saved with."""
+
+    format: str
+    path: str
+    tp: int = 1
+    pp: int = 1
+
+    def describe(self) -> str:
+        if self.format != "megatron":
+            return f"{self.format} {self.path}"
+        return f"{self.format} {self.path} (saved layout TP={self.tp} PP={self.pp}, {self.tp * self.pp} processes)"
+
+
+@dataclass
+class Comparison:
+    max_abs_diff: float
+    mean_abs_diff: float
+    source_loss: float
+    target_loss: float
+    shape: Tuple[int, int]  # the token ids' [rows, length]
+
+
+def megatron_side(path: str) -> Side:
+    """A Megatron checkpoint with the TP x PP layout its files were saved under
+    (a virtual-pipeline layout runs its stages without interleaving)."""
+    from megatron.training import checkpointing
+
+    iteration, release = checkpointing.read_tracker(path)
+    if iteration is None:
+        raise ConversionError(f"{path} has no {checkpointing.TRACKER_FILENAME}: nothing to verify")
+    layout = checkpointing.first_rank_state(checkpointing.iteration_dir(path, iteration, release))["layout"]
+    return Side("megatron", path, layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"])
+
+
+def side_of(fmt: str, path: str) -> Side:
+    return megatron_side(path) if fmt == "megatron" else Side(fmt, path)
+
+
+def verify_tokens(vocab_size: int, context: int, total: int = VERIFY_TOKENS) -> torch.Tensor:
+    """[rows, length] token ids, `total` in all (rounded down to whole rows of
+    min(context, total) tokens), uniform over the vocabulary, the same every run."""
+    length = max(2, min(context, total))
+    rows = max(1, total // length)
+    generator = torch.Generator().manual_seed(VERIFY_SEED)
+    return torch.randint(0, vocab_size, (rows, length), generator=generator)
 
 
 def hf_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -29,33 +82,81 @@ def hf_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
-def megatron_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
+def _megatron_worker(rank, world_size, jobs, tokens, vocab_size):
     from megatron.training import inference
 
-    args, model = inference.load_model(path)
+    out = []
+    for path, tp, pp in jobs:
+        args, model = inference.load_model(path, tp, pp)
+        try:
+            out.append(inference.forward_logits(args, model, tokens)[..., :vocab_size].clone())
+        finally:
+            del model
+            inference.unload()
+    return out if rank == 0 else None
+
+
+def megatron_logits(sides: List[Side], tokens: torch.Tensor, vocab_size: int) -> List[torch.Tensor]:
+    """Logits of each Megatron side, each under its own layout, in one group of
+    processes (the least common multiple of the layouts' sizes: further ranks
+    are data-parallel replicas)."""
+    from megatron.training.local_launch import ProcessesFailed, run_processes
+
+    world = 1
+    for side in sides:
+        world = world * side.tp * side.pp // math.gcd(world, side.tp * side.pp)
+    jobs = [(side.path, side.tp, side.pp) for side in sides]
     try:
-        return inference.forward_logits(args, model, tokens)
-    finally:
-        del model
-        inference.unload()
+        return run_processes(_megatron_worker, world, (jobs, tokens, vocab_size))[0]
+    except ProcessesFailed as e:
+        if e.user_error is not None:
+            raise e.user_error from None
+        raise RuntimeError(f"--verify: the Megatron side failed on {e}") from None
 
 
-LOGITS = {"hf": hf_logits, "megatron": megatron_logits}
+def all_logits(sides: Tuple[Side, Side], tokens: torch.Tensor, vocab_size: int) -> List[torch.Tensor]:
+    """[rows, length, vocab_size] fp32 logits of each side. The Megatron sides
+    run first, before this process loads an HF model its processes would inherit."""
+    megatron = [s for s in sides if s.format == "megatron"]
+    from_processes = iter(megatron_logits(megatron, tokens, vocab_size) if megatron else [])
+    return [next(from_processes) if s.format == "megatron" else LOGITS[s.format](s.path, tokens)[..., :vocab_size]
+            for s in sides]
 
 
-def compare_logits(source: Tuple[str, str], target: Tuple[str, str], vocab_size: int,
-                   atol: float = 1e-3) -> Tuple[float, float]:
-    """(max, mean) absolute logit difference between `source` and `target`,
-    each (format, path), over the first `vocab_size` ids; raises
-    ConversionError above `atol`."""
-    tokens = fixed_prompt(vocab_size)
-    a = LOGITS[source[0]](source[1], tokens)[..., :vocab_size]
-    b = LOGITS[target[0]](target[1], tokens)[..., :vocab_size]
+# How each format's logits are computed in this process (the Megatron side runs in processes of its own).
+LOGITS = {"hf": hf_logits}
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Mean cross-entropy (nats) of tokens[:, 1:] given the logits at [:, :-1]."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1)).item()
+
+
+def compare(source: Side, target: Side, vocab_size: int, context: int) -> Comparison:
+    tokens = verify_tokens(vocab_size, context)
+    a, b = all_logits((source, target), tokens, vocab_size)
     diff = (a - b).abs()
-    worst, mean = diff.max().item(), diff.mean().item()
-    print(f"verify: logits on a {tokens.shape[1]}-token prompt, {source[0]} {source[1]} vs {target[0]} {target[1]}: "
-          f"max abs diff {worst:.3g}, mean abs diff {mean:.3g} (threshold {atol:g})", flush=True)
-    if not worst <= atol:
-        raise ConversionError(f"verification failed: the converted model's logits differ from the source's by up to "
-                              f"{worst:.3g} (> {atol:g}); the output at {target[1]} is not a faithful copy")
-    return worst, mean
+    return Comparison(diff.max().item(), diff.mean().item(), next_token_loss(a, tokens), next_token_loss(b, tokens),
+                      tuple(tokens.shape))
+
+
+def verify_conversion(source: ModelSource, target_format: str, target_path: str, atol: float) -> Comparison:
+    """Compare `source` with its conversion at `target_path` (module doc); print
+    one line; raise ConversionError when the logits differ by more than `atol`."""
+    vocab = source.vocab_size or source.args["padded_vocab_size"]
+    context = source.args.get("max_position_embeddings") or source.args.get("seq_length") or VERIFY_TOKENS
+    src, dst = side_of(source.format, source.path), side_of(target_format, target_path)
+    result = compare(src, dst, vocab, context)
+    rows, length = result.shape
+    print(f"verify: logits on {rows * length} tokens ({rows} x {length}), "
+          f"{src.describe()} vs {dst.describe()}: max abs diff {result.max_abs_diff:.3g}, "
+          f"mean abs diff {result.mean_abs_diff:.3g}; next-token loss {result.source_loss:.6f} vs "
+          f"{result.target_loss:.6f} (diff {abs(result.source_loss - result.target_loss):.3g}); "
+          f"threshold {atol:g}", flush=True)
+    if not result.max_abs_diff <= atol:
+        raise ConversionError(
+            f"verification failed: the converted model's logits differ from the source's by up to "
+            f"{result.max_abs_diff:.3g} (> --verify-atol {atol:g}); the output at {target_path} is not a faithful "
+            "copy")
+    return result

@@ -33,6 +33,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from megatron.training.errors import UserError
 from megatron.training.fileio import fsync_dir, remove_quietly, sweep_stale_temps, temp_name
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -43,7 +44,7 @@ CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _CHUNK = 1 << 20  # entries per chunk when assembling the index
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError, ValueError):
     """An indexed dataset that cannot be read or written as asked; the message names the file and the fix."""
 
 

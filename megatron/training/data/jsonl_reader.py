@@ -14,6 +14,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from megatron.training.errors import UserError
+
 # Reasons a line is skipped, in report order, and what the report says of each.
 BAD_DESCRIPTIONS: Dict[str, str] = {
     "invalid_utf8": "not valid UTF-8",
@@ -32,7 +34,7 @@ TITLE_CONTENT_SEPARATOR = "\n"
 JSON_FORMATS = ("keys", "title_content")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     pass
 
 

@@ -30,6 +30,7 @@ from megatron.training.data.jsonl_reader import (
     BAD_DESCRIPTIONS, Block, InputError, bad_summary, find_input_files, parse_record, read_blocks, split_lines,
 )
 from megatron.training.data.long_text import tokenize_texts
+from megatron.training.errors import os_errors_as_output_errors
 from megatron.training.fileio import sweep_stale_temps
 
 _SPLIT_CHUNK_CHARS = 1_000_000  # Megatron-LM splits sentences in pieces of this many characters
@@ -52,15 +53,12 @@ class InputAndTokenizerConfig:
     max_bad_reports: int = 10
 
 
-def run_data_tool(args, config_cls, run, report_text, errors=()) -> int:
+def run_data_tool(args, config_cls, run, report_text) -> None:
     """The command-line body of the data tools: the parsed flags become a
     `config_cls`, SIGTERM stops the run like Ctrl-C (partial outputs are
-    removed), an input, tokenizer or dataset error (or one of `errors`), or
-    a failed write (a full disk, a read-only folder), prints one line and
-    returns 1; otherwise the report goes to stderr and 0 is returned."""
-    from megatron.training.data.indexed_writer import DatasetFormatError
-    from megatron.training.fileio import describe_os_error
-    from megatron.training.tokenizer import TokenizerError
+    removed), and the report goes to stderr. Input errors propagate as
+    UserErrors, and a failed write (a full disk, a read-only folder) becomes
+    one: the entry point prints them in one line (errors.run_main)."""
 
     def on_term(signum, frame):
         raise SystemExit(f"stopped by signal {signum}; partial outputs removed")
@@ -68,16 +66,9 @@ def run_data_tool(args, config_cls, run, report_text, errors=()) -> int:
     signal.signal(signal.SIGTERM, on_term)
     fields = set(config_cls.__dataclass_fields__)
     cfg = config_cls(**{k: v for k, v in vars(args).items() if k in fields})
-    try:
+    with os_errors_as_output_errors("partial outputs removed"):
         report = run(cfg)
-    except (InputError, TokenizerError, DatasetFormatError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {describe_os_error(e)}; partial outputs removed", file=sys.stderr)
-        return 1
     print(report_text(report), file=sys.stderr)
-    return 0
 
 
 @dataclass

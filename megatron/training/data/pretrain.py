@@ -15,6 +15,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
+from megatron.training.errors import UserError
+
 
 class _VocabOnly:
     """The part of a tokenizer GPTDataset needs, for --mock-data without one."""
@@ -54,7 +56,7 @@ def train_valid_test_num_samples(args) -> List[int]:
     ]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot train as asked; the message says what to change."""
 
 

@@ -39,12 +39,13 @@ import numpy as np
 import torch
 
 from megatron.training.data.sft_preprocess import sft_dataset_prefixes
+from megatron.training.errors import UserError
 
 TRUNCATION_POLICIES = ("truncate", "drop")
 PAD_ID = 0
 
 
-class SFTDataError(ValueError):
+class SFTDataError(UserError, ValueError):
     pass
 
 

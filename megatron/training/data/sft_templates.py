@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from megatron.training.data.sft_formats import BadRecord, Conversation
+from megatron.training.errors import UserError
 
 Piece = Union[str, int]  # text to tokenize, or one token id
 Segments = List[Tuple[Piece, bool]]  # (piece, is_response)
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     pass
 
 

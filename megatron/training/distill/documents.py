@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 
 from megatron.training.data.jsonl_reader import InputError, find_input_files, parse_record, read_blocks, split_lines
+from megatron.training.errors import ArgumentError
 
 PREFIX_UNITS = ("tokens", "chars")
 
@@ -97,14 +98,14 @@ class PrefixConfig:
 
     def __post_init__(self):
         if self.unit not in PREFIX_UNITS:
-            raise ValueError(f"--prefix-unit {self.unit!r}: choose one of {', '.join(PREFIX_UNITS)}")
+            raise ArgumentError(f"--prefix-unit {self.unit!r}: choose one of {', '.join(PREFIX_UNITS)}")
         if self.length < 1:
-            raise ValueError(f"--prefix-length {self.length}: give a positive length")
+            raise ArgumentError(f"--prefix-length {self.length}: give a positive length")
         if self.min_doc_length is None:
             self.min_doc_length = self.length
         if self.min_doc_length < self.length:
-            raise ValueError(f"--min-doc-length {self.min_doc_length} is below --prefix-length {self.length}: "
-                             "a document must hold a whole prefix; raise --min-doc-length or drop it")
+            raise ArgumentError(f"--min-doc-length {self.min_doc_length} is below --prefix-length {self.length}: "
+                                "a document must hold a whole prefix; raise --min-doc-length or drop it")
 
 
 class PrefixCutter:

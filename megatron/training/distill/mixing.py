@@ -21,9 +21,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron.training.data.indexed_writer import read_index_header
+from megatron.training.errors import UserError
 
 
-class BlendError(ValueError):
+class BlendError(UserError, ValueError):
     pass
 
 

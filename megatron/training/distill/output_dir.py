@@ -20,11 +20,12 @@ import re
 from typing import Dict, List, Optional, Set
 
 from megatron.training.fileio import append_synced, atomic_write_text, temp_name
+from megatron.training.errors import UserError
 
 SHARD_RE = re.compile(r"^shard_(\d{5,})\.jsonl$")
 
 
-class OutputDirError(RuntimeError):
+class OutputDirError(UserError, RuntimeError):
     pass
 
 

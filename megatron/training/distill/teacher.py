@@ -17,6 +17,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
+from megatron.training.errors import UserError
+
 
 @dataclass
 class SamplingConfig:
@@ -36,7 +38,7 @@ class Generation:
     finish_reason: str  # "eos" or "length"
 
 
-class TeacherError(RuntimeError):
+class TeacherError(UserError, RuntimeError):
     pass
 
 

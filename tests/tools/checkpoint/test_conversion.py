@@ -285,7 +285,7 @@ def read_megatron_args(root):
 # ------------------------------------------------------------------ bad input
 
 def failing(capsys, argv):
-    assert util.main(["--model-type", "GPT", *map(str, argv)]) == 1
+    assert util.main(["--model-type", "GPT", *map(str, argv)]) == 2
     return capsys.readouterr().err
 
 
@@ -406,7 +406,7 @@ def test_command_line_verify_fails_when_the_logits_differ(hf_dirs, tmp_path):
     run = _util_script(tmp_path, [
         "--model-type", "GPT", "--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf_dirs["gqa"],
         "--save-dir", tmp_path / "mg", "--verify"], megatron_logits_shift=1.0)
-    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.returncode == 2, run.stderr[-3000:]
     line = _verify_line(run.stdout)
     assert f"hf {hf_dirs['gqa']} vs megatron {tmp_path / 'mg'}: max abs diff 1," in line
     assert "verification failed" in run.stderr and str(tmp_path / "mg") in run.stderr
