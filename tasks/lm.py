@@ -16,7 +16,7 @@ the same results; only `is_writer` (global rank 0) writes files.
 
 import argparse
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -118,11 +118,19 @@ class HFLanguageModel(LanguageModel):
                 f"the tokenizer has {self.vocab_size} tokens but {args.hf_model} has {config.vocab_size} embedding "
                 "rows: use the tokenizer the model was trained with (drop --tokenizer-type/--tokenizer-model to "
                 "use the directory's own)")
-        self.interpolation_factor = factor
+        self.interpolation_factor = factor if factor is not None else linear_rope_factor(config)
         self.is_writer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
     def _logits(self, tokens):
         return self._model(tokens).logits
+
+
+def linear_rope_factor(config) -> Optional[float]:
+    """The position interpolation factor of an HF config: its linear rope scaling factor, else None."""
+    from megatron.training.checkpoint_convert.llama import rope_scaling
+
+    _, kind, factor = rope_scaling(config.to_dict())
+    return float(factor) if kind == "linear" else None
 
 
 def set_hf_linear_rope_factor(config, factor: float) -> None:
@@ -146,6 +154,9 @@ def build_language_model(args) -> LanguageModel:
     path = args.load or args.hf_model
     if not os.path.isdir(path):
         raise EvalError(f"{path} is not a directory: give a checkpoint directory")
+    if args.load and os.path.isfile(os.path.join(path, "config.json")):
+        raise EvalError(f"--load {path} is a Hugging Face model directory: evaluate it with --hf-model {path} "
+                        "(--load takes Megatron checkpoints)")
     return MegatronLanguageModel(args) if args.load else HFLanguageModel(args)
 
 

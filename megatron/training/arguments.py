@@ -11,6 +11,7 @@ Library code receives these objects as arguments; there is no global `get_args()
 """
 
 import argparse
+import math
 import os
 import sys
 from typing import List, Optional, Tuple
@@ -91,9 +92,12 @@ def _add_training_flags(p):
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--lr-decay-iters", type=int, default=None)
     g.add_argument("--lr-decay-samples", type=int, default=None)
-    g.add_argument("--override-opt_param-scheduler", action="store_true", dest="override_opt_param_scheduler")
-    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
-                   dest="use_checkpoint_opt_param_scheduler")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler", action="store_true",
+                   dest="override_opt_param_scheduler",
+                   help="on resume, use this run's LR schedule flags instead of the checkpoint's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler", action="store_true",
+                   dest="use_checkpoint_opt_param_scheduler",
+                   help="on resume, continue the checkpoint's LR schedule whatever this run's flags say")
 
     g = p.add_argument_group("mixed precision")
     g.add_argument("--bf16", action="store_true")
@@ -192,6 +196,15 @@ def parse_args(argv: Optional[List[str]] = None, extra_args_provider=None) -> ar
     return args
 
 
+def flags_given(argv: List[str], extra_args_provider=None) -> set:
+    """The dests of the flags `argv` names itself (parser defaults do not count)."""
+    parser = build_parser(extra_args_provider)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(list(argv))
+    return set(vars(given))
+
+
 def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
     """Megatron-LM's default --ffn-hidden-size: 4h, or 2/3 of that (rounded
     down to a multiple of 64) with SwiGLU, which keeps the MLP's parameter count."""
@@ -228,8 +241,14 @@ def _transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def _divisors(n: int) -> str:
+def divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def tensor_parallel_sizes(heads: int, groups: int, ffn_hidden_size: int) -> str:
+    """The TP sizes a model can be split over, listed: the common divisors of
+    its attention heads, query groups and FFN size."""
+    return divisors(math.gcd(heads, groups, ffn_hidden_size))
 
 
 def _check(cond: bool, message: str) -> None:
@@ -256,27 +275,29 @@ def validate_args(args, world_size: int) -> None:
     _check(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     _check(world_size % (tp * pp) == 0,
            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp}: "
-           f"launch a multiple of {tp * pp} processes, or choose TP x PP dividing {world_size} ({_divisors(world_size)})")
+           f"launch a multiple of {tp * pp} processes, or choose TP x PP dividing {world_size} ({divisors(world_size)})")
     dp = world_size // (tp * pp)
 
-    heads, groups = args.num_attention_heads, args.num_query_groups
+    heads, groups, ffn = args.num_attention_heads, args.num_query_groups, args.ffn_hidden_size
     _check(args.hidden_size % heads == 0 or args.kv_channels is not None,
            f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}: set --kv-channels")
     _check(heads % groups == 0,
            f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}: "
-           f"use a number of query groups dividing {heads} ({_divisors(heads)})")
-    _check(heads % tp == 0,
-           f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}: "
-           f"use a TP size that divides {heads} ({_divisors(heads)})")
-    _check(groups % tp == 0,
-           f"num_query_groups={groups} is not divisible by --tensor-model-parallel-size {tp}: "
-           f"use a TP size that divides {groups} ({_divisors(groups)})")
-    _check(args.ffn_hidden_size % tp == 0,
-           f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+           f"use a number of query groups dividing {heads} ({divisors(heads)})")
+    # Every TP rank holds whole query groups (so whole heads) and an equal slice of the MLP.
+    if groups % tp or ffn % tp:
+        if groups % tp == 0:
+            what = f"--ffn-hidden-size {ffn}"
+        elif groups == heads:
+            what = f"--num-attention-heads {heads}"
+        else:
+            what = f"num_query_groups={groups} (of {heads} attention heads)"
+        raise ArgumentError(f"{what} is not divisible by --tensor-model-parallel-size {tp}: use a TP size that divides "
+                            f"the heads, query groups and FFN size ({tensor_parallel_sizes(heads, groups, ffn)})")
 
     _check(args.num_layers % pp == 0,
            f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}: "
-           f"use a PP size that divides {args.num_layers} ({_divisors(args.num_layers)})")
+           f"use a PP size that divides {args.num_layers} ({divisors(args.num_layers)})")
     args.virtual_pipeline_model_parallel_size = None
     if args.num_layers_per_virtual_pipeline_stage is not None:
         per_stage = args.num_layers // pp
@@ -284,7 +305,7 @@ def validate_args(args, world_size: int) -> None:
         _check(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
         _check(per_stage % v == 0,
                f"{per_stage} layers per pipeline stage (--num-layers {args.num_layers} / PP {pp}) are not divisible "
-               f"by --num-layers-per-virtual-pipeline-stage {v}: use one of {_divisors(per_stage)}")
+               f"by --num-layers-per-virtual-pipeline-stage {v}: use one of {divisors(per_stage)}")
         _check(per_stage // v > 1, f"--num-layers-per-virtual-pipeline-stage {v} gives one virtual stage: "
                f"use a smaller value (a divisor of {per_stage} below {per_stage}) or drop the flag")
         args.virtual_pipeline_model_parallel_size = per_stage // v
@@ -375,6 +396,14 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 def transformer_config_from_args(args):
     """megatron-core's TransformerConfig for a Llama-family GPT model."""
+    try:
+        return _transformer_config(args)
+    except (ValueError, AssertionError) as e:
+        # megatron-core's own checks of flag combinations validate_args does not make
+        raise ArgumentError(f"megatron-core's TransformerConfig rejects these flags: {e}") from None
+
+
+def _transformer_config(args):
     from megatron.core.transformer import TransformerConfig
 
     from megatron.training import kernels
@@ -413,6 +442,9 @@ def transformer_config_from_args(args):
         recompute_num_layers=args.recompute_num_layers,
         **kernels.transformer_config_fields(args),
         deallocate_pipeline_outputs=True,
+        # megatron-core 0.16.1's default "full" warns that it is deprecated at every
+        # start-up; [] is its new spelling of the same (CUDA graphs are off anyway).
+        cuda_graph_scope=[],
         # With gloo, batched isend/irecv may pair two messages between the same two
         # ranks in the wrong order (interleaved PP=2: the next and previous stage
         # are one rank), silently swapping activations and gradients of equal
@@ -470,16 +502,6 @@ def args_to_dict(args) -> dict:
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
             out[key] = list(value)
     return out
-
-
-# Flags that define the model's shape; --use-checkpoint-args takes these from a checkpoint.
-MODEL_SHAPE_FLAGS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "group_query_attention", "kv_channels", "max_position_embeddings", "position_embedding_type",
-    "rotary_base", "rotary_percent", "normalization", "norm_epsilon", "swiglu",
-    "untie_embeddings_and_output_weights", "add_bias_linear", "add_position_embedding",
-    "make_vocab_size_divisible_by", "padded_vocab_size", "unpadded_vocab_size",
-)
 
 
 def env_world_size() -> int:

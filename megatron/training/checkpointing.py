@@ -47,7 +47,8 @@ from megatron.training.checkpoint_integrity import (
 )
 from megatron.training.fileio import atomic_write_text, describe_os_error, fsync_dir, remove_quietly, temp_name
 from megatron.training.arguments import args_to_dict
-from megatron.training.errors import UserError
+from megatron.training.errors import CheckpointError
+from megatron.training.load_checks import check_state_fits, load_scheduler_state
 from megatron.training.peft.arguments import adapters_enabled
 from megatron.training.peft.targets import is_adapter_key
 
@@ -55,10 +56,6 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 _EMBEDDING = "embedding.word_embeddings.weight"
 _OUTPUT_LAYER = "output_layer.weight"
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used as asked; the message says what to change."""
 
 
 def iteration_dir(root: str, iteration: int, release: bool = False) -> str:
@@ -370,12 +367,32 @@ def _check_layout(saved: dict, args, path: str) -> None:
         )
 
 
+def not_a_checkpoint(load_dir: str) -> str:
+    """Why `load_dir` holds no checkpoint, and what to do instead (one line)."""
+    if not os.path.isdir(load_dir):
+        return f"{load_dir} does not exist"
+    if os.path.isfile(os.path.join(load_dir, "config.json")):
+        return (f"{load_dir} is a Hugging Face model directory, not a Megatron checkpoint: convert it first with "
+                f"python tools/checkpoint/util.py --model-type GPT --loader llama2_hf --saver megatron "
+                f"--load-dir {load_dir} --save-dir {os.path.normpath(load_dir)}-megatron")
+    return (f"{load_dir} has no {TRACKER_FILENAME}: it holds no checkpoint of pretrain_gpt.py or "
+            "tools/checkpoint/util.py")
+
+
+def require_checkpoint(load_dir: Optional[str], needed_by: str) -> None:
+    """Fail early, naming `needed_by` (a flag) and the fix, when `load_dir` is no checkpoint."""
+    if load_dir is None:
+        raise CheckpointError(f"{needed_by} needs --load DIR (the checkpoint to start from)")
+    if read_tracker(load_dir)[0] is None:
+        raise CheckpointError(f"{needed_by} --load {load_dir}: nothing to load: {not_a_checkpoint(load_dir)}")
+
+
 def read_checkpoint_args(load_dir: str, step: Optional[int] = None) -> dict:
     """The flags a checkpoint was saved with (for --use-checkpoint-args); of
     iteration `step` when given (--ckpt-step)."""
     chosen = _iteration_to_load(load_dir, step)
     if chosen is None:
-        raise CheckpointError(f"--use-checkpoint-args: no {TRACKER_FILENAME} in {load_dir}")
+        raise CheckpointError(not_a_checkpoint(load_dir))
     return first_rank_state(chosen[0])["args"]
 
 
@@ -389,9 +406,9 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
         return load_adapter_checkpoint(args, model, optimizer, scheduler)
     chosen = _iteration_to_load(args.load, getattr(args, "ckpt_step", None))
     if chosen is None:
-        if args.exit_on_missing_checkpoint:
-            raise CheckpointError(f"--load {args.load} has no {TRACKER_FILENAME} and "
-                                  "--exit-on-missing-checkpoint is set")
+        if args.exit_on_missing_checkpoint or args.finetune:
+            flag = "--finetune" if args.finetune else "--exit-on-missing-checkpoint"
+            raise CheckpointError(f"{flag} --load {args.load}: nothing to load: {not_a_checkpoint(args.load)}")
         if torch.distributed.get_rank() == 0:
             print(f"no checkpoint found in {args.load}: starting from scratch", flush=True)
         return 0, 0
@@ -456,7 +473,7 @@ def restore_training_state(args, optimizer, scheduler, state: dict, path: str, f
                         os.path.join(os.path.dirname(path), "distrib_optim.pt"))
             _load_distributed_optimizer_state(optimizer, param_states)
         if scheduler is not None:
-            scheduler.load_state_dict(state["opt_param_scheduler"])
+            load_scheduler_state(scheduler, state["opt_param_scheduler"], path, args)
     elif optimizer is not None:
         # Weights loaded without optimizer state: a mixed-precision optimizer's fp32 main
         # parameters are copies taken when it was built (the random initialisation), and its
@@ -484,7 +501,10 @@ def _load_model(args, model: list, iter_dir: str, iteration: int, release: bool)
             if key not in state:
                 raise CheckpointError(f"{path} has no '{key}' entry")
             module = _unwrap(chunk)
-            module.load_state_dict(sharding.match_layer_spec(state[key], module.state_dict()), strict=True)
+            target = module.state_dict()
+            matched = sharding.match_layer_spec(state[key], target)
+            check_state_fits(matched, target, path)
+            module.load_state_dict(matched, strict=True)
         return state, path
     saved = state if state is not None else first_rank_state(iter_dir)
     _refuse_adapter_checkpoint(saved, iter_dir)
@@ -593,8 +613,10 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=
             if on_full is not None:
                 on_full(module, local)
             names = [n for n in target if n in local]
-            shard = sharding.shard_for_rank(_fit_vocab(local, target, args.tensor_model_parallel_size), tp_rank,
-                                            args.tensor_model_parallel_size, gated, names)
+            fitted = _fit_vocab(local, target, args.tensor_model_parallel_size)
+            check_state_fits({n: fitted[n] for n in names}, target, iter_dir, args.tensor_model_parallel_size, gated,
+                             strict=False)
+            shard = sharding.shard_for_rank(fitted, tp_rank, args.tensor_model_parallel_size, gated, names)
             module.load_state_dict(shard, strict=False)
             loaded[v].update(names)
 

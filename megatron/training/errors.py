@@ -54,6 +54,10 @@ class ArgumentError(UserError, ValueError):
     """A flag or layout problem; the message says what to change."""
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used as asked; the message says what to change."""
+
+
 class OutputError(UserError, OSError):
     """An output that could not be written (a full disk, a read-only folder); the message names it."""
 

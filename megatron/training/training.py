@@ -8,6 +8,8 @@ loss on the last stage.
 """
 
 import dataclasses
+import os
+import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -18,7 +20,7 @@ from megatron.training import checkpointing, initialize, kernels
 from megatron.training.exit_signal import ExitSignalHandler
 from megatron.training.flops import ModelShape, flops_per_iteration
 from megatron.training.peft.arguments import adapters_enabled
-from megatron.training.tokenizer import tokenizer_and_vocab_size
+from megatron.training.tokenizer import TokenizerError, tokenizer_and_vocab_size
 from megatron.training.training_log import TrainingLogger, print_rank_0
 
 
@@ -66,10 +68,13 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
 
 def setup_args(argv=None, extra_args_provider=None):
     """Parse and validate flags, start the process groups, seed the RNGs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = arguments_module.parse_args(argv, extra_args_provider)
     initialize.initialize_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+    if args.finetune or args.use_checkpoint_args:
+        checkpointing.require_checkpoint(args.load, "--finetune" if args.finetune else "--use-checkpoint-args")
     if args.use_checkpoint_args:
-        _take_model_shape_from_checkpoint(args)
+        _take_settings_from_checkpoint(args, arguments_module.flags_given(argv, extra_args_provider))
     arguments_module.validate_args(args, torch.distributed.get_world_size())
     initialize.initialize_model_parallel(args)
     initialize.set_seeds(args.seed)
@@ -80,14 +85,14 @@ def setup_args(argv=None, extra_args_provider=None):
     return args
 
 
-def _take_model_shape_from_checkpoint(args) -> None:
-    saved = checkpointing.read_checkpoint_args(args.load, args.ckpt_step)
-    for key in arguments_module.MODEL_SHAPE_FLAGS:
-        if key in saved:
-            setattr(args, key, saved[key])
-    for key in ("tokenizer_type", "vocab_size", "rotary_seq_len_interpolation_factor"):
-        if getattr(args, key, None) is None and saved.get(key) is not None:
-            setattr(args, key, saved[key])
+def _take_settings_from_checkpoint(args, given) -> None:
+    """--use-checkpoint-args: the checkpoint's model settings, unless `given` on the command line."""
+    from megatron.training.checkpoint_args import take_checkpoint_settings
+
+    note = take_checkpoint_settings(args, checkpointing.read_checkpoint_args(args.load, args.ckpt_step), given,
+                                    args.load)
+    if note:
+        print_rank_0(note)
 
 
 def _print_args(args) -> None:
@@ -107,6 +112,10 @@ def build_tokenizer_from_args(args):
     sets args.padded_vocab_size and args.unpadded_vocab_size (the real
     vocabulary, recorded in checkpoints: its padding rows are excluded from
     the softmax, models/padded_vocab.py)."""
+    if (args.use_checkpoint_args and args.tokenizer_model and not os.path.exists(args.tokenizer_model)
+            and checkpointing.read_checkpoint_args(args.load).get("tokenizer_model") == args.tokenizer_model):
+        raise TokenizerError(f"the tokenizer {args.tokenizer_model} that {args.load} records (--use-checkpoint-args) "
+                             "is not on this machine: pass --tokenizer-model PATH to a copy of it")
     tokenizer, vocab = tokenizer_and_vocab_size(args)
     padded = arguments_module.padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                 args.tensor_model_parallel_size)
@@ -254,7 +263,8 @@ def train(args, forward_step_func, model, optimizer, scheduler, train_iter, vali
     """Iterate until --train-iters (or --exit-interval / --exit-duration-in-mins /
     the --exit-signal with --exit-signal-handler)."""
     if train_iter is None:
-        raise RuntimeError("no training data: --split gives the training split no share")
+        raise arguments_module.ArgumentError("no training data: --split gives the training split no share; "
+                                             "give it a share (e.g. --split 98,1,1)")
     with ExitSignalHandler(args.exit_signal if args.exit_signal_handler else None) as exit_signal:
         return _train_loop(args, forward_step_func, model, optimizer, scheduler, train_iter, valid_iter, state,
                            exit_signal)

@@ -66,10 +66,16 @@ def test_derived_defaults():
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 6,
      r"world size 6 is not divisible by TP x PP = 2 x 2 = 4: launch a multiple of 4 processes"),
     (["--tensor-model-parallel-size", "3"], 3,
-     r"--num-attention-heads 8 is not divisible by --tensor-model-parallel-size 3: use a TP size that divides 8 "
-     r"\(1, 2, 4, 8\)"),
+     r"--num-attention-heads 8 is not divisible by --tensor-model-parallel-size 3: use a TP size that divides the "
+     r"heads, query groups and FFN size \(1, 2, 4, 8\)"),
     (["--group-query-attention", "--num-query-groups", "2", "--tensor-model-parallel-size", "4"], 4,
-     r"num_query_groups=2 is not divisible by --tensor-model-parallel-size 4: use a TP size that divides 2 \(1, 2\)"),
+     r"num_query_groups=2 \(of 8 attention heads\) is not divisible by --tensor-model-parallel-size 4: use a TP size "
+     r"that divides the heads, query groups and FFN size \(1, 2\)$"),
+    # 9 heads in 3 groups at TP=2: the advice lists the sizes that divide both, not 9's divisors
+    (["--num-attention-heads", "9", "--hidden-size", "72", "--group-query-attention", "--num-query-groups", "3",
+      "--tensor-model-parallel-size", "2"], 2, r"num_query_groups=3 \(of 9 attention heads\) .*\(1, 3\)$"),
+    (["--ffn-hidden-size", "100", "--tensor-model-parallel-size", "8"], 8,
+     r"--ffn-hidden-size 100 is not divisible by --tensor-model-parallel-size 8: .* \(1, 2, 4\)$"),
     (["--pipeline-model-parallel-size", "3"], 3,
      r"--num-layers 8 is not divisible by --pipeline-model-parallel-size 3: use a PP size that divides 8"),
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,

@@ -8,6 +8,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
+from megatron.training.arguments import divisors, tensor_parallel_sizes
 from megatron.training.errors import UserError
 
 EMBEDDING = "embedding.word_embeddings.weight"
@@ -57,21 +58,15 @@ class ModelSource:
         return not self.args.get("untie_embeddings_and_output_weights", False)
 
 
-def divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
 def check_target_layout(args: dict, tp: int, pp: int, vp_layers: Optional[int] = None) -> None:
     """Raise ConversionError when the model cannot be laid out over TP x PP (x VP)."""
     heads, groups, layers = args["num_attention_heads"], args["num_query_groups"], args["num_layers"]
-    if heads % tp or groups % tp:
-        common = [d for d in range(1, groups + 1) if groups % d == 0 and heads % d == 0]
+    ffn = args["ffn_hidden_size"]
+    if heads % tp or groups % tp or ffn % tp:
         raise ConversionError(
-            f"--target-tensor-parallel-size {tp} does not divide the model's {heads} attention heads and "
-            f"{groups} query groups: use a TP size that divides both ({', '.join(map(str, common))})")
-    if args["ffn_hidden_size"] % tp:
-        raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide ffn_hidden_size "
-                              f"{args['ffn_hidden_size']}: use one of {divisors(args['ffn_hidden_size'])}")
+            f"--target-tensor-parallel-size {tp} does not divide the model's {heads} attention heads, {groups} "
+            f"query groups and FFN size {ffn}: use a TP size that divides all three "
+            f"({tensor_parallel_sizes(heads, groups, ffn)})")
     if layers % pp:
         raise ConversionError(f"--target-pipeline-parallel-size {pp} does not divide the model's {layers} layers: "
                               f"use one of {divisors(layers)}")

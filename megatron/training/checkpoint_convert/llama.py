@@ -57,19 +57,26 @@ def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
 
 # ------------------------------------------------------------------ configs
 
-def _rope(config: dict):
-    """(theta, linear factor or None) from a config.json of transformers 4.x or 5.x."""
+def rope_scaling(config: dict):
+    """(theta, scaling type or None, factor or None) from a config.json of transformers 4.x or 5.x."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     if not scaling:
+        return theta, None, None
+    return theta, scaling.get("rope_type", scaling.get("type")), scaling.get("factor")
+
+
+def _rope(config: dict):
+    """(theta, linear factor or None) from a config.json of transformers 4.x or 5.x."""
+    theta, kind, factor = rope_scaling(config)
+    if kind is None:
         return theta, None
-    kind = scaling.get("rope_type", scaling.get("type"))
     if kind != "linear":
         raise ConversionError(
             f"config.json rope scaling of type {kind!r} is not supported: megatron-core's GPTModel here implements "
             "linear position interpolation only (rope_scaling type 'linear' -> --rotary-seq-len-interpolation-factor)")
-    return theta, float(scaling["factor"])
+    return theta, float(factor)
 
 
 def megatron_flags_from_hf(config: dict, tokenizer: Optional[Sequence[str]] = None) -> List[str]:

@@ -36,7 +36,8 @@ class Side:
     def describe(self) -> str:
         if self.format != "megatron":
             return f"{self.format} {self.path}"
-        return f"{self.format} {self.path} (saved layout TP={self.tp} PP={self.pp}, {self.tp * self.pp} processes)"
+        n = self.tp * self.pp
+        return f"{self.format} {self.path} (saved layout TP={self.tp} PP={self.pp}, {n} process{'es' if n > 1 else ''})"
 
 
 @dataclass

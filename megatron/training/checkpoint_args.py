@@ -1,0 +1,69 @@
+"""--use-checkpoint-args: the model a checkpoint records, unless the command line says otherwise.
+
+    given = arguments.flags_given(argv)                  # dests the command line names
+    note = take_checkpoint_settings(args, saved, given, path)   # fills args; one line to print, or None
+
+Every model-defining setting the checkpoint's `args` record is taken from it
+when the command line does not give it, so a converted model continues with
+its own dropout (0 for Hugging Face models), rotary settings, position
+interpolation factor and tokenizer instead of the parser's defaults. A
+setting the command line does give wins: for the tensor shapes (SHAPE) a
+different value cannot load the checkpoint, which is an error naming the
+flag; for the others (OTHER, TOKENIZER: dropout, sequence length, position
+interpolation for context extension, a tokenizer at another path, ...) the
+difference is reported once, in the returned line.
+"""
+
+from typing import Dict, Iterable, Optional
+
+from megatron.training.errors import ArgumentError
+
+# Settings that decide the shapes of the checkpoint's tensors.
+SHAPE = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "kv_channels", "swiglu", "untie_embeddings_and_output_weights", "add_bias_linear",
+    "normalization", "position_embedding_type", "add_position_embedding",
+)
+# Settings of the model a run may change on purpose.
+OTHER = (
+    "attention_dropout", "hidden_dropout", "norm_epsilon", "init_method_std", "apply_query_key_layer_scaling",
+    "seq_length", "max_position_embeddings", "rotary_base", "rotary_percent", "rotary_seq_len_interpolation_factor",
+    "make_vocab_size_divisible_by",
+)
+# The tokenizer, taken as a group: a command line naming another --tokenizer-type takes none of the rest.
+TOKENIZER = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
+# Recorded values that are not flags: always the checkpoint's.
+RECORDED = ("padded_vocab_size", "unpadded_vocab_size")
+# Flags that set another setting: giving them counts as giving it.
+SETS = {"use_rotary_position_embeddings": "position_embedding_type",
+        "add_position_embedding": "position_embedding_type"}
+
+
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def take_checkpoint_settings(args, saved: Dict, given: Iterable[str], source: str) -> Optional[str]:
+    """Set on `args` every setting `saved` (a checkpoint's args) records that
+    `given` (the dests named on the command line) does not name. Raises
+    ArgumentError when a given setting changes a tensor shape; returns a line
+    naming the settings the command line overrides, or None when none does."""
+    given = set(given) | {SETS[d] for d in given if d in SETS}
+    if "tokenizer_type" in given and args.tokenizer_type != saved.get("tokenizer_type"):
+        given |= set(TOKENIZER)  # another tokenizer: none of the recorded tokenizer files apply
+    shape_conflicts, overrides = [], []
+    for dest in SHAPE + OTHER + TOKENIZER + RECORDED:
+        if dest not in saved:
+            continue
+        if dest not in given:
+            setattr(args, dest, saved[dest])
+        elif getattr(args, dest) != saved[dest]:
+            text = f"{flag(dest)} {getattr(args, dest)} (checkpoint: {saved[dest]})"
+            (shape_conflicts if dest in SHAPE else overrides).append(text)
+    if shape_conflicts:
+        raise ArgumentError(
+            f"--use-checkpoint-args: the command line's {', '.join(shape_conflicts)} cannot load {source}, whose "
+            "tensors have the checkpoint's shape: drop these flags to take the checkpoint's values")
+    if not overrides:
+        return None
+    return f"> --use-checkpoint-args: the model settings of {source}, except {', '.join(overrides)} from the command line"
