@@ -67,7 +67,7 @@ def held_out_accuracy(model_dir, tokenizer_dir, held_out):
     return correct / len(held_out)
 
 
-def test_finetune_config_learns_held_out_prompts(tmp_path, base_model, capfd):
+def test_finetune_config_learns_held_out_prompts(tmp_path, base_model, capfd, monkeypatch):
     import finetune
 
     train, held_out = split_records()
@@ -76,8 +76,7 @@ def test_finetune_config_learns_held_out_prompts(tmp_path, base_model, capfd):
         "base_model": base_model, "dataset_path": write_jsonl(tmp_path / "train.jsonl", train),
         "valid_dataset_path": write_jsonl(tmp_path / "valid.jsonl", held_out), "save_dir": "out",
         "learning_rate": 0.003, "min_lr": 0.0003, "warmup_ratio": 0.05, "num_epochs": 40, "batch_size": 4,
-        "gradient_accumulation_steps": 2, "seq_length": 32, "packing": True, "log_interval": 20,
-        "extra_args": ["--make-vocab-size-divisible-by", "16"]}}))
+        "gradient_accumulation_steps": 2, "seq_length": 32, "packing": True, "log_interval": 20}}))
     assert finetune.main(["colours_tiny", "--configs", str(configs)]) == 0
     log = capfd.readouterr()
     out = str(tmp_path / "out")
@@ -93,3 +92,18 @@ def test_finetune_config_learns_held_out_prompts(tmp_path, base_model, capfd):
     print(f"held-out accuracy: before {before:.2f}, after {after:.2f}; validation loss {validation[0]:.3f} -> {validation[-1]:.3f}")
     assert before <= chance + 0.07, before  # a random model: at most one lucky prompt of 16
     assert after >= 0.9, f"held-out accuracy {after:.2f} (before fine-tuning {before:.2f})"
+
+    # Rerunning the finished configuration says so and stops: no dataset is built, no step runs.
+    from megatron.training import finetune_config
+
+    def no_datasets(*args):
+        raise AssertionError("a finished configuration must not build its datasets again")
+
+    monkeypatch.setattr(finetune_config, "samples_per_epoch", no_datasets)
+    capfd.readouterr()
+    assert finetune.main(["colours_tiny", "--configs", str(configs)]) == 0
+    again = capfd.readouterr().out
+    checkpoints = os.path.join(out, "checkpoints")
+    iteration = open(os.path.join(checkpoints, "latest_checkpointed_iteration.txt")).read().strip()
+    assert f"colours_tiny is already done: {checkpoints} holds iteration {iteration}, the end of its training" in again
+    assert "+ " not in again, again

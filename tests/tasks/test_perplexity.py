@@ -129,3 +129,23 @@ def test_interrupted_run_resumes_from_partial_results(driver_checkpoint, indexed
     with pytest.raises(EvalError, match="other settings \\(stride differ\\)"):
         perplexity.run(eval_args([str(f) for f in flags[:-4]] + ["--stride", "4", "16", "--max-tokens", "300",
                                  "--micro-batch-size", "3"] + partial), lm)
+
+
+def test_an_hf_models_own_rope_scaling_is_its_pi_factor(indexed_corpus, sp_model, tmp_path):
+    """An --hf-model export that carries rope_scaling linear 2 reports PI factor 2
+    in the table, as the loss it computes uses (the factor of an --hf-model run
+    without --rotary-seq-len-interpolation-factor used to print as 1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=32,
+                                 rope_scaling={"rope_type": "linear", "factor": 2.0})).save_pretrained(tmp_path / "pi2")
+    flags = ["--task", "perplexity", "--hf-model", tmp_path / "pi2", "--data-path", indexed_corpus,
+             "--seq-length", 32, "--max-tokens", 100]
+    lm = hf_lm(str(tmp_path / "pi2"), sp_model)
+    (row,) = perplexity.run(eval_args(flags), lm)
+    assert lm.interpolation_factor == row["interpolation_factor"] == 2.0
+    header, _, line = perplexity.perplexity_table([row]).splitlines()
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
+    assert float(cells["PI factor"]) == 2.0

@@ -3,7 +3,7 @@
     # Hugging Face Llama -> Megatron, TP=2 x PP=2
     python tools/checkpoint/util.py --model-type GPT --loader llama2_hf --saver megatron \\
         --load-dir Llama-2-7b-hf --save-dir llama2-7b-tp2-pp2 \\
-        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 --tokenizer-model Llama-2-7b-hf/tokenizer.model
+        --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 --verify
     # reshard a Megatron checkpoint (loader and saver default to megatron)
     python tools/checkpoint/util.py --model-type GPT --load-dir ckpt-tp2 --save-dir ckpt-tp4 \\
         --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
