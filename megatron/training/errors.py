@@ -19,9 +19,10 @@ Several processes (torchrun): one line for the whole job. Before the process
 group exists an error comes from the flags, which every rank shares, so rank 0
 prints it. Afterwards the failing ranks agree through the process group's
 key-value store: the lowest rank that hit an error prints it (a rank above 0
-waits up to `GRACE_SECONDS` for a lower one), at most once. A rank that fails
-only because another rank reported an error and left (a collective whose peer
-is gone) exits 2 quietly. Every failing rank also writes torchelastic's error
+waits up to `GRACE_SECONDS` for a lower one), at most once, and rank 0, which
+hosts the store outside torchrun, keeps it up until the other failing ranks
+are done with it. A rank that fails only because another rank reported an
+error and left (a collective whose peer is gone) exits 2 quietly. Every failing rank also writes torchelastic's error
 file, so torchrun's failure summary, which it prints after any non-zero exit,
 shows this line as the failure's "traceback" instead of a link to its docs.
 
@@ -44,6 +45,7 @@ TRACEBACK_ENV = "FINLLAMA_TRACEBACK"
 GRACE_SECONDS = 1.0  # how long a rank above 0 waits for a lower rank's report
 _STORE_LOWEST = "finllama/user_error/lowest_rank"  # lowest rank that hit an error
 _STORE_PRINTED = "finllama/user_error/printed"  # incremented by the rank that prints
+_STORE_LEFT = "finllama/user_error/left"  # failing ranks done with the store
 
 
 class UserError(Exception):
@@ -135,8 +137,21 @@ def report(e: UserError) -> None:
     """Print the error line if this process speaks for the job; record it for torchrun."""
     line = error_line(e)
     _write_torchelastic_error_file(line)
-    if _this_rank_prints():
+    dist = _process_group()
+    if dist is None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(line, file=sys.stderr, flush=True)
+        return
+    rank, store, prints = dist.get_rank(), None, dist.get_rank() == 0
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        prints = _claim_report(store, rank)
+    except Exception:  # noqa: BLE001 - no store to agree through: rank 0 speaks for the job
+        pass
+    if prints:
         print(line, file=sys.stderr, flush=True)
+    if store is not None:
+        _leave(store, rank, dist.get_world_size())
 
 
 def _process_group():
@@ -148,16 +163,6 @@ def _process_group():
     return dist
 
 
-def _this_rank_prints() -> bool:
-    dist = _process_group()
-    if dist is None:
-        return int(os.environ.get("RANK", "0")) == 0
-    try:
-        return _claim_report(dist.distributed_c10d._get_default_store(), dist.get_rank())
-    except Exception:  # noqa: BLE001 - no store to agree through: rank 0 speaks for the job
-        return dist.get_rank() == 0
-
-
 def _claim_report(store, rank: int) -> bool:
     """Whether `rank` is the lowest rank that reported an error (waiting up to
     GRACE_SECONDS for a lower one) and the first to claim the printing."""
@@ -167,6 +172,21 @@ def _claim_report(store, rank: int) -> bool:
         time.sleep(0.05)
         lowest = int(store.get(_STORE_LOWEST))
     return lowest == rank and store.add(_STORE_PRINTED, 1) == 1
+
+
+def _leave(store, rank: int, world_size: int) -> None:
+    """Count this rank out of the store. Rank 0 hosts the store (unless
+    torchrun's agent does): it waits, up to GRACE_SECONDS, for the other
+    failing ranks to be done with it before its process exits and takes the
+    store along."""
+    try:
+        left = store.add(_STORE_LEFT, 1)
+        deadline = time.monotonic() + GRACE_SECONDS
+        while rank == 0 and left < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = store.add(_STORE_LEFT, 0)
+    except Exception:  # noqa: BLE001 - the store is gone: nobody is left to wait for
+        pass
 
 
 def _store_min(store, key: str, value: int) -> int:

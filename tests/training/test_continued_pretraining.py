@@ -142,3 +142,23 @@ def test_continued_pretraining_starts_at_transformers_loss(converted, hf_llama, 
     notes = [line for line in capfd.readouterr().out.splitlines() if line.startswith("> --use-checkpoint-args")]
     assert len(notes) == 1 and "--attention-dropout 0.1 (checkpoint: 0.0)" in notes[0], notes
     print(f"first loss {loss:.7f}, transformers {expected:.7f}; with dropout 0.1: {noisy:.7f}")
+
+
+def test_a_recorded_tokenizer_that_is_not_here_is_one_line_naming_the_flag(converted, tmp_path):
+    """The checkpoint moved to a machine without its tokenizer: --use-checkpoint-args names the recorded
+    path and the flag that replaces it."""
+    import shutil
+
+    from tests.training.test_errors import _run_cases
+
+    ckpt = str(tmp_path / "moved")
+    shutil.copytree(converted[0], ckpt)
+    for rank_file in [os.path.join(d, f) for d, _, files in os.walk(ckpt) for f in files if f.endswith(".pt")]:
+        state = torch.load(rank_file, weights_only=True)
+        state["args"]["tokenizer_model"] = "/elsewhere/tokenizer"
+        torch.save(state, rank_file)
+    argv = ["--load", ckpt, "--finetune", "--use-checkpoint-args", "--mock-data", "--micro-batch-size", "2",
+            "--lr", "1e-4", "--train-iters", "1", "--eval-iters", "0"]
+    ((code, _, err),) = run_distributed(_run_cases, 1, ([("pretrain_gpt", argv, {})], str(tmp_path)))[0]
+    assert code == 2 and err == (f"error: the tokenizer /elsewhere/tokenizer that {ckpt} records (--use-checkpoint-args) "
+                                 "is not on this machine: pass --tokenizer-model PATH to a copy of it\n"), err
