@@ -275,7 +275,8 @@ def validate_args(args, world_size: int) -> None:
     _check(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     _check(world_size % (tp * pp) == 0,
            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp}: "
-           f"launch a multiple of {tp * pp} processes, or choose TP x PP dividing {world_size} ({divisors(world_size)})")
+           f"launch a multiple of {tp * pp} processes, or choose TP x PP dividing {world_size} "
+           f"({divisors(world_size)})")
     dp = world_size // (tp * pp)
 
     heads, groups, ffn = args.num_attention_heads, args.num_query_groups, args.ffn_hidden_size

@@ -65,4 +65,5 @@ def take_checkpoint_settings(args, saved: Dict, given: Iterable[str], source: st
             "tensors have the checkpoint's shape: drop these flags to take the checkpoint's values")
     if not overrides:
         return None
-    return f"> --use-checkpoint-args: the model settings of {source}, except {', '.join(overrides)} from the command line"
+    return (f"> --use-checkpoint-args: the model settings of {source}, except {', '.join(overrides)} from the "
+            "command line")

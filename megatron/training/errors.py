@@ -5,7 +5,7 @@ run) raises a `UserError` whose message is one line: what is wrong, where, and
 the fix. Every entry point runs its body through `run_main`:
 
     def main(argv=None) -> int:
-        return run_main(_run, argv)          # tools: 0, or 2 after `error: ...`
+        return run_main(run, argv)            # tools: 0, or 2 after `error: ...`
 
     if __name__ == "__main__":
         sys.exit(run_main(main))              # training entry points
@@ -17,12 +17,14 @@ traceback.
 
 Several processes (torchrun): one line for the whole job. Before the process
 group exists an error comes from the flags, which every rank shares, so rank 0
-prints it. Afterwards the failing ranks agree through the process group's
-key-value store: the lowest rank that hit an error prints it (a rank above 0
-waits up to `GRACE_SECONDS` for a lower one), at most once, and rank 0, which
-hosts the store outside torchrun, keeps it up until the other failing ranks
-are done with it. A rank that fails only because another rank reported an
-error and left (a collective whose peer is gone) exits 2 quietly. Every failing rank also writes torchelastic's error
+prints it (an error only another rank sees that early, such as a file one
+node lacks, is then named by torchrun's summary alone). Afterwards the failing
+ranks agree through the process group's key-value store: the lowest rank that
+hit an error prints it (a rank above 0 waits up to `GRACE_SECONDS` for a lower
+one), at most once, and rank 0, which hosts the store outside torchrun, keeps
+it up until the other failing ranks are done with it. A rank that fails only
+because another rank reported an error and left (a collective whose peer is
+gone) exits 2 quietly. Every failing rank also writes torchelastic's error
 file, so torchrun's failure summary, which it prints after any non-zero exit,
 shows this line as the failure's "traceback" instead of a link to its docs.
 

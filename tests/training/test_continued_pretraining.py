@@ -160,5 +160,6 @@ def test_a_recorded_tokenizer_that_is_not_here_is_one_line_naming_the_flag(conve
     argv = ["--load", ckpt, "--finetune", "--use-checkpoint-args", "--mock-data", "--micro-batch-size", "2",
             "--lr", "1e-4", "--train-iters", "1", "--eval-iters", "0"]
     ((code, _, err),) = run_distributed(_run_cases, 1, ([("pretrain_gpt", argv, {})], str(tmp_path)))[0]
-    assert code == 2 and err == (f"error: the tokenizer /elsewhere/tokenizer that {ckpt} records (--use-checkpoint-args) "
-                                 "is not on this machine: pass --tokenizer-model PATH to a copy of it\n"), err
+    assert code == 2 and err == (f"error: the tokenizer /elsewhere/tokenizer that {ckpt} records "
+                                 "(--use-checkpoint-args) is not on this machine: pass --tokenizer-model PATH to a "
+                                 "copy of it\n"), err
