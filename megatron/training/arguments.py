@@ -13,6 +13,7 @@ Library code receives these objects as arguments; there is no global `get_args()
 import argparse
 import math
 import os
+import re
 import sys
 from typing import List, Optional, Tuple
 
@@ -400,8 +401,11 @@ def transformer_config_from_args(args):
     try:
         return _transformer_config(args)
     except (ValueError, AssertionError) as e:
-        # megatron-core's own checks of flag combinations validate_args does not make
-        raise ArgumentError(f"megatron-core's TransformerConfig rejects these flags: {e}") from None
+        # megatron-core's own checks of flag combinations validate_args does not
+        # make; its message names config fields, which are our flags' dests.
+        flags = [f"--{dest.replace('_', '-')}" for dest in sorted(vars(args)) if re.search(rf"\b{dest}\b", str(e))]
+        raise ArgumentError(f"megatron-core's TransformerConfig rejects these flags: {str(e).rstrip('.')}"
+                            + (f" (change {', '.join(flags)})" if flags else "")) from None
 
 
 def _transformer_config(args):

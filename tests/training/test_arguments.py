@@ -104,3 +104,12 @@ def test_no_data_is_an_error():
     args = parse_args([a for a in BASE if a != "--mock-data"])
     with pytest.raises(ArgumentError, match="give --data-path PREFIX"):
         validate_args(args, 1)
+
+
+def test_megatron_core_config_checks_are_one_line_naming_the_flags():
+    """A combination only megatron-core's TransformerConfig checks: its ValueError becomes an
+    ArgumentError that names our flags, not a traceback."""
+    args = check(["--recompute-granularity", "selective", "--recompute-num-layers", "2"])
+    with pytest.raises(ArgumentError, match=r"TransformerConfig rejects these flags: .*recompute_num_layers must be "
+                                            r"None \(change --recompute-granularity, --recompute-num-layers\)$"):
+        transformer_config_from_args(args)
