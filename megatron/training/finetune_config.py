@@ -210,7 +210,9 @@ def train_command(plan: Plan, repo: str, train_samples: int, valid_samples: Opti
     resume = os.path.exists(os.path.join(plan.checkpoints, TRACKER))
     layout = cfg["layout"]
     flags = [
-        "--load", plan.checkpoints if resume else plan.base_checkpoint, *([] if resume else ["--finetune"]),
+        # A resumed run follows the configuration's LR schedule (it may have changed: more epochs).
+        "--load", plan.checkpoints if resume else plan.base_checkpoint,
+        *(["--override-opt_param-scheduler"] if resume else ["--finetune"]),
         "--use-checkpoint-args", "--save", plan.checkpoints, *plan.tokenizer,
         "--tensor-model-parallel-size", str(layout.get("tensor_parallel", 1)),
         "--pipeline-model-parallel-size", str(layout.get("pipeline_parallel", 1)),

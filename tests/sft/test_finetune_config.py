@@ -54,6 +54,7 @@ def test_layout_batch_and_epochs_become_driver_flags(tmp_path, megatron_base):
     open(os.path.join(plan.checkpoints, "latest_checkpointed_iteration.txt"), "w").write("3")
     cmd = fc.train_command(plan, REPO, 100, 30)
     assert flag(cmd, "--load") == plan.checkpoints and "--finetune" not in cmd
+    assert "--override-opt_param-scheduler" in cmd  # the configuration's schedule, e.g. after more epochs
 
 
 def test_single_process_and_hf_base(tmp_path):
