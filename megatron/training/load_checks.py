@@ -35,8 +35,10 @@ PRESENCE_FLAGS = (
     ("position_embeddings", "--position-embedding-type / --use-rotary-position-embeddings"),
     ("norm", "--normalization"),
     ("bias", "--disable-bias-linear"),
-    ("decoder.layers.", "--num-layers"),
 )
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 def _flags_for(name: str, table) -> str:
@@ -69,11 +71,20 @@ def check_state_fits(state: Dict, target: Dict, path: str, tp: int = 1, gated_ml
     if not strict:
         return
     real = lambda names: sorted(n for n in names if not n.endswith("_extra_state"))  # noqa: E731
-    for names, where in ((real(set(target) - set(state)), "lacks"), (real(set(state) - set(target)), "has extra")):
+    for names, where, other in ((real(set(target) - set(state)), "lacks", state),
+                                (real(set(state) - set(target)), "has extra", target)):
         if names:
+            # whole layers the other side does not have at all: the number of layers differs
+            whole_layers = _layers(names) - _layers(real(other)) == _layers(names) != {None}
+            flags = "--num-layers" if whole_layers else _flags_for(names[0], PRESENCE_FLAGS)
             raise CheckpointError(
                 f"{path} {where} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} for this model: "
-                f"{_flags_for(names[0], PRESENCE_FLAGS)} differs from the checkpoint's; {USE_CHECKPOINT_ARGS}")
+                f"{flags} differs from the checkpoint's; {USE_CHECKPOINT_ARGS}")
+
+
+def _layers(names) -> set:
+    """The layer indices of `names` (None for names outside decoder.layers)."""
+    return {int(m.group(1)) if m else None for m in map(_LAYER.match, names)}
 
 
 # megatron-core's names for the scheduler settings it compares on load -> (what it is, the flags that set it).

@@ -101,6 +101,7 @@ def test_errors_of_the_entry_points_are_one_line_naming_the_fix(tmp_path, hf_dir
         # item 4: torch's multi-line "size mismatch for ..." with no path
         "another shape": (pretrain, RUN + ["--train-iters", 3, "--load", ckpt, "--finetune", "--hidden-size", 128],
                           {}),
+        "another depth": (pretrain, RUN + ["--train-iters", 3, "--load", ckpt, "--finetune", "--num-layers", 2], {}),
         "a shape flag against the checkpoint's": (
             pretrain, RUN + ["--train-iters", 3, "--load", ckpt, "--finetune", "--use-checkpoint-args",
                              "--num-layers", 2], {}),
@@ -126,6 +127,8 @@ def test_errors_of_the_entry_points_are_one_line_naming_the_fix(tmp_path, hf_dir
         "another shape": [f"{ckpt}/iter_0000003/mp_rank_00/model_optim_rng.pt", "embedding.word_embeddings.weight",
                           "[256, 64] in the checkpoint but [256, 128] in this model", "--hidden-size",
                           "--use-checkpoint-args"],
+        "another depth": [f"{ckpt}/iter_0000003/mp_rank_00/model_optim_rng.pt has extra decoder.layers.2.",
+                          "--num-layers differs from the checkpoint's", "--use-checkpoint-args"],
         "a shape flag against the checkpoint's": ["--num-layers 2 (checkpoint: 4)", "drop these flags"],
         "a missing tokenizer": [f"--tokenizer-model {tmp_path / 'nowhere.model'} does not exist"],
         "evaluate an HF directory with --load": [f"--load {hf_dir} is a Hugging Face model directory",
