@@ -75,7 +75,7 @@ def converted(hf_llama, tmp_path_factory):
 def test_the_readme_recipe_converts_and_verify_runs_the_saved_layout(converted, hf_llama):
     ckpt, stdout = converted
     (line,) = [line for line in stdout.splitlines() if line.startswith("verify:")]
-    assert f"256 tokens (4 x 64), hf {hf_llama[0]} vs megatron {ckpt} (saved layout TP=2 PP=2, 4 processes)" in line
+    assert f"256 tokens (4 x 64), hf {hf_llama[0]} vs megatron {ckpt} (run as saved: TP=2 PP=2 on 4 processes)" in line
     worst = float(re.search(r"max abs diff (\S+),", line).group(1))
     losses = [float(x) for x in re.search(r"next-token loss (\S+) vs (\S+) ", line).groups()]
     assert worst <= 1e-4 and losses[0] == pytest.approx(losses[1], rel=LOSS_REL), line

@@ -33,11 +33,13 @@ class Side:
     tp: int = 1
     pp: int = 1
 
-    def describe(self) -> str:
-        if self.format != "megatron":
-            return f"{self.format} {self.path}"
-        n = self.tp * self.pp
-        return f"{self.format} {self.path} (saved layout TP={self.tp} PP={self.pp}, {n} process{'es' if n > 1 else ''})"
+
+def describe(side: Side, ran) -> str:
+    """`side`, with the layout its processes reported having run (tp, pp, processes) for a Megatron side."""
+    if ran is None:
+        return f"{side.format} {side.path}"
+    tp, pp, world = ran
+    return f"{side.format} {side.path} (run as saved: TP={tp} PP={pp} on {world} process{'es' if world > 1 else ''})"
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Comparison:
     source_loss: float
     target_loss: float
     shape: Tuple[int, int]  # the token ids' [rows, length]
+    ran: tuple  # per side: (TP, PP, processes) its processes reported, or None (run in this process)
 
 
 def megatron_side(path: str) -> Side:
@@ -84,23 +87,27 @@ def hf_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _megatron_worker(rank, world_size, jobs, tokens, vocab_size):
+    from megatron.core import parallel_state
+
     from megatron.training import inference
 
     out = []
     for path, tp, pp in jobs:
         args, model = inference.load_model(path, tp, pp)
         try:
-            out.append(inference.forward_logits(args, model, tokens)[..., :vocab_size].clone())
+            ran = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_pipeline_model_parallel_world_size(), world_size)
+            out.append((inference.forward_logits(args, model, tokens)[..., :vocab_size].clone(), ran))
         finally:
             del model
             inference.unload()
     return out if rank == 0 else None
 
 
-def megatron_logits(sides: List[Side], tokens: torch.Tensor, vocab_size: int) -> List[torch.Tensor]:
-    """Logits of each Megatron side, each under its own layout, in one group of
-    processes (the least common multiple of the layouts' sizes: further ranks
-    are data-parallel replicas)."""
+def megatron_logits(sides: List[Side], tokens: torch.Tensor, vocab_size: int) -> List[tuple]:
+    """(logits, (TP, PP, processes) it ran under) of each Megatron side, each
+    under its own layout, in one group of processes (the least common multiple
+    of the layouts' sizes: further ranks are data-parallel replicas)."""
     from megatron.training.local_launch import ProcessesFailed, run_processes
 
     world = 1
@@ -115,13 +122,14 @@ def megatron_logits(sides: List[Side], tokens: torch.Tensor, vocab_size: int) ->
         raise RuntimeError(f"--verify: the Megatron side failed on {e}") from None
 
 
-def all_logits(sides: Tuple[Side, Side], tokens: torch.Tensor, vocab_size: int) -> List[torch.Tensor]:
-    """[rows, length, vocab_size] fp32 logits of each side. The Megatron sides
-    run first, before this process loads an HF model its processes would inherit."""
+def all_logits(sides: Tuple[Side, Side], tokens: torch.Tensor, vocab_size: int) -> List[tuple]:
+    """([rows, length, vocab_size] fp32 logits, the layout a Megatron side ran
+    under or None) of each side. The Megatron sides run first, before this
+    process loads an HF model their processes would inherit."""
     megatron = [s for s in sides if s.format == "megatron"]
     from_processes = iter(megatron_logits(megatron, tokens, vocab_size) if megatron else [])
-    return [next(from_processes) if s.format == "megatron" else LOGITS[s.format](s.path, tokens)[..., :vocab_size]
-            for s in sides]
+    return [next(from_processes) if s.format == "megatron" else
+            (LOGITS[s.format](s.path, tokens)[..., :vocab_size], None) for s in sides]
 
 
 # How each format's logits are computed in this process (the Megatron side runs in processes of its own).
@@ -136,10 +144,10 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 
 def compare(source: Side, target: Side, vocab_size: int, context: int) -> Comparison:
     tokens = verify_tokens(vocab_size, context)
-    a, b = all_logits((source, target), tokens, vocab_size)
+    (a, ran_a), (b, ran_b) = all_logits((source, target), tokens, vocab_size)
     diff = (a - b).abs()
     return Comparison(diff.max().item(), diff.mean().item(), next_token_loss(a, tokens), next_token_loss(b, tokens),
-                      tuple(tokens.shape))
+                      tuple(tokens.shape), (ran_a, ran_b))
 
 
 def verify_conversion(source: ModelSource, target_format: str, target_path: str, atol: float) -> Comparison:
@@ -151,7 +159,7 @@ def verify_conversion(source: ModelSource, target_format: str, target_path: str,
     result = compare(src, dst, vocab, context)
     rows, length = result.shape
     print(f"verify: logits on {rows * length} tokens ({rows} x {length}), "
-          f"{src.describe()} vs {dst.describe()}: max abs diff {result.max_abs_diff:.3g}, "
+          f"{describe(src, result.ran[0])} vs {describe(dst, result.ran[1])}: max abs diff {result.max_abs_diff:.3g}, "
           f"mean abs diff {result.mean_abs_diff:.3g}; next-token loss {result.source_loss:.6f} vs "
           f"{result.target_loss:.6f} (diff {abs(result.source_loss - result.target_loss):.3g}); "
           f"threshold {atol:g}", flush=True)

@@ -378,7 +378,7 @@ def _util_script(tmp_path, argv, megatron_logits_shift=None):
             f"import sys; sys.path.insert(0, {root!r}); "
             "from megatron.training.checkpoint_convert import verify; "
             "real = verify.megatron_logits; "
-            f"verify.megatron_logits = lambda *a: [x + {megatron_logits_shift!r} for x in real(*a)]; "
+            f"verify.megatron_logits = lambda *a: [(x + {megatron_logits_shift!r}, ran) for x, ran in real(*a)]; "
             "from tools.checkpoint import util; sys.exit(util.main(sys.argv[1:]))")]
     return subprocess.run(command + [str(a) for a in argv], cwd=str(tmp_path), capture_output=True, text=True,
                           timeout=300)
@@ -396,8 +396,8 @@ def test_command_line_with_verify(hf_dirs, tmp_path):
         "--save-dir", tmp_path / "mg", "--target-tensor-parallel-size", "2", "--verify", "--megatron-path", "/unused"])
     assert run.returncode == 0, run.stderr[-3000:]
     line = _verify_line(run.stdout)
-    # the source and the converted checkpoint, each with its format; the checkpoint ran as saved (TP=2)
-    assert f"hf {hf_dirs['gqa']} vs megatron {tmp_path / 'mg'} (saved layout TP=2 PP=1, 2 processes): max abs diff" \
+    # the source and the converted checkpoint, each with its format; the checkpoint's processes ran TP=2
+    assert f"hf {hf_dirs['gqa']} vs megatron {tmp_path / 'mg'} (run as saved: TP=2 PP=1 on 2 processes): max abs diff" \
         in line
     assert "writing Megatron checkpoint (TP=2 PP=1)" in run.stderr  # the progress bar
 
@@ -409,7 +409,7 @@ def test_command_line_verify_fails_when_the_logits_differ(hf_dirs, tmp_path):
         "--save-dir", tmp_path / "mg", "--verify"], megatron_logits_shift=1.0)
     assert run.returncode == 2, run.stderr[-3000:]
     line = _verify_line(run.stdout)
-    assert f"hf {hf_dirs['gqa']} vs megatron {tmp_path / 'mg'} (saved layout TP=1 PP=1, 1 process): max abs diff 1," \
-        in line
+    assert (f"hf {hf_dirs['gqa']} vs megatron {tmp_path / 'mg'} (run as saved: TP=1 PP=1 on 1 process): "
+            "max abs diff 1,") in line
     assert [e for e in run.stderr.splitlines() if e.startswith("error:")] == run.stderr.splitlines()[-1:]
     assert "verification failed" in run.stderr and str(tmp_path / "mg") in run.stderr
