@@ -16,6 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from megatron.training.checkpoint_convert.llama import LAYER_TABLE, join_qkv, split_qkv
+from megatron.training.errors import UserError
 
 COLUMN, ROW = "column", "row"
 ALL_LINEAR = "all-linear"
@@ -48,7 +49,7 @@ def is_adapter_key(name: str) -> bool:
     return f".{ADAPTER_MODULE}." in name
 
 
-class TargetError(ValueError):
+class TargetError(UserError, ValueError):
     """Unknown or unusable --lora-target-modules; the message lists the valid names."""
 
 
