@@ -73,7 +73,7 @@ def test_a_kill_between_the_renames_never_pairs_a_new_bin_with_an_old_idx(corpus
     assert proc.returncode == 9, proc.stderr
     # The new .bin is in place, and no .idx beside it: the old one went first.
     assert os.path.exists(prefix + ".bin") and not os.path.exists(prefix + ".idx")
-    assert merge_main(["--input", str(out), "--output-prefix", str(tmp_path / "m")]) == 1
+    assert merge_main(["--input", str(out), "--output-prefix", str(tmp_path / "m")]) == 2
     # The next run replaces the lone .bin and sweeps the killed run's temporaries.
     assert preprocess(new, out / "c", sp_model) == 0
     assert sorted(os.listdir(out)) == ["c_text_document.bin", "c_text_document.idx"]
@@ -121,7 +121,7 @@ def _blend_main(prefix):
 
 def test_every_reader_rejects_a_bin_that_does_not_match_its_idx(tmp_path, capsys):
     """Finding 2's truncated .bin, and a .bin from another run beside an .idx:
-    merge exits 1 before writing anything (it printed `merged` and exited 0
+    merge exits 2 (a user error) before writing anything (it printed `merged` and exited 0
     before), and every reader names both files and the fix."""
     big = make(tmp_path / "big", [list(range(1, 500))] * 40)
     other = make(tmp_path / "other", [[7, 8, 9]] * 5)
@@ -136,7 +136,7 @@ def test_every_reader_rejects_a_bin_that_does_not_match_its_idx(tmp_path, capsys
         capsys.readouterr()
         results = _readers(prefix, tmp_path)
         err = capsys.readouterr().err
-        assert results["merge"] == 1 and results["nanogpt"] == 1 and results["blend"] == 1, results
+        assert results["merge"] == 2 and results["nanogpt"] == 2 and results["blend"] == 2, results
         assert not os.path.exists(tmp_path / "merged.bin") and not os.path.exists(tmp_path / "ng" / "train.bin")
         for message in [results["driver"], results["perplexity"]] + err.strip().splitlines():
             assert "x.bin" in message or prefix + ".bin" in message, message
@@ -174,7 +174,7 @@ def test_a_full_disk_leaves_no_temporary_and_one_line(corpus, sp_model, tmp_path
 
     monkeypatch.setattr(indexed_writer, "open", full_open, raising=False)
     out = tmp_path / "out"
-    assert preprocess(corpus[0], out / "c", sp_model) == 1
+    assert preprocess(corpus[0], out / "c", sp_model) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "No space left on device; the disk is full" in err[-1], err
     assert "c_text_document.bin.tmp-" in err[-1]
@@ -190,7 +190,7 @@ def _mount_tmpfs(path, size):
 
 
 def test_a_really_full_small_file_system(corpus, sp_model, tmp_path):
-    """A 256 KB tmpfs: the dataset (~400 KB) does not fit. One line, exit 1, and the
+    """A 256 KB tmpfs: the dataset (~400 KB) does not fit. One line, exit 2 (a user error), and the
     file system is empty again afterwards."""
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "256k")
@@ -198,7 +198,7 @@ def test_a_really_full_small_file_system(corpus, sp_model, tmp_path):
         proc = subprocess.run([sys.executable, TOOL, "--input", corpus[0], "--output-prefix", str(disk / "c"),
                                "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", sp_model, "--workers", "1"],
                               capture_output=True, text=True)
-        assert proc.returncode == 1
+        assert proc.returncode == 2
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: {disk}/c_text_document.") and ".tmp-" in last, last
         assert "No space left on device; the disk is full" in last
@@ -248,7 +248,7 @@ def test_truncated_gzip_keeps_what_was_read(corpus, sp_model, tmp_path, capsys):
     tok = build_tokenizer("Llama2Tokenizer", sp_model, legacy=False)
     got = docs_of(tmp_path / "o_text_document")
     assert got[:kept] == [tok.tokenize(d) for d in docs[:kept]] and len(got) <= kept + 1
-    assert preprocess(cut, tmp_path / "strict", sp_model, "--strict") == 1
+    assert preprocess(cut, tmp_path / "strict", sp_model, "--strict") == 2
     assert "is damaged" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
@@ -264,7 +264,7 @@ def test_unwritable_output_folder_is_one_line(sp_model, tmp_path, monkeypatch, c
 
         monkeypatch.setattr(indexed_writer, "open", refuse, raising=False)
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
-    assert preprocess(inp, locked / "c", sp_model) == 1
+    assert preprocess(inp, locked / "c", sp_model) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(locked) in err[0] and "Permission denied; no permission to write there" in err[0]
     assert "--output-prefix" in err[0]
@@ -286,7 +286,7 @@ def test_null_tokenizer_bad_lines_are_skipped_with_file_and_line(tmp_path, capsy
 @pytest.mark.parametrize("records", [[], [b"{not json", {"other": "x"}, {"text": ""}]], ids=["empty", "all_bad"])
 def test_an_input_without_a_usable_document_is_an_error(sp_model, tmp_path, capsys, records):
     inp = write_jsonl(tmp_path / "in.jsonl", records)
-    assert preprocess(inp, tmp_path / "out" / "c", sp_model) == 1
+    assert preprocess(inp, tmp_path / "out" / "c", sp_model) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: --input {inp} has no usable document")
     assert os.listdir(tmp_path / "out") == []

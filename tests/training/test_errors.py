@@ -51,7 +51,8 @@ def _output_to(out_path, err_path):
 
 def _run_cases(rank, world_size, cases, out_dir):
     """Each (module, argv, env) through errors.run_main(module.main, argv), as
-    `python module.py argv` runs it; [(exit status, stdout, stderr)]. Several
+    `python module.py argv` runs it (`module` may be the main function itself);
+    [(exit status, stdout, stderr)]. Several
     cases share a process only when it is a world of one (each case's process
     group then gets a port of its own; ranks of a larger world could not agree
     on a new one)."""
@@ -66,7 +67,8 @@ def _run_cases(rank, world_size, cases, out_dir):
         os.environ.update(env, **({"MASTER_PORT": str(free_port())} if world_size == 1 else {}))
         with _output_to(out, err):
             try:
-                code = run_main(importlib.import_module(module).main, [str(a) for a in argv])
+                main = module if callable(module) else importlib.import_module(module).main
+                code = run_main(main, [str(a) for a in argv])
             except Exception as e:  # noqa: BLE001 - the traceback switch lets it out: Python would print it
                 traceback.print_exc()
                 code = type(e).__name__
@@ -153,7 +155,7 @@ def test_errors_of_the_entry_points_are_one_line_naming_the_fix(tmp_path, hf_dir
 
 def _tp2_checkpoint_with_a_bad_rank_1(path):
     """A TP=2 checkpoint whose rank-1 file holds a tensor of the wrong shape:
-    only rank 1 finds out while loading; rank 0 waits for it in a barrier."""
+    only rank 1 finds out while loading (the loader then tells every rank)."""
     from tests.training.pretrain_runner import run_pretrain
 
     run_pretrain(RUN + ["--train-iters", "0", "--tensor-model-parallel-size", "2", "--save", path], world_size=2)
@@ -165,23 +167,39 @@ def _tp2_checkpoint_with_a_bad_rank_1(path):
     return rank_1, name
 
 
-def test_an_error_one_rank_sees_is_one_line_from_that_rank_and_every_rank_exits(tmp_path):
+def rank_1_fails_alone(argv):
+    """An entry point's main whose rank 1 meets a UserError that no other rank
+    sees, while rank 0 waits for it in a collective."""
+    from megatron.training.errors import CheckpointError
+    from megatron.training.initialize import initialize_distributed
+
+    initialize_distributed("gloo")
+    if torch.distributed.get_rank() == 1:
+        raise CheckpointError("only rank 1 reads this file, and it is damaged: copy it again")
+    torch.distributed.barrier()  # never returns normally: rank 1 is gone
+
+
+def test_several_ranks_print_one_line_and_every_rank_exits(tmp_path):
     rank_1, name = _tp2_checkpoint_with_a_bad_rank_1(str(tmp_path / "ckpt"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    cases = [
-        ("pretrain_gpt", RUN + ["--train-iters", 3, "--tensor-model-parallel-size", 2, "--finetune", "--load", empty],
-         {}),  # every rank sees it: rank 0 speaks
-        ("pretrain_gpt", RUN + ["--train-iters", 3, "--tensor-model-parallel-size", 2, "--finetune", "--load",
-                                tmp_path / "ckpt"], {}),  # rank 1 alone
+    cases = [  # (case, the rank that prints)
+        (("pretrain_gpt", RUN + ["--train-iters", 3, "--tensor-model-parallel-size", 2, "--finetune", "--load",
+                                 empty], {}), 0),  # every rank sees it: rank 0 speaks
+        (("pretrain_gpt", RUN + ["--train-iters", 3, "--tensor-model-parallel-size", 2, "--finetune", "--load",
+                                 tmp_path / "ckpt"], {}), 0),  # rank 1's shard: the loader tells rank 0
+        ((rank_1_fails_alone, [], {}), 1),  # rank 1 alone: it speaks, rank 0 exits quietly
     ]
-    for case, speaker in zip(cases, (0, 1)):
+    errs_by_case = []
+    for case, speaker in cases:
         by_rank = [results[0] for results in run_distributed(_run_cases, 2, ([case], str(tmp_path)))]
         codes, errs = [code for code, _, _ in by_rank], [err for _, _, err in by_rank]
         assert codes == [2, 2], (case, codes, errs)
         assert len(errs[speaker].splitlines()) == 1 and errs[speaker].startswith("error: "), (case, errs)
         assert errs[1 - speaker] == "", (case, errs)
-    assert f"{rank_1}: {name} has shape [64, 8] in the checkpoint but [64, 64]" in errs[1]
+        errs_by_case.append(errs[speaker])
+    assert f"{rank_1}: {name} has shape [64, 8] in the checkpoint but [64, 64]" in errs_by_case[1]
+    assert errs_by_case[2] == "error: only rank 1 reads this file, and it is damaged: copy it again\n"
 
 
 def test_under_torchrun_the_workers_print_one_line_and_the_summary_names_it(tmp_path):
