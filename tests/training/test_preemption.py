@@ -38,14 +38,19 @@ def _interrupt(command, after_iteration, sig):
 
 
 # Runs a script as torchrun's worker and leaves a file behind only if the
-# script returned normally (the process then exits 0): torchrun, shutting down
-# on a signal, reports no exit status of its workers.
+# script finished with exit status 0 (returning, or sys.exit(0) as the entry
+# points end): torchrun, shutting down on a signal, reports no exit status of
+# its workers.
 _WORKER = """
 import os, runpy, sys
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(script))
-runpy.run_path(script, run_name="__main__")
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as e:
+    if e.code not in (0, None):
+        raise
 open(os.path.join({done!r}, "rank" + os.environ["RANK"]), "w").close()
 """
 
