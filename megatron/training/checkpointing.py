@@ -1,4 +1,8 @@
-"""Checkpoints in Megatron-LM's per-rank layout (`--ckpt-format torch`):
+"""Checkpoints. `--ckpt-format torch_dist` (the default, megatron-core's
+distributed format) lives in megatron/training/dist_ckpt/: save_checkpoint
+dispatches on the flag, load_checkpoint on what the iteration directory holds
+(`is_torch_dist`). This module is the rest: the tracker, staging and
+publishing shared by both, and Megatron-LM's per-rank layout (`--ckpt-format torch`):
 
     SAVE/latest_checkpointed_iteration.txt        the last complete iteration
     SAVE/iter_0000100/mp_rank_00/model_optim_rng.pt          (PP = 1)
@@ -214,6 +218,10 @@ def _param_state_optimizers(optimizer):
 def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, consumed_train_samples: int) -> str:
     """Save this rank's part of a checkpoint at `iteration` under args.save.
     Collective: every rank calls it. Returns the iteration directory."""
+    if args.ckpt_format == "torch_dist":
+        from megatron.training.dist_ckpt import save
+
+        return save.save_checkpoint(args, iteration, model, optimizer, scheduler, consumed_train_samples)
     root = args.save
     final_dir = iteration_dir(root, iteration)
     staging = final_dir + PARTIAL_SUFFIX
@@ -268,21 +276,44 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
     _collectively(write if dp_rank == 0 else None, root, iteration, staging)
 
     def publish():
-        fsync_dir(staging)
-        if os.path.exists(final_dir):
-            # Re-saving an iteration: keep the old copy until the new one is in place.
-            old = final_dir + OLD_SUFFIX
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final_dir, old)
-            os.replace(staging, final_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, final_dir)
-        fsync_dir(root)
-        atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(iteration))
+        publish_iteration(root, staging, final_dir, iteration)
 
     _collectively(publish if rank == 0 else None, root, iteration, staging)
     return final_dir
+
+
+def prepare_saves(args) -> None:
+    """Set-up for --save that would otherwise happen inside the first save."""
+    if args.save and args.ckpt_format == "torch_dist":
+        from megatron.training.dist_ckpt import save
+
+        save.start_writer_queue()
+
+
+def finalize_async_saves(args, blocking: bool = False) -> None:
+    """With --async-save: publish the saves whose writers are done on every
+    rank (with `blocking`, wait for all). Collective; every iteration calls it."""
+    if args.async_save:
+        from megatron.training.dist_ckpt import save
+
+        save.finalize_async_saves(blocking)
+
+
+def publish_iteration(root: str, staging: str, final_dir: str, iteration: int) -> None:
+    """Rename a complete staging directory to `final_dir`, then move the
+    tracker to `iteration` (rank 0, after every rank's files are synced)."""
+    fsync_dir(staging)
+    if os.path.exists(final_dir):
+        # Re-saving an iteration: keep the old copy until the new one is in place.
+        old = final_dir + OLD_SUFFIX
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(staging, final_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final_dir)
+    fsync_dir(root)
+    atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(iteration))
 
 
 def _collectively(step, root: str, iteration: int, staging: str) -> None:
@@ -393,7 +424,17 @@ def read_checkpoint_args(load_dir: str, step: Optional[int] = None) -> dict:
     chosen = _iteration_to_load(load_dir, step)
     if chosen is None:
         raise CheckpointError(not_a_checkpoint(load_dir))
+    if is_torch_dist(chosen[0]):
+        from megatron.training.dist_ckpt import load
+
+        return load.checkpoint_args(chosen[0])
     return first_rank_state(chosen[0])["args"]
+
+
+def is_torch_dist(iter_dir: str) -> bool:
+    """Whether an iteration directory holds a torch_dist checkpoint (megatron-core's
+    metadata.json), rather than per-rank mp_rank_* directories."""
+    return os.path.isfile(os.path.join(iter_dir, "metadata.json"))
 
 
 def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
@@ -413,6 +454,10 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
             print(f"no checkpoint found in {args.load}: starting from scratch", flush=True)
         return 0, 0
     iter_dir, iteration, release = chosen
+    if is_torch_dist(iter_dir):
+        from megatron.training.dist_ckpt import load
+
+        return load.load_checkpoint(args, model, optimizer, scheduler, iter_dir, iteration, release)
     fresh_start = args.finetune or release
     load_optim = optimizer is not None and not fresh_start and not args.no_load_optim
 
@@ -527,25 +572,36 @@ def _read_distributed_optimizer_state(path: str):
 def _load_distributed_optimizer_state(optimizer, states) -> None:
     """The dp-zero parameter states (read on data-parallel rank 0, None
     elsewhere) scattered into the distributed optimizer. Collective."""
-    # The copies go into views of parameters (fp32 main params alias the model's):
-    # outside autograd, as megatron-core's other loaders are.
-    with torch.no_grad():
+    with restoring_optimizer_state(optimizer):
         for i, opt in enumerate(_param_state_optimizers(optimizer)):
-            with _keeping_optimizer_step(opt):
-                opt.load_parameter_state_from_dp_zero(states[i] if states is not None else None)
-            # Its load_state_dict gives every parameter the *same* step tensor, which
-            # torch's Adam then increments once per parameter per step: untie them.
-            for param_state in opt.optimizer.state.values():
-                if isinstance(param_state.get("step"), torch.Tensor):
-                    param_state["step"] = param_state["step"].clone()
+            opt.load_parameter_state_from_dp_zero(states[i] if states is not None else None)
+
+
+@contextlib.contextmanager
+def restoring_optimizer_state(optimizer):
+    """Around loading a distributed optimizer's parameter state: outside
+    autograd (the copies go into views of parameters: fp32 main params alias
+    the model's), keeping torch Adam's `step` (below), and untying the step
+    tensors afterwards: the optimizer's load_state_dict gives every parameter
+    the *same* step tensor, which torch's Adam would then increment once per
+    parameter per step."""
+    parts = _param_state_optimizers(optimizer)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for opt in parts:
+            stack.enter_context(_keeping_optimizer_step(opt))
+        yield
+    for opt in parts:
+        for param_state in opt.optimizer.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
 
 
 @contextlib.contextmanager
 def _keeping_optimizer_step(opt):
     """megatron-core 0.16.1 without Transformer Engine or apex uses torch's Adam,
-    whose per-parameter state has a `step` tensor; the dp-zero loader only
-    carries param / exp_avg / exp_avg_sq and fails on `step` (KeyError). The
-    step was already restored by `optimizer.load_state_dict`, so keep it."""
+    whose per-parameter state has a `step` tensor; the dp-zero and fully
+    reshardable loaders only carry param / exp_avg / exp_avg_sq and fail on
+    `step` (KeyError). The step is restored from the param groups, so keep it."""
     original = opt._set_main_param_and_optimizer_states
 
     def set_states(model_param, tensors):

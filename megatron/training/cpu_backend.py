@@ -69,6 +69,9 @@ _FUNCTIONS_WITH_TYPE_CHECKS = (
 _FUNCTIONS_WITH_TENSOR_CUDA = (
     ("megatron.core.models.common.language_module.language_module",
      "LanguageModule.setup_embeddings_and_output_layer"),
+    # The distributed optimizer's gather of its state for a torch_dist checkpoint
+    # (fully reshardable format) moves each shard to the GPU before all_gather.
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),
 )
 
 _TENSOR_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "empty_like")

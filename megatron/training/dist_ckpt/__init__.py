@@ -1,0 +1,19 @@
+"""Megatron-LM's distributed checkpoint format (`--ckpt-format torch_dist`),
+written and read by megatron-core's `dist_checkpointing`:
+
+    SAVE/latest_checkpointed_iteration.txt     the last complete iteration (moved last)
+    SAVE/iter_0000100/metadata.json            {"sharded_backend": "torch_dist", ...}
+    SAVE/iter_0000100/common.pt                args, iteration, LR scheduler, content metadata (rank 0)
+    SAVE/iter_0000100/.metadata                torch.distributed.checkpoint's index of every shard
+    SAVE/iter_0000100/__R_T.distcp             rank R's shards, writer T: model, optimizer, RNG
+
+Tensors are stored under global names and shapes (every layer of a key
+stacked on a leading axis), so a checkpoint loads into any TP / PP / VP / DP
+layout, with the optimizer state.
+
+    flags.py       --async-save, --ckpt-fully-parallel-save/-load, ... and their checks
+    state.py       the sharded state dict of model, optimizer, scheduler, RNG and counters
+    save.py        staged, fsynced saves; synchronous or asynchronous; the tracker moves last
+    load.py        loads under any layout, says which layout the checkpoint came from
+    safe_load.py   what each file is read with: nothing unpickles code
+"""
