@@ -86,6 +86,13 @@ def read_index(path: str):
         return _IndexUnpickler(f, path).load()
 
 
+def _unpickling_reason(error: Exception) -> str:
+    """The line of torch's weights-only error that names what was refused."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "WeightsUnpickler error" in line]
+    return (named or lines or [type(error).__name__])[0].replace("WeightsUnpickler error: ", "").split(". ")[0]
+
+
 def torch_load_weights_only(source, where: str):
     """torch.load(weights_only=True) with megatron-core's safe classes; an
     object outside them is a one-line CheckpointError naming `where`."""
@@ -93,8 +100,8 @@ def torch_load_weights_only(source, where: str):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{where} holds an object that loading with weights_only=True refuses ({reason}): "
+        raise CheckpointError(f"{where} holds an object that loading with weights_only=True refuses "
+                              f"({_unpickling_reason(e)}): "
                               "refusing to load it (the file was altered, or written by code that pickled more "
                               "than tensors and plain data)") from None
 
