@@ -11,6 +11,7 @@ Transformer Engine layer specs store the same names).
 """
 
 import argparse
+import pickle
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -20,6 +21,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from megatron.training import checkpointing, sharding
 from megatron.training.checkpointing import CheckpointError
@@ -119,12 +121,25 @@ def _read(args, sharded: dict, iter_dir: str) -> dict:
             sharded, iter_dir, strategy, safe_load.SafeCommonLoadStrategy(), strict=StrictHandling.RETURN_UNEXPECTED)
     except CheckpointingException as e:
         raise CheckpointError(f"{iter_dir}: {str(e).strip().splitlines()[0]}") from None
+    except DcpCheckpointException as e:
+        raise _reading_error(e, iter_dir) from None
     # Extra states are None outside FP8; a checkpoint written without them is complete.
     missing = sorted(k for k in not_in_checkpoint if "_extra_state" not in k)
     if missing:
         raise CheckpointError(f"{iter_dir} lacks {len(missing)} of the tensors this run needs ({', '.join(missing[:3])}"
                               f"{', ...' if len(missing) > 3 else ''}): it is not a checkpoint of this model")
     return loaded
+
+
+def _reading_error(error: DcpCheckpointException, iter_dir: str) -> CheckpointError:
+    """One line for what torch.distributed.checkpoint gathered from the ranks' readers."""
+    cause = next(iter(error.failures.values()))[0]
+    if isinstance(cause, CheckpointError):
+        return CheckpointError(str(cause))
+    if isinstance(cause, pickle.UnpicklingError):
+        return CheckpointError(f"{iter_dir}: a tensor entry holds an object that loading with weights_only=True "
+                               f"refuses ({safe_load.unpickling_reason(cause)}): refusing to load it")
+    return CheckpointError(f"{iter_dir}: {str(cause).strip().splitlines()[0] if str(cause).strip() else cause!r}")
 
 
 def _load_model(model: list, loaded: dict) -> None:

@@ -86,7 +86,7 @@ def read_index(path: str):
         return _IndexUnpickler(f, path).load()
 
 
-def _unpickling_reason(error: Exception) -> str:
+def unpickling_reason(error: Exception) -> str:
     """The line of torch's weights-only error that names what was refused."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     named = [line for line in lines if "WeightsUnpickler error" in line]
@@ -101,7 +101,7 @@ def torch_load_weights_only(source, where: str):
             return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{where} holds an object that loading with weights_only=True refuses "
-                              f"({_unpickling_reason(e)}): "
+                              f"({unpickling_reason(e)}): "
                               "refusing to load it (the file was altered, or written by code that pickled more "
                               "than tensors and plain data)") from None
 
