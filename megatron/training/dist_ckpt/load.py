@@ -185,7 +185,7 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
     elif optimizer is not None and (args.fp16 or args.bf16):
         optimizer.reload_model_params()  # the fp32 main weights start from the loaded ones
     if with_rng:
-        notes += [f"{name} not restored (saved on GPUs)" for name in state_module.set_rng_state(loaded["rng_state"])]
+        notes += [f"{name} not restored (GPU generators, and no CUDA here)" for name in state_module.set_rng_state(loaded["rng_state"])]
 
     torch.distributed.barrier()
     ckpt_iteration = int(common.get("iteration", iteration))

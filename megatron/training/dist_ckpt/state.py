@@ -107,24 +107,31 @@ def rng_sharded_object() -> ShardedObject:
     )
 
 
+def _settable_here(generator_state: torch.Tensor) -> bool:
+    """Without CUDA the CPU backend runs the "CUDA" generators on the CPU
+    generator: a state saved that way fits, a GPU generator's does not."""
+    return torch.cuda.is_available() or generator_state.numel() == torch.get_rng_state().numel()
+
+
 def set_rng_state(states: List[dict]) -> List[str]:
-    """Restore the generators from a loaded `rng_state` list; returns the ones
-    left as they are (a GPU run's CUDA states on a machine without CUDA)."""
+    """Restore the generators from a loaded `rng_state` list; returns the
+    names of those left as they are (a GPU run's CUDA generators, here without CUDA)."""
     state = states[0]
     random.setstate(state["random_rng_state"])
     np.random.set_state(state["np_rng_state"])
     torch.set_rng_state(state["torch_rng_state"])
     skipped = []
-    if torch.cuda.is_available() and state.get("cuda_rng_state") is not None:
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
-    elif state.get("cuda_rng_state") is not None:
-        skipped.append("cuda_rng_state")
+    cuda_state = state.get("cuda_rng_state")
+    if cuda_state is not None:
+        if _settable_here(cuda_state):
+            torch.cuda.set_rng_state(cuda_state)
+        else:
+            skipped.append("cuda_rng_state")
     tracker = state["rng_tracker_states"]
-    cpu_size = torch.get_rng_state().numel()
-    if torch.cuda.is_available() or all(t.numel() == cpu_size for t in tracker.values()):
+    if all(_settable_here(t) for t in tracker.values()):
         tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
     else:
-        skipped.append("rng_tracker_states (CUDA generators)")
+        skipped.append("rng_tracker_states")
     return skipped
 
 
