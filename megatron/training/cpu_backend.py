@@ -25,7 +25,9 @@ The reroutes (each one has a test in tests/training/test_cpu_backend.py):
    functions listed in `_FUNCTIONS_WITH_TYPE_CHECKS`: while those functions run,
    `Tensor.type()` reports CPU tensors under their CUDA names.
 6. `Tensor.cuda()` in `LanguageModule.setup_embeddings_and_output_layer`
-   (tied embeddings with PP > 1) leaves the tensor on the CPU while it runs.
+   (tied embeddings with PP > 1) and in `DistributedOptimizer.
+   get_parameter_state_dp_zero` (its state gathered for a torch_dist
+   checkpoint) leaves the tensor on the CPU while they run.
 7. The RNG tracker's warning "CPU RNG state changed within GPU RNG context"
    is filtered: on the CPU the forked stream *is* the CPU generator.
 

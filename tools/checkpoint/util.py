@@ -9,6 +9,10 @@
         --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
     # Megatron -> Hugging Face (safetensors shards, config.json, tokenizer files)
     python tools/checkpoint/util.py --model-type GPT --loader megatron --saver hf --load-dir ckpt --save-dir ckpt-hf
+    # either direction between the per-rank torch format and torch_dist (loads under any layout)
+    python tools/checkpoint/util.py --model-type GPT --saver torch_dist --load-dir ckpt-tp2 --save-dir ckpt-dist
+    python tools/checkpoint/util.py --model-type GPT --load-dir ckpt-dist --save-dir ckpt-tp4 \\
+        --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
 
 Loaders and savers are plugins: tools/checkpoint/loader_<name>.py and
 saver_<name>.py, each with FORMAT, ALIASES, add_arguments(parser) and
@@ -63,8 +67,10 @@ def build_parser(loader=None, saver=None) -> Parser:
     """The flags, with those of the `loader` and `saver` plugins (modules) when given."""
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-type", choices=["GPT"], required=True)
-    p.add_argument("--loader", default="megatron", help="loader plugin: megatron, llama2_hf (alias llama_hf, hf)")
-    p.add_argument("--saver", default="megatron", help="saver plugin: megatron, hf")
+    p.add_argument("--loader", default="megatron",
+                   help="loader plugin: megatron (either checkpoint format, detected), llama2_hf (alias llama_hf, hf)")
+    p.add_argument("--saver", default="megatron",
+                   help="saver plugin: megatron (per-rank torch format), torch_dist, hf")
     p.add_argument("--load-dir", required=True)
     p.add_argument("--save-dir", required=True, help="must not exist yet (or be empty)")
     p.add_argument("--tokenizer-model", default=None,

@@ -51,6 +51,18 @@ def read_vocab_size(args: dict, tokenizer_model: Optional[str] = None) -> Option
         return None
 
 
+def open_checkpoint(load_dir: str, tokenizer_model: Optional[str] = None) -> ModelSource:
+    """A checkpoint root of this driver or Megatron-LM in either format: the
+    per-rank torch format (MegatronSource) or torch_dist (TorchDistSource)."""
+    path = os.path.abspath(load_dir)
+    iteration, release = checkpointing.read_tracker(path) if os.path.isdir(path) else (None, False)
+    if iteration is not None and checkpointing.is_torch_dist(checkpointing.iteration_dir(path, iteration, release)):
+        from megatron.training.checkpoint_convert.torch_dist_format import TorchDistSource
+
+        return TorchDistSource(path, checkpointing.iteration_dir(path, iteration, release), release, tokenizer_model)
+    return MegatronSource(load_dir, tokenizer_model)
+
+
 class MegatronSource(ModelSource):
     """A checkpoint root written by pretrain_gpt.py or by save_megatron."""
 
