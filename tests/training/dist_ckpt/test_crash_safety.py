@@ -24,7 +24,9 @@ LAYOUT = ["--use-distributed-optimizer"]  # two processes: DP=2
 # inside that save, longer ones anywhere in its writing, its finalization or
 # the training that goes on meanwhile.
 ROUNDS = [("sync", 0.0, 0.05), ("async", 0.0, 0.05), ("sync", 0.05, 0.6), ("async", 0.05, 1.0)]
-MODE_FLAGS = {"sync": [], "async": ["--async-save"]}
+# The asynchronous rounds gather the distributed optimizer's state the memory-efficient
+# way (on one DP rank, over gloo); megatron-core reads either layout back.
+MODE_FLAGS = {"sync": [], "async": ["--async-save", "--distrib-optim-fully-reshardable-mem-efficient"]}
 
 
 def _job(argv, world_size, result_path):

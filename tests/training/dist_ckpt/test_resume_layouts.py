@@ -17,7 +17,8 @@ from tests.training.pretrain_runner import run_pretrain
 RTOL = 1e-5
 
 LAYOUTS = {
-    "tp1_dp2": (2, ["--use-distributed-optimizer"]),
+    # (data-parallel replicas each read a part and exchange it)
+    "tp1_dp2": (2, ["--use-distributed-optimizer", "--ckpt-fully-parallel-load"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]),
     "tp2_pp2_vp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                         "--num-layers-per-virtual-pipeline-stage", "1", "--use-distributed-optimizer"]),
