@@ -40,7 +40,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODES = {"torch": ("torch", False), "torch_dist": ("torch_dist", False), "torch_dist --async-save": ("torch_dist", True)}
+# report label: (--ckpt-format, --async-save)
+MODES = {"torch": ("torch", False), "torch_dist": ("torch_dist", False),
+         "torch_dist --async-save": ("torch_dist", True)}
 LLAMA = ["--group-query-attention", "--normalization", "RMSNorm", "--swiglu", "--use-rotary-position-embeddings",
          "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--attention-dropout", "0",
          "--hidden-dropout", "0", "--make-vocab-size-divisible-by", "128"]
@@ -99,8 +101,9 @@ def phase_save(args, work: str) -> dict:
     from megatron.training import checkpointing
 
     harness = DriverHarness(driver_argv(args, args.save_layout))
-    harness.train_block(1)
     run, state = harness.args, harness.state
+    checkpointing.prepare_saves(argparse.Namespace(save=work, ckpt_format="torch_dist"))  # as pretrain() does
+    harness.train_block(1)
     n_params = sum(p.numel() for chunk in harness.model for p in chunk.parameters())
     t = torch.tensor([n_params], dtype=torch.float64)
     torch.distributed.all_reduce(t)  # (over-counts replicated copies under DP; the layouts here have DP=1)
@@ -215,8 +218,8 @@ def report(args, saved: dict, convert_s: float, loads: dict) -> str:
     for mode, t in saved["times"].items():
         lines.append(f"| {mode} | {med(t['blocked']):.2f} | {med(t['published']):.2f} | "
                      f"{saved['sizes'][mode] * 1024:,.1f} | {saved['first'][mode]:.2f} |")
-    lines += ["", "The first save of a run is counted apart: megatron-core starts its result-queue process "
-              "(a spawned process that imports the entry point) and the writers' code is paged in."]
+    lines += ["", "The first save of a run is counted apart (code paths and the writers' first fork warm up); "
+              "megatron-core's result-queue process is started at set-up, as the driver does, outside these times."]
     lines += ["", "## Continuing under the other layout", "", "| how | s |", "|---|---|"]
     for label, seconds in loads.items():
         if label.startswith("torch, converted"):

@@ -44,6 +44,7 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     tokenizer = build_tokenizer_from_args(args)
     model = build_model(args, model_provider)
     optimizer, scheduler = build_optimizer(args, model)
+    checkpointing.prepare_saves(args)
     state = TrainingState()
     if args.load:
         state.iteration, state.consumed_train_samples = checkpointing.load_checkpoint(args, model, optimizer, scheduler)

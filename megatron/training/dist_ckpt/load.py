@@ -10,9 +10,8 @@ for checkpoints written by this driver and by Megatron-LM (the local and the
 Transformer Engine layer specs store the same names).
 """
 
-import argparse
 import pickle
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
@@ -40,8 +39,7 @@ def _args_dict(common: dict, iter_dir: str) -> dict:
     if saved is None:
         raise CheckpointError(f"{iter_dir}/common.pt has no 'args': it was not written by a training run "
                               "(this driver or Megatron-LM), so its model cannot be rebuilt")
-    return dict(vars(saved)) if isinstance(saved, (argparse.Namespace,)) or hasattr(saved, "__dict__") \
-        else dict(saved)
+    return dict(vars(saved)) if hasattr(saved, "__dict__") else dict(saved)  # Megatron-LM: a Namespace
 
 
 def checkpoint_args(iter_dir: str) -> dict:
@@ -185,7 +183,8 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
     elif optimizer is not None and (args.fp16 or args.bf16):
         optimizer.reload_model_params()  # the fp32 main weights start from the loaded ones
     if with_rng:
-        notes += [f"{name} not restored (GPU generators, and no CUDA here)" for name in state_module.set_rng_state(loaded["rng_state"])]
+        skipped = state_module.set_rng_state(loaded["rng_state"])
+        notes += [f"{name} not restored (GPU generators, and no CUDA here)" for name in skipped]
 
     torch.distributed.barrier()
     ckpt_iteration = int(common.get("iteration", iteration))

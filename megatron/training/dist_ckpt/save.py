@@ -73,6 +73,16 @@ class _AsyncSaves:
 _ASYNC = _AsyncSaves()
 
 
+def start_writer_queue() -> None:
+    """Start the process that serves megatron-core's writer-result queue now
+    (it is started by the first save otherwise, inside the time that save
+    blocks training). It is a spawned process, which re-imports the entry
+    point: hence every entry point's `if __name__ == "__main__":` guard."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+
+    _get_write_results_queue()
+
+
 def finalize_async_saves(blocking: bool = False) -> None:
     """Publish the asynchronous saves whose writers are done on every rank;
     with `blocking`, wait for all of them. Collective while saves are pending."""

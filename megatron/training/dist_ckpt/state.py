@@ -99,11 +99,12 @@ def rng_state() -> dict:
 
 def rng_sharded_object() -> ShardedObject:
     """This rank's RNG state, one per (PP, TP) position; DP replicas share it."""
+    ps = parallel_state
     return ShardedObject(
         "rng_state", [rng_state()],
-        (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()),
-        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
-        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
     )
 
 

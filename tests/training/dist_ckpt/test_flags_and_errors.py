@@ -84,8 +84,8 @@ def test_another_model_is_named_with_its_flags():
 ENTRY_POINTS = sorted(
     [os.path.join(ROOT, name) for name in ("pretrain_gpt.py", "finetune_gpt.py", "finetune.py")]
     + [os.path.join(ROOT, "tasks", "main.py")]
-    + [p for pattern in ("tools/*.py", "tools/*/*.py", "benchmarks/*.py") for p in glob.glob(os.path.join(ROOT, pattern))
-       if "def main(" in open(p).read()])
+    + [p for pattern in ("tools/*.py", "tools/*/*.py", "benchmarks/*.py")
+       for p in glob.glob(os.path.join(ROOT, pattern)) if "def main(" in open(p).read()])
 
 
 def _is_guard(node) -> bool:
