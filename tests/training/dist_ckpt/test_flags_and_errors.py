@@ -92,17 +92,12 @@ def _is_guard(node) -> bool:
     return isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) and "__main__" in ast.unparse(node.test)
 
 
-# Calls a module may make at import: path set-up and building constants.
-_SAFE_CALLS = ("os.path.", "sys.path.", "os.environ.get", "dict", "set", "tuple", "list", "frozenset", "range")
-
-
 def _harmless(node) -> bool:
-    """Imports, definitions, the docstring, constants, sys.path set-up, optional imports."""
-    if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)):
+    """Imports, definitions, constants, the docstring, sys.path set-up, optional imports."""
+    if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)):
         return True
-    if isinstance(node, (ast.Assign, ast.AnnAssign, ast.Expr)):
-        calls = [ast.unparse(n.func) for n in ast.walk(node) if isinstance(n, ast.Call)]
-        return all(call.startswith(_SAFE_CALLS) for call in calls)
+    if isinstance(node, ast.Expr):
+        return isinstance(node.value, ast.Constant) or ast.unparse(node.value).startswith("sys.path.")
     return isinstance(node, ast.Try) and all(_harmless(n) for n in node.body)
 
 
