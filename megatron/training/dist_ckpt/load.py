@@ -190,10 +190,11 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
     ckpt_iteration = int(common.get("iteration", iteration))
     if torch.distributed.get_rank() == 0:
         parts = "model" + (" and optimizer state" if with_optimizer else "")
+        moved = any(v is not None and v != this_layout[k] for k, v in saved_layout.items())
         print(f"loaded checkpoint {iter_dir} (torch_dist, iteration {ckpt_iteration}) saved under "
               f"{_describe(saved_layout, bool(saved.get('use_distributed_optimizer')))} into "
               f"{_describe(this_layout, bool(args.use_distributed_optimizer))}: {parts}"
-              f"{'' if saved_layout == this_layout else ' resharded'}{'; ' if notes else ''}{'; '.join(notes)}",
+              f"{' resharded' if moved else ''}{'; ' if notes else ''}{'; '.join(notes)}",
               flush=True)
     if fresh_start:
         return 0, 0
