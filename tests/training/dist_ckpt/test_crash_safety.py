@@ -12,6 +12,8 @@ import random
 import signal
 import time
 
+import pytest
+
 from tests.training.dist_ckpt.conftest import tiny_argv
 from tests.training.pretrain_runner import run_pretrain
 
@@ -65,6 +67,7 @@ def _next_save_started(root, published):
     return now > published and any(int(os.path.basename(p)[5:12]) > now for p in _staging_dirs(root))
 
 
+@pytest.mark.slow
 def test_saves_killed_at_random_points_leave_a_loadable_checkpoint(tmp_path):
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
