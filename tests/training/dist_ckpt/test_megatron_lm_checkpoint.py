@@ -143,6 +143,25 @@ def _resume(root, saved_rng):
     return loaded_at, restored, rng_back
 
 
+def _refitted_embedding(root):
+    """The embedding after a --finetune load into a run that pads the
+    vocabulary to 300 rows (--make-vocab-size-divisible-by 100) instead of 256."""
+    from megatron.core import parallel_state
+
+    from megatron.training import checkpointing, training
+    from megatron.training.models.llama import build_gpt_model
+
+    assert TINY_LLAMA[-2:] == ["--make-vocab-size-divisible-by", "64"]
+    args = training.setup_args(TINY_LLAMA[:-2] + ["--make-vocab-size-divisible-by", "100"] + MOCK_DATA + SCHEDULE + [
+        "--micro-batch-size", "2", "--train-iters", "10", "--load", root, "--finetune"])
+    training.build_tokenizer_from_args(args)
+    ours = training.build_model(args, build_gpt_model)
+    checkpointing.load_checkpoint(args, ours, *training.build_optimizer(args, ours))
+    embedding = checkpointing.unwrap_model(ours[0]).embedding.word_embeddings.weight.detach().clone()
+    parallel_state.destroy_model_parallel()
+    return embedding
+
+
 def _write_and_resume(rank, world_size, roots, tokens):
     from megatron.training import initialize
 
@@ -151,7 +170,7 @@ def _write_and_resume(rank, world_size, roots, tokens):
     for variant, root in roots.items():
         keys, logits, weights, saved_rng = _write(root, variant == "te_extra_state", tokens)
         out[variant] = (keys, logits, weights) + _resume(root, saved_rng)
-    return out
+    return out, _refitted_embedding(roots["local_spec"])
 
 
 def _evaluate(rank, world_size, roots, tokens):
@@ -168,7 +187,7 @@ def _evaluate(rank, world_size, roots, tokens):
 def test_megatron_lm_checkpoints_resume_and_evaluate(tmp_path):
     roots = {variant: str(tmp_path / variant) for variant in ("local_spec", "te_extra_state")}
     tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(3))
-    written = run_distributed(_write_and_resume, world_size=1, args=(roots, tokens))[0]
+    written, refitted = run_distributed(_write_and_resume, world_size=1, args=(roots, tokens))[0]
     evaluated = run_distributed(_evaluate, world_size=2, args=(roots, tokens))[0]
     for variant, (keys, logits, weights, loaded_at, restored, rng_back) in written.items():
         # megatron-core's local spec stores the norms under Transformer Engine's names
@@ -179,3 +198,8 @@ def test_megatron_lm_checkpoints_resume_and_evaluate(tmp_path):
         assert sorted(restored) == sorted(weights), variant
         assert all(torch.equal(restored[k], weights[k]) for k in weights), variant
         assert (evaluated[variant] - logits).abs().max().item() <= ATOL, variant
+    # Another vocabulary padding (here another --make-vocab-size-divisible-by; in practice another TP):
+    # the rows that exist are the checkpoint's, the added padding rows are zeros.
+    saved = written["local_spec"][2]["embedding.word_embeddings.weight"]
+    assert refitted.shape == (300, 64)
+    assert torch.equal(refitted[:256], saved) and not refitted[256:].any()
