@@ -17,3 +17,21 @@ layout, with the optimizer state.
     load.py        loads under any layout, says which layout the checkpoint came from
     safe_load.py   what each file is read with: nothing unpickles code
 """
+
+import os
+import sys
+
+
+def _forget_inherited_writer_queue() -> None:
+    """After a fork: drop megatron-core's writer-result queue inherited from the
+    parent. It is one queue per process by design; ranks forked from a process
+    that had one (a launcher that saved, a test session that converted a
+    checkpoint) would share it and could read each other's write results. A
+    save in the child makes its own; megatron-core's writer processes get the
+    queue they use as an argument, not from this module variable."""
+    module = sys.modules.get("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    if module is not None:
+        module._results_queue = None
+
+
+os.register_at_fork(after_in_child=_forget_inherited_writer_queue)

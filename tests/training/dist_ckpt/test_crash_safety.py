@@ -105,3 +105,29 @@ def test_saves_killed_at_random_points_leave_a_loadable_checkpoint(tmp_path):
     assert _tracker(root) == ITERS
     straight = run_pretrain(tiny_argv(DROPOUT + LAYOUT, iters=ITERS), world_size=2)
     assert finished == straight[published:], f"seed {seed}"
+
+
+def _child_sees_queue(conn):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    conn.send(filesystem_async._results_queue is None)
+
+
+def test_forked_ranks_do_not_share_the_parents_writer_queue():
+    """megatron-core keeps one writer-result queue per process (a module
+    variable); a process forked from one that has it (ranks from a launcher,
+    or from this test session after a conversion) must make its own, or ranks
+    would read each other's write results."""
+    import megatron.training.dist_ckpt  # noqa: F401 - registers the after-fork hook
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    parent_queue = filesystem_async._get_write_results_queue()
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_sees_queue, args=(send,))
+    child.start()
+    assert receive.recv() is True
+    child.join()
+    assert filesystem_async._results_queue is parent_queue
+    parent_queue.put("still usable")
+    assert parent_queue.get() == "still usable"
