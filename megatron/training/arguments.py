@@ -158,10 +158,10 @@ def _add_checkpoint_flags(p):
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model's shape from the checkpoint being loaded")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
-    g.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch_dist",
-                   help="torch_dist: megatron-core's distributed checkpoint, loadable under any TP/PP/DP layout "
-                        "(Megatron-LM's default); torch: the per-rank iter_XXXXXXX/mp_rank_TT[_PPP]/"
-                        "model_optim_rng.pt layout. --load reads either")
+    g.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default=None,
+                   help="torch_dist (default, as Megatron-LM): megatron-core's distributed checkpoint, loadable "
+                        "under any TP/PP/DP layout; torch: the per-rank iter_XXXXXXX/mp_rank_TT[_PPP]/"
+                        "model_optim_rng.pt layout (the default with adapters, --lora-rank). --load reads either")
 
 
 def _add_logging_flags(p):

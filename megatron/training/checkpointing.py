@@ -337,13 +337,18 @@ def _collectively(step, root: str, iteration: int, staging: str) -> None:
         remove_quietly(staging)
     if failure is not None and not isinstance(failure, OSError):
         raise failure  # a bug, not the disk: its own traceback on the rank it happened on
+    raise save_failed(root, iteration, error)
+
+
+def save_failed(root: str, iteration: int, error: str) -> CheckpointError:
+    """The one-line error of a save that failed (its partial files removed)."""
     try:
         previous, _ = read_tracker(root)
     except CheckpointError:
         previous = None
     kept = f"iteration {previous} is still the latest checkpoint" if previous is not None else "nothing was saved"
-    raise CheckpointError(f"saving iteration {iteration} to {root} failed: {error}; the partial save was removed "
-                          f"and {kept}")
+    return CheckpointError(f"saving iteration {iteration} to {root} failed: {error}; the partial save was removed "
+                           f"and {kept}")
 
 
 def _iteration_to_load(load_dir: str, step: Optional[int] = None) -> Optional[Tuple[str, int, bool]]:
@@ -375,7 +380,12 @@ def rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
 def first_rank_state(iter_dir: str) -> dict:
     """The state of the first rank file of an iteration directory, memory-mapped
     (tensors are read only when touched): its `args` and `layout` are the
-    checkpoint's, whatever the layout it was saved under."""
+    checkpoint's, whatever the layout it was saved under. For a torch_dist
+    directory, those entries of its common state (no tensors)."""
+    if is_torch_dist(iter_dir):
+        from megatron.training.dist_ckpt import load
+
+        return load.first_state(iter_dir)
     names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_")) if os.path.isdir(iter_dir) else []
     if not names:
         raise CheckpointError(f"{iter_dir} holds no mp_rank_* directories: the checkpoint is incomplete, "
@@ -633,8 +643,6 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=
     (unsharded, chunk-local names) tensors of each layer (and of the other
     entries) before they are cut, for layers that keep a transformed copy of
     them (QLoRA's quantised base)."""
-    src_tp, src_pp = saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]
-    src_vp = saved["virtual_pipeline_model_parallel_size"]
     if saved["num_layers"] != args.num_layers:
         raise CheckpointError(f"{iter_dir} has {saved['num_layers']} layers, this run --num-layers {args.num_layers}")
     gated = bool(saved["swiglu"])
@@ -677,6 +685,35 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=
             loaded[v].update(names)
 
     others: dict = {}
+    if is_torch_dist(iter_dir):  # global tensors, read whole layer by layer
+        from megatron.training.dist_ckpt.full_tensors import full_groups
+
+        layers = [i for first, end in layer_ranges for i in range(first, end)]
+        groups = full_groups(iter_dir, saved["num_layers"], layers, sorted(other_names))
+    else:
+        groups = _rank_file_groups(iter_dir, saved, needed, gated)
+    for index, merged in groups:
+        if index is None:
+            others.update(merged)
+        else:
+            load(merged)
+    if _OUTPUT_LAYER not in others and tied and _EMBEDDING in others:
+        # Tied embeddings saved without pipelining: the last stage's output layer is
+        # megatron-core's copy of the word embeddings.
+        others[_OUTPUT_LAYER] = others[_EMBEDDING]
+    load(others)
+    for v, target in enumerate(targets):
+        missing = [n for n in target if n not in loaded[v] and not n.endswith("_extra_state")]
+        if missing:
+            raise CheckpointError(f"{iter_dir} lacks {missing[:3]}: it is not a checkpoint of this model")
+
+
+def _rank_file_groups(iter_dir: str, saved: dict, needed, gated: bool):
+    """(layer index, its full tensors) merged over the TP rank files of each
+    pipeline stage, for the entries `needed(name)` accepts; (None, the other
+    entries) per model chunk. Global names."""
+    src_tp, src_pp = saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]
+    src_vp = saved["virtual_pipeline_model_parallel_size"]
     src_offsets = sharding.layer_offsets(saved["num_layers"], src_pp, src_vp)
     for p in range(src_pp):
         states = [read_checkpoint_file(rank_file(iter_dir, t, p, src_pp)) for t in range(src_tp)]
@@ -687,21 +724,8 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=
                 if needed(name):
                     by_layer.setdefault(sharding.layer_index(name), []).append(name)
             for index, names in by_layer.items():
-                merged = sharding.merge_tp_states([{n: c[n] for n in names} for c in chunks], gated)
-                if index is None:
-                    others.update(merged)
-                else:
-                    load(merged)
+                yield index, sharding.merge_tp_states([{n: c[n] for n in names} for c in chunks], gated)
         del states, chunks
-    if _OUTPUT_LAYER not in others and tied and _EMBEDDING in others:
-        # Tied embeddings saved without pipelining: the last stage's output layer is
-        # megatron-core's copy of the word embeddings.
-        others[_OUTPUT_LAYER] = others[_EMBEDDING]
-    load(others)
-    for v, target in enumerate(targets):
-        missing = [n for n in target if n not in loaded[v] and not n.endswith("_extra_state")]
-        if missing:
-            raise CheckpointError(f"{iter_dir} lacks {missing[:3]}: it is not a checkpoint of this model")
 
 
 def _fit_vocab(local: dict, target: dict, tp: int) -> dict:

@@ -32,10 +32,8 @@ from megatron.training.checkpoint_convert.core import (
     EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, progress,
 )
 from megatron.training.checkpoint_convert.megatron_format import LINEAR_MODULES, read_vocab_size
+from megatron.training.dist_ckpt.full_tensors import LAYERS, GlobalTensors, global_key
 from megatron.training.fileio import atomic_write_text
-
-_LAYERS = "decoder.layers."
-_NON_LAYER = (EMBEDDING, FINAL_NORM, OUTPUT_LAYER)
 
 
 @contextlib.contextmanager
@@ -56,21 +54,18 @@ def single_process_group():
         torch.distributed.destroy_process_group()
 
 
-def _global_key(local_suffix: str) -> str:
-    """`input_layernorm.weight` -> `decoder.layers.self_attention.linear_qkv.layer_norm_weight`."""
-    return _LAYERS + sharding.rename_suffixes({"x." + local_suffix: None}, sharding.TE_FUSED_NORMS).popitem()[0][2:]
-
-
-def _local_suffix(global_key: str) -> str:
-    return sharding.rename_suffixes({"x." + global_key[len(_LAYERS):]: None}, sharding.FROM_TE_NORMS).popitem()[0][2:]
-
-
 class TorchDistSource(ModelSource):
     """A torch_dist checkpoint root (this driver's or Megatron-LM's)."""
 
     format = "megatron"
 
     def __init__(self, load_dir: str, iter_dir: str, release: bool, tokenizer_model: Optional[str] = None):
+        try:
+            self._open(load_dir, iter_dir, release, tokenizer_model)
+        except checkpointing.CheckpointError as e:
+            raise ConversionError(str(e)) from None
+
+    def _open(self, load_dir: str, iter_dir: str, release: bool, tokenizer_model: Optional[str]) -> None:
         from megatron.training.dist_ckpt import load, safe_load
 
         self.path, self.iter_dir = os.path.abspath(load_dir), iter_dir
@@ -87,52 +82,23 @@ class TorchDistSource(ModelSource):
         layout = load.layout_of(self.args)
         self.tp, self.pp = layout["TP"], layout["PP"]
         with single_process_group():
-            metadata = safe_load.SafeShardedLoadStrategy().load_tensors_metadata(iter_dir)
-        self.shapes = {k: (tuple(v.global_shape), v.dtype) for k, v in metadata.items()
-                       if k.startswith(_LAYERS) or k in _NON_LAYER}
-        if not any(k.startswith(_LAYERS) for k in self.shapes):
-            raise ConversionError(f"{iter_dir} holds no decoder layers: it is not a GPT checkpoint")
-        self.args["padded_vocab_size"] = self.shapes[EMBEDDING][0][0]
+            self.tensors = GlobalTensors(iter_dir, self.num_layers)
+        self.args["padded_vocab_size"] = self.tensors.shapes[EMBEDDING][0][0]
         self.vocab_size = read_vocab_size(self.args, tokenizer_model)
         if tokenizer_model:
             self.args["tokenizer_model"] = os.path.abspath(tokenizer_model)
 
-    def _read(self, requests: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
-        """{key: tensor} for {key: (sharded offsets, local shape, dtype)}."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing import ShardedTensor
-
-        from megatron.training.dist_ckpt import safe_load
-
-        # A slice of a key is asked for as a tensor with the key's full rank (a
-        # leading 1 for the layer axis): megatron-core reads arbitrary chunks of
-        # those, while a prepended axis assumes the other chunks live on other ranks.
-        wanted = {key: ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype), *offsets, replica_id=0)
-                  for key, (offsets, shape, dtype) in requests.items()}
-        with single_process_group():
-            loaded = dist_checkpointing.load(wanted, self.iter_dir, safe_load.SafeShardedLoadStrategy(),
-                                             safe_load.SafeCommonLoadStrategy(), validate_access_integrity=False)
-        return {key: loaded[key] for key in requests}  # without the common state merged in
-
-    def _whole(self, names) -> Dict[str, torch.Tensor]:
-        present = [n for n in names if n in self.shapes]
-        return self._read({n: ((), self.shapes[n][0], self.shapes[n][1]) for n in present})
-
     def embedding(self):
-        return self._whole([EMBEDDING])
+        with single_process_group():
+            return self.tensors.whole([EMBEDDING])
 
     def layer(self, index):
-        keys = [k for k in self.shapes if k.startswith(_LAYERS)]
-        layers = {self.shapes[k][0][0] for k in keys}
-        if layers != {self.num_layers}:
-            raise ConversionError(f"{self.iter_dir} stacks {sorted(layers)} layers per key, its args say "
-                                  f"{self.num_layers}: the checkpoint is inconsistent")
-        loaded = self._read({k: (((0, index, self.num_layers),), (1,) + self.shapes[k][0][1:], self.shapes[k][1])
-                             for k in keys})
-        return {f"{_LAYERS}{index}.{_local_suffix(k)}": v[0] for k, v in loaded.items()}
+        with single_process_group():
+            return self.tensors.layer(index)
 
     def final(self):
-        return self._whole([FINAL_NORM] if self.tied else [FINAL_NORM, OUTPUT_LAYER])
+        with single_process_group():
+            return self.tensors.whole([FINAL_NORM] if self.tied else [FINAL_NORM, OUTPUT_LAYER])
 
 
 class _LayerSpool:
@@ -168,13 +134,13 @@ def _sharded_state(source: ModelSource, spool: _LayerSpool, layers: int) -> dict
     for name, tensor in mapped[0].items():  # the embedding
         state[name] = ShardedTensor.from_rank_offsets(name, tensor, replica_id=0)
     for i, tensors in enumerate(mapped[1:1 + layers]):
-        prefix = f"{_LAYERS}{i}."
+        prefix = f"{LAYERS}{i}."
         for name, tensor in tensors.items():
-            key = _global_key(name[len(prefix):])
+            key = global_key(name[len(prefix):])
             state[name] = ShardedTensor.from_rank_offsets(key, tensor, (0, i, layers), replica_id=0,
                                                           prepend_axis_num=1)
         for module in LINEAR_MODULES:
-            state[f"{prefix}{module}._extra_state"] = ShardedObject(f"{_LAYERS}{module}._extra_state", None,
+            state[f"{prefix}{module}._extra_state"] = ShardedObject(f"{LAYERS}{module}._extra_state", None,
                                                                     (layers,), (i,), replica_id=0)
     for name, tensor in mapped[1 + layers].items():  # the final norm and output layer
         state[name] = ShardedTensor.from_rank_offsets(name, tensor, replica_id=0)

@@ -32,9 +32,21 @@ def add_dist_ckpt_flags(parser) -> None:
 
 
 def validate_dist_ckpt_args(args) -> None:
-    """Raise ArgumentError for flag combinations that cannot work."""
+    """Resolve the default --ckpt-format; raise ArgumentError for flag
+    combinations that cannot work."""
     from megatron.training.arguments import ArgumentError
+    from megatron.training.peft.arguments import adapters_enabled
 
+    adapters = adapters_enabled(args)
+    if args.ckpt_format is None:
+        # Adapter checkpoints (adapter tensors only, naming their base) exist in the torch format only.
+        args.ckpt_format = "torch" if adapters else "torch_dist"
+    if adapters and args.ckpt_format == "torch_dist":
+        raise ArgumentError("--ckpt-format torch_dist cannot hold adapter checkpoints (--lora-rank): they are "
+                            "saved in the torch format; drop --ckpt-format torch_dist (the base may be either)")
+    if getattr(args, "ckpt_checksum", False) and args.ckpt_format == "torch_dist":
+        raise ArgumentError("--ckpt-checksum covers the torch format's files; torch_dist checkpoints record no "
+                            "checksums: add --ckpt-format torch, or drop --ckpt-checksum")
     if args.async_save and args.ckpt_format != "torch_dist":
         raise ArgumentError(f"--async-save needs --ckpt-format torch_dist (--ckpt-format {args.ckpt_format} is "
                             "written synchronously): drop --async-save or use --ckpt-format torch_dist")

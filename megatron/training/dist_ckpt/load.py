@@ -10,6 +10,8 @@ for checkpoints written by this driver and by Megatron-LM (the local and the
 Transformer Engine layer specs store the same names).
 """
 
+import contextlib
+import os
 import pickle
 from typing import Dict, List, Tuple
 
@@ -45,6 +47,19 @@ def _args_dict(common: dict, iter_dir: str) -> dict:
 def checkpoint_args(iter_dir: str) -> dict:
     """The flags a torch_dist checkpoint was saved with (for --use-checkpoint-args)."""
     return _args_dict(safe_load.load_common(iter_dir), iter_dir)
+
+
+def first_state(iter_dir: str) -> dict:
+    """What checkpointing.first_rank_state gives for the per-rank format, from
+    a torch_dist directory's common state: `args`, `layout`, `iteration`,
+    `consumed_train_samples` (no tensors)."""
+    common = safe_load.load_common(iter_dir)
+    saved = _args_dict(common, iter_dir)
+    layout = layout_of(saved)
+    return {"args": saved, "iteration": common.get("iteration"),
+            "consumed_train_samples": saved.get("consumed_train_samples", 0),
+            "layout": {"tensor_model_parallel_size": layout["TP"], "pipeline_model_parallel_size": layout["PP"],
+                       "virtual_pipeline_model_parallel_size": saved.get("virtual_pipeline_model_parallel_size")}}
 
 
 def _groups(flags: dict) -> int:
@@ -140,6 +155,17 @@ def _reading_error(error: DcpCheckpointException, iter_dir: str) -> CheckpointEr
     return CheckpointError(f"{iter_dir}: {str(cause).strip().splitlines()[0] if str(cause).strip() else cause!r}")
 
 
+@contextlib.contextmanager
+def _naming_a_loadable_iteration(iter_dir: str, iteration: int, release: bool):
+    """A CheckpointError raised while reading `iter_dir`'s files goes on with
+    the newest complete iteration to resume from instead (--ckpt-step)."""
+    try:
+        yield
+    except CheckpointError as e:
+        root = os.path.dirname(os.path.abspath(iter_dir))
+        raise CheckpointError(checkpointing.with_fallback(root, None if release else iteration, str(e))) from None
+
+
 def _load_model(model: list, loaded: dict) -> None:
     for key, chunk in zip(checkpointing.model_keys(len(model)), model):
         module = checkpointing._unwrap(chunk)
@@ -151,7 +177,8 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
     """Load the torch_dist checkpoint in `iter_dir` into this run's layout.
     Collective. Returns (iteration, consumed_train_samples); (0, 0) for
     --finetune and released checkpoints."""
-    common = safe_load.load_common(iter_dir)
+    with _naming_a_loadable_iteration(iter_dir, iteration, release):
+        common = safe_load.load_common(iter_dir)
     saved = _args_dict(common, iter_dir)
     _check_model_shape(saved, args, iter_dir)
     saved_layout, this_layout = layout_of(saved), layout_of(vars(args))
@@ -169,10 +196,11 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
         notes.append("RNG state not restored (it belongs to one TP/PP position)")
 
     sharded = state_module.state_for_load(model, optimizer, common.get("content_metadata"), with_optimizer, with_rng)
-    ckpt_tensors = safe_load.SafeShardedLoadStrategy().load_tensors_metadata(iter_dir)
-    if _allow_vocab_padding_change(sharded, ckpt_tensors):
-        notes.append("vocabulary padding rows refitted to this TP")
-    loaded = _read(args, sharded, iter_dir)
+    with _naming_a_loadable_iteration(iter_dir, iteration, release):
+        ckpt_tensors = safe_load.SafeShardedLoadStrategy().load_tensors_metadata(iter_dir)
+        if _allow_vocab_padding_change(sharded, ckpt_tensors):
+            notes.append("vocabulary padding rows refitted to this TP")
+        loaded = _read(args, sharded, iter_dir)
 
     _load_model(model, loaded)
     if with_optimizer:

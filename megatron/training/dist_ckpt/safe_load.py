@@ -28,6 +28,7 @@ import functools
 import os
 import pickle
 import threading
+from typing import Optional
 
 import torch
 from megatron.core.dist_checkpointing.strategies import torch as mcore_torch_strategy
@@ -40,6 +41,7 @@ from megatron.core.safe_globals import SAFE_GLOBALS
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import StorageMeta
 
+from megatron.training.checkpoint_integrity import first_line
 from megatron.training.checkpointing import CheckpointError
 
 METADATA_FILE = ".metadata"
@@ -82,8 +84,14 @@ class _IndexUnpickler(pickle.Unpickler):
 def read_index(path: str):
     """The torch.distributed.checkpoint `Metadata` in the file `path`, unpickled
     with the index classes only."""
-    with open(path, "rb") as f:
-        return _IndexUnpickler(f, path).load()
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        with open(path, "rb") as f:
+            return _IndexUnpickler(f, path).load()
+    except (EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}): the file is truncated or "
+                              "corrupt") from None
 
 
 def unpickling_reason(error: Exception) -> str:
@@ -104,6 +112,9 @@ def torch_load_weights_only(source, where: str):
                               f"({unpickling_reason(e)}): "
                               "refusing to load it (the file was altered, or written by code that pickled more "
                               "than tensors and plain data)") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{where} cannot be loaded ({first_line(e)}): the file is truncated or corrupt") \
+            from None
 
 
 def load_common(iter_dir: str) -> dict:
@@ -113,6 +124,26 @@ def load_common(iter_dir: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: the checkpoint at {iter_dir} is incomplete")
     return torch_load_weights_only(path, path)
+
+
+def _check_size(path: str, needed: int) -> None:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    size = os.path.getsize(path)
+    if size < needed:
+        raise CheckpointError(f"{path} is truncated ({size} bytes; its index needs {needed}): the file is cut short")
+
+
+def incomplete_reason(iter_dir: str) -> Optional[str]:
+    """Why a torch_dist iteration directory cannot be loaded (a file missing,
+    unreadable or shorter than its index says), or None."""
+    try:
+        load_common(iter_dir)
+        for info in read_index(os.path.join(iter_dir, METADATA_FILE)).storage_data.values():
+            _check_size(os.path.join(iter_dir, info.relative_path), info.offset + info.length)
+    except (CheckpointError, OSError) as e:
+        return first_line(e)
+    return None
 
 
 def _load_bytes_weights_only(planner, checkpoint_dir: str, read_item, value) -> None:
@@ -131,8 +162,6 @@ class SafeReader(CachedMetadataFileSystemReader):
     def read_metadata(self, *args, **kwargs):
         if self._cached_metadata is None:
             path = str(self._get_metadata_path(kwargs.get("rank")))
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{path} is missing: the checkpoint at {self.path} is incomplete")
             metadata = read_index(path)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
@@ -141,6 +170,12 @@ class SafeReader(CachedMetadataFileSystemReader):
         return self._cached_metadata
 
     def read_data(self, plan, planner):
+        needed = {}
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in needed.items():  # a missing or cut file named, rather than a failed unpickling
+            _check_size(os.path.join(str(self.path), name), size)
         planner.load_bytes = functools.partial(_load_bytes_weights_only, planner, str(self.path))
         return super().read_data(plan, planner)
 

@@ -8,62 +8,75 @@ wrote it) and rank 0 writes common.pt. Once the writers are done on every
 rank, megatron-core's finalization gathers their results and writes the index
 (`.metadata`, fsynced) and metadata.json; then rank 0 fsyncs those, renames
 the directory to `iter_XXXXXXX` and only then moves the tracker. A save
-killed at any moment leaves the tracker on the previous complete checkpoint.
-The next save of that iteration removes what a killed attempt left; because
-every attempt has its own directory, a writer process that outlived a killed
-job can never write into a later attempt's files.
+killed at any moment leaves the tracker on the previous complete checkpoint;
+the next save removes what killed attempts left (with the torch format's
+leftovers: checkpoint_integrity.sweep_save_dir). Every attempt has its own
+directory, so a writer process that outlived a killed job can never write
+into a later attempt's files. A write that fails on any rank (a full disk)
+stops every rank with the same one-line error; the attempt's directory is
+removed and the previous checkpoint stays the latest.
 
 --async-save: the writing happens in a forked process (the parent's memory at
 the fork is what gets written; on GPUs megatron-core first copies the tensors
 to host memory), so the loop is blocked only while the state is gathered and
 staged. The loop calls `finalize_async_saves` every iteration: a save is
 published once its writers are done on every rank; at the end of training
-the loop waits for all of them.
+the loop waits for it. One asynchronous save is in flight at a time (a save
+that comes while the previous one is still writing waits for it).
 """
 
 import functools
 import glob
 import os
+import re
 import shutil
-from typing import List
+from typing import List, Tuple
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from megatron.training import checkpointing
 from megatron.training.dist_ckpt import state as state_module
-from megatron.training.fileio import fsync_path
+from megatron.training.checkpoint_integrity import PARTIAL_SUFFIX, first_line, sweep_save_dir
+from megatron.training.fileio import describe_os_error, fsync_path
 
+_OS_ERROR_TEXT = re.compile(r"\[Errno (\d+)\] ([^:]+): '([^']+)'")
 # Files rank 0 writes without fsyncing them (megatron-core's torch.save / json.dump).
 _UNSYNCED_FILES = ("common.pt", "metadata.json")
 
 
 class _AsyncSaves:
-    """megatron-core's queue of asynchronous saves, and their staging directories."""
+    """megatron-core's queue of asynchronous saves, and their (root, iteration,
+    staging directory), oldest first."""
 
     def __init__(self):
         self.queue = None
-        self.pending: List[str] = []  # staging directories, oldest first
+        self.pending: List[Tuple[str, int, str]] = []
 
-    def schedule(self, args, request, staging: str) -> None:
+    def staging_dirs(self) -> List[str]:
+        return [staging for _, _, staging in self.pending]
+
+    def schedule(self, args, request, root: str, iteration: int, staging: str) -> None:
         if self.queue is None:
             self.queue = AsyncCallsQueue(persistent=args.use_persistent_ckpt_worker)
         self.queue.schedule_async_request(request)
-        self.pending.append(staging)
+        self.pending.append((root, iteration, staging))
 
     def finalize(self, blocking: bool) -> None:
         if not self.pending:
             return
         try:
             finished = self.queue.maybe_finalize_async_calls(blocking=blocking)
-        except BaseException:
-            for staging in self.pending:
+        except BaseException as e:
+            root, iteration, _ = self.pending[0]
+            for _, _, staging in self.pending:
                 _remove_staging(staging)
             self.pending.clear()
-            raise
+            raise _save_error(e, root, iteration) from None
         del self.pending[:len(finished)]
         if blocking:
             self.queue.close()
@@ -95,6 +108,14 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
     published as."""
     root = args.save
     final_dir = checkpointing.iteration_dir(root, iteration)
+    if _ASYNC.pending:
+        # One asynchronous save at a time: megatron-core's forked writers report
+        # through one queue per process, which does not say which save a result is for.
+        if torch.distributed.get_rank() == 0:
+            print(f"waiting for the asynchronous save of iteration {_ASYNC.pending[0][1]} to finish before saving "
+                  f"iteration {iteration} (a --save-interval longer than a save's writing avoids the wait)",
+                  flush=True)
+        _ASYNC.finalize(blocking=True)
     staging = _make_staging_dir(root, final_dir)
     try:
         state = state_module.state_for_save(args, model, optimizer, scheduler, iteration, consumed_train_samples)
@@ -102,13 +123,35 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
                                           content_metadata=state_module.content_metadata(args))
         request.add_finalize_fn(functools.partial(_publish, root, staging, final_dir, iteration, args.async_save))
         if args.async_save:
-            _ASYNC.schedule(args, request, staging)
+            _ASYNC.schedule(args, request, root, iteration, staging)
         else:
             request.execute_sync()
-    except BaseException:
+    except BaseException as e:
         _remove_staging(staging)
-        raise
+        raise _save_error(e, root, iteration) from None
     return final_dir
+
+
+def _save_error(error: BaseException, root: str, iteration: int) -> BaseException:
+    """A failed write as checkpointing.save_failed's one line, the same on
+    every rank; anything else (a bug, an interrupt) as it is.
+
+    megatron-core raises torch's CheckpointException on every rank when a
+    writer failed anywhere, with the writer's error on the coordinator only."""
+    if not isinstance(error, (DcpCheckpointException, OSError)):
+        return error
+    detail = None
+    if isinstance(error, OSError):
+        detail = describe_os_error(error, "--save")
+    elif error.failures:
+        failure = next(iter(error.failures.values()))[0]
+        # A writer's OSError reaches the coordinator as text ("Worker failure: [Errno 28] ...: 'path'").
+        found = _OS_ERROR_TEXT.search(str(failure))
+        detail = (describe_os_error(OSError(int(found.group(1)), found.group(2), found.group(3)), "--save")
+                  if found else first_line(failure))
+    if isinstance(error, DcpCheckpointException):
+        detail = checkpointing.agreed_error(detail) or "a checkpoint writer failed"
+    return checkpointing.save_failed(root, iteration, detail)
 
 
 def _save_strategy(args):
@@ -126,10 +169,13 @@ def _make_staging_dir(root: str, final_dir: str) -> str:
     name = [None]
     if torch.distributed.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
-        for stale in glob.glob(glob.escape(final_dir + checkpointing.PARTIAL_SUFFIX) + "*"):
-            if stale not in _ASYNC.pending:
+        # What killed saves left: the torch format's leftovers, temporary files of dead
+        # processes, and the staging directories of attempts that are not pending here.
+        sweep_save_dir(root, lambda message: print(message, flush=True))
+        for stale in glob.glob(os.path.join(glob.escape(root), "iter_*" + PARTIAL_SUFFIX + ".*")):
+            if stale not in _ASYNC.staging_dirs():
                 shutil.rmtree(stale, ignore_errors=True)
-        name[0] = f"{final_dir}{checkpointing.PARTIAL_SUFFIX}.{os.urandom(4).hex()}"
+        name[0] = f"{final_dir}{PARTIAL_SUFFIX}.{os.urandom(4).hex()}"
         os.makedirs(name[0])
     torch.distributed.broadcast_object_list(name, src=0)
     return name[0]

@@ -131,3 +131,53 @@ def test_forked_ranks_do_not_share_the_parents_writer_queue():
     assert filesystem_async._results_queue is parent_queue
     parent_queue.put("still usable")
     assert parent_queue.get() == "still usable"
+
+
+def _save_with_a_full_disk(rank, world_size, argv, full_on_rank):
+    """pretrain_gpt.main; on `full_on_rank`, megatron-core's writers meet a full
+    disk in the checkpoint of iteration 4. Returns the CheckpointError's message."""
+    import errno
+    import functools
+    import sys
+
+    from tests.distributed.launcher import ROOT
+
+    sys.path.insert(0, ROOT)
+    import pretrain_gpt
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.training import checkpointing
+    from megatron.training.initialize import destroy
+
+    if rank == full_on_rank:
+        real = filesystem_async._write_item
+
+        @functools.wraps(real)  # megatron-core passes arguments by the signature it sees
+        def full_disk(*args, **kwargs):
+            stream = next(a for a in args if hasattr(a, "write"))
+            if "iter_0000004" in stream.name:
+                raise OSError(errno.ENOSPC, "No space left on device", stream.name)
+            return real(*args, **kwargs)
+
+        filesystem_async._write_item = full_disk
+    try:
+        pretrain_gpt.main(list(argv))
+        return None
+    except checkpointing.CheckpointError as e:
+        return str(e)
+    finally:
+        destroy()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_full_disk_on_one_rank_stops_every_rank_with_one_error(tmp_path, mode):
+    from tests.distributed.launcher import run_distributed
+
+    root = str(tmp_path / "ckpt")
+    argv = tiny_argv(LAYOUT + ["--save", root, "--save-interval", "2"], iters=4) + MODE_FLAGS[mode]
+    errors = run_distributed(_save_with_a_full_disk, world_size=2, args=(argv, 1))
+    assert errors[0] == errors[1], "every rank stops with the same error"
+    assert errors[0].startswith(f"saving iteration 4 to {root} failed: {root}/iter_0000004.partial."), errors[0]
+    assert ("No space left on device; the disk is full: free space, or write to another disk (--save); the partial "
+            "save was removed and iteration 2 is still the latest checkpoint") in errors[0]
+    assert sorted(os.listdir(root)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    assert _tracker(root) == 2

@@ -135,7 +135,7 @@ def _resume(root, saved_rng):
     optimizer, scheduler = training.build_optimizer(args, ours)
     random.seed(0), np.random.seed(0)  # the load must bring the saved states back
     loaded_at = checkpointing.load_checkpoint(args, ours, optimizer, scheduler)
-    restored = {k: v for k, v in checkpointing.unwrap_model(ours[0]).state_dict().items()
+    restored = {k: v for k, v in checkpointing._unwrap(ours[0]).state_dict().items()
                 if isinstance(v, torch.Tensor)}
     rng_back = random.getstate() == saved_rng["random_rng_state"] and all(
         np.array_equal(a, b) for a, b in zip(np.random.get_state(), saved_rng["np_rng_state"]))
@@ -157,7 +157,7 @@ def _refitted_embedding(root):
     training.build_tokenizer_from_args(args)
     ours = training.build_model(args, build_gpt_model)
     checkpointing.load_checkpoint(args, ours, *training.build_optimizer(args, ours))
-    embedding = checkpointing.unwrap_model(ours[0]).embedding.word_embeddings.weight.detach().clone()
+    embedding = checkpointing._unwrap(ours[0]).embedding.word_embeddings.weight.detach().clone()
     parallel_state.destroy_model_parallel()
     return embedding
 

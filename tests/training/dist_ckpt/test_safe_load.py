@@ -1,4 +1,5 @@
-"""Loading a torch_dist checkpoint never unpickles code: an object whose
+"""Loading a torch_dist checkpoint never unpickles code, and a damaged one
+says which file and which iteration to resume from instead. An object whose
 unpickling would write a marker file is planted in each place a checkpoint
 holds pickled data, and the driver's loader refuses each copy with a one-line
 error while the marker stays absent. For the places where megatron-core's
@@ -123,6 +124,16 @@ def _load_each(rank, world_size, roots, markers, argv):
             errors[place] = None
         except checkpointing.CheckpointError as e:
             errors[place] = str(e)
+    # A cut file of the latest iteration: named, with the iteration to resume from instead, which then loads.
+    args.load = roots["truncated"]
+    try:
+        checkpointing.load_checkpoint(args, model, optimizer, scheduler)
+        errors["truncated"] = None
+    except checkpointing.CheckpointError as e:
+        errors["truncated"] = str(e)
+    args.ckpt_step = 4
+    errors["truncated_step4"] = checkpointing.load_checkpoint(args, model, optimizer, scheduler)
+    args.ckpt_step = None
     ran_before_unprotected = {place: os.path.exists(m) for place, m in markers.items()}
     for place in PLANTS:
         try:
@@ -141,6 +152,13 @@ def test_planted_objects_do_not_run(tp2_run, tmp_path):
         shutil.copytree(source, roots[place])
         plant(_iteration_dir(roots[place]), markers[place])
 
+    roots["truncated"] = str(tmp_path / "truncated")
+    shutil.copytree(source, roots["truncated"])
+    with open(os.path.join(roots["truncated"], "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("6")
+    cut = os.path.join(roots["truncated"], "iter_0000006", "__0_0.distcp")
+    os.truncate(cut, os.path.getsize(cut) // 2)
+
     argv = tiny_argv(["--use-distributed-optimizer"])
     errors, ran_in_driver, ran_unprotected = run_distributed(_load_each, world_size=1,
                                                             args=(roots, markers, argv))[0]
@@ -156,6 +174,11 @@ def test_planted_objects_do_not_run(tp2_run, tmp_path):
     for place, text in expected.items():
         assert errors[place] is not None and text in errors[place], (place, errors[place])
         assert "\n" not in errors[place]
+    # A damaged checkpoint: the file, what is wrong, and the iteration that loads (which it does).
+    assert errors["truncated"].startswith(f"{cut} is truncated"), errors["truncated"]
+    assert (f"Iteration 4 ({roots['truncated']}/iter_0000004) is complete: resume from it with --ckpt-step 4"
+            in errors["truncated"])
+    assert errors["truncated_step4"] == (4, 32)
     # megatron-core's and torch's readers run the very same plants
     assert ran_unprotected == {"common.pt": True, ".metadata": True, "byte entry": True, "tensor entry": False}
 
