@@ -19,7 +19,10 @@ layout, with the optimizer state.
 """
 
 import os
+import signal
 import sys
+import threading
+import time
 
 
 def _forget_inherited_writer_queue() -> None:
@@ -35,3 +38,23 @@ def _forget_inherited_writer_queue() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_inherited_writer_queue)
+
+
+def serve_writer_results() -> None:
+    """Initializer of the process that serves megatron-core's writer-result
+    queue (this module is light: the process imports nothing heavy for it).
+    A termination signal meant for the training process (torchrun forwards
+    SIGTERM to the whole group; --exit-signal-handler then saves) must not end
+    the queue that save reports through, so the signals are ignored; the
+    process ends with the training process instead (shut down by it, or
+    when it is gone)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_with_parent():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()

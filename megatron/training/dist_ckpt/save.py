@@ -27,9 +27,11 @@ that comes while the previous one is still writing waits for it).
 
 import functools
 import glob
+import multiprocessing
 import os
 import re
 import shutil
+from multiprocessing.managers import SyncManager
 from typing import List, Tuple
 
 import torch
@@ -40,6 +42,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from megatron.training import checkpointing
+from megatron.training.dist_ckpt import serve_writer_results
 from megatron.training.dist_ckpt import state as state_module
 from megatron.training.checkpoint_integrity import PARTIAL_SUFFIX, first_line, sweep_save_dir
 from megatron.training.fileio import describe_os_error, fsync_path
@@ -88,12 +91,18 @@ _ASYNC = _AsyncSaves()
 
 def start_writer_queue() -> None:
     """Start the process that serves megatron-core's writer-result queue now
-    (it is started by the first save otherwise, inside the time that save
-    blocks training). It is a spawned process, which re-imports the entry
-    point: hence every entry point's `if __name__ == "__main__":` guard."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+    (megatron-core starts it in the first save otherwise, inside the time that
+    save blocks training), as megatron-core does but with an initializer that
+    keeps it alive through the termination signal a preemption save runs
+    after (dist_ckpt.serve_writer_results). It is a spawned process, which
+    re-imports the entry point: hence every entry point's `if __name__ ==
+    "__main__":` guard."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    _get_write_results_queue()
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(serve_writer_results)
+        filesystem_async._results_queue = manager.Queue()  # the queue's proxy keeps the manager alive
 
 
 def finalize_async_saves(blocking: bool = False) -> None:
