@@ -95,6 +95,23 @@ class MegatronSource(ModelSource):
         self.vocab_size = read_vocab_size(self.args, tokenizer_model)
         if tokenizer_model:
             self.args["tokenizer_model"] = os.path.abspath(tokenizer_model)
+        self.adapter_base = first.get("adapter_base")
+        if self.adapter_base is not None:
+            from megatron.training.checkpoint_convert.peft import AdapterSettings
+
+            self.adapter = AdapterSettings.from_args(self.args)
+        self._tokenizer_model = tokenizer_model
+
+    def base(self):
+        """The base checkpoint an adapter-only checkpoint names (adapter_base), at the iteration it names."""
+        if self.adapter_base is None:
+            return super().base()
+        base = MegatronSource(self.adapter_base["load"], self._tokenizer_model)
+        if (base.iteration or 0) != (self.adapter_base.get("iteration") or 0):
+            raise ConversionError(
+                f"{self.path} was trained on {base.path} at iteration {self.adapter_base.get('iteration')}, but that "
+                f"checkpoint is now at iteration {base.iteration or 0}: restore the base the adapter was trained on")
+        return base
 
     def _file(self, t: int, p: int) -> str:
         return checkpointing.rank_file(self.iter_dir, t, p, self.pp)
@@ -192,6 +209,12 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
                           params_dtype=str(dtype).replace("torch.", ""))
     release = source.iteration is None
     iter_dir = checkpointing.iteration_dir(out_dir, source.iteration or 0, release)
+    adapter_only = source.adapter is not None
+    if adapter_only and source.adapter_base is None:
+        raise ConversionError(f"the adapter's base {source.base().path} is not one of this project's checkpoints, "
+                              "which an adapter-only checkpoint must name: convert the base first (--loader llama2_hf "
+                              "--saver megatron) and give that as --base-load-dir, or write the merged model "
+                              "(--merge-adapters, or --saver hf)")
     chunks = vp or 1
     per_chunk = layers // (pp * chunks)
     offsets = sharding.layer_offsets(layers, pp, vp)
@@ -218,7 +241,7 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
                 bar.update(1)
             if p == pp - 1 and v == chunks - 1:
                 tail = source.final()
-                if source.tied and pp > 1:  # the last stage keeps its own copy of the tied embedding
+                if source.tied and pp > 1 and not adapter_only:  # the last stage keeps a copy of the tied embedding
                     tail[OUTPUT_LAYER] = source.embedding()[EMBEDDING]
                 put(tail)
         for t in range(tp):
@@ -230,8 +253,13 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
                 "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                            "virtual_pipeline_model_parallel_size": vp},
             }
+            if adapter_only:
+                state["adapter_base"] = source.adapter_base
             for v, key in enumerate(checkpointing.model_keys(chunks)):
-                state[key] = _with_extra_states(spool.collect(t, v), p == pp - 1 and v == chunks - 1)
+                chunk_state = spool.collect(t, v)
+                # An adapter-only checkpoint holds the adapter tensors and nothing else (the base has the rest).
+                last = p == pp - 1 and v == chunks - 1
+                state[key] = chunk_state if adapter_only else _with_extra_states(chunk_state, last)
             rank_dir = os.path.join(iter_dir, checkpointing.rank_dir_name(t, p, pp))
             os.makedirs(rank_dir, exist_ok=True)
             checkpointing.atomic_torch_save(state, os.path.join(rank_dir, "model_optim_rng.pt"))
