@@ -270,9 +270,9 @@ def check_peft_weights(tensors: Dict[str, torch.Tensor], path: str, settings: Ad
                                       f"{', '.join(settings.targets)}{' with DoRA' if settings.use_dora else ''} "
                                       f"on all {args['num_layers']} layers of the base model)")
             if tuple(tensors[key].shape) != shapes[(module, tensor)]:
-                raise ConversionError(f"{path}: {key} has shape {list(tensors[key].shape)}, the base model needs "
-                                      f"{list(shapes[(module, tensor)])} (r={settings.rank}): is it an adapter of "
-                                      "this base model?")
+                raise ConversionError(f"{path}: {key} has shape {list(tensors[key].shape)}, but with r={settings.rank} "
+                                      f"(adapter_config.json) the base model needs {list(shapes[(module, tensor)])}: "
+                                      "is it an adapter of this base model?")
     extra = sorted(set(tensors) - expected)
     if extra:
         raise ConversionError(f"{path}: unexpected key {extra[0]}"
