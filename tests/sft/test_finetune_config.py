@@ -78,7 +78,7 @@ def test_single_process_and_hf_base(tmp_path):
     ({"base_model": "b", "dataset_path": "d", "lora_r": 8, "quant_bits": 2}, "quant_bits must be 4 .* or 8"),
     ({"base_model": "b", "dataset_path": "d", "lora_r": 0}, "lora_r must be a positive integer"),
     ({"base_model": "b", "dataset_path": "d", "lora_r": 8, "lora_target_modules": ["q_proj", "qkv_proj"]},
-     "'qkv_proj' is not a module LoRA can adapt here: use 'all-linear' or names among q_proj, k_proj"),
+     "lora_target_modules: unknown target module.s. qkv_proj: choose among q_proj, k_proj"),
     ({"base_model": "b", "dataset_path": "d", "layout": {"tp": 2}}, "layout keys are tensor_parallel"),
     ({"base_model": "b", "dataset_path": "d", "optimizer": "adamw"}, "adam or sgd"),
 ])

@@ -127,7 +127,7 @@ class MergedSource(ModelSource):
         hf = hf_layer(self._base.layer(index), index, self.args)
         adapter = self.adapters.layer(index)
         for module in self.settings.targets:
-            key = f"model.layers.{index}.{peft.MODULES[module][1]}.weight"
+            key = f"model.layers.{index}.{peft.HF_PATHS[module]}.weight"
             parts: Dict[str, torch.Tensor] = {t: adapter[peft.megatron_key(index, module, t)]
                                               for t in self.settings.tensor_names}
             hf[key] = merge_weight(hf[key], parts["lora_A.weight"], parts["lora_B.weight"], self.settings.scaling,

@@ -14,54 +14,44 @@ merged over TP, with global layer indices:
 
     decoder.layers.<i>.self_attention.linear_qkv.adapter.q_proj.lora_A.weight   (same shape, same values)
 
-Which megatron-core module carries which HF module comes from the family's
-converter table (llama.LAYER_TABLE): every linear layer in it can be adapted.
-Nothing here imports megatron.core or peft.
+Which megatron-core module carries which HF module is the adapters' TARGETS
+table (megatron/training/peft/targets.py); the HF module paths come from the
+converter's table (llama.LAYER_TABLE). Nothing here imports megatron.core or peft.
 """
 
 import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 
 from megatron.training.checkpoint_convert.core import ConversionError
 from megatron.training.checkpoint_convert.llama import LAYER_TABLE
+from megatron.training.peft.targets import ALL_LINEAR, TARGETS, LayerDims, TargetError, expand_targets
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
-ALL_LINEAR = "all-linear"
 PEFT_PREFIX = "base_model.model.model.layers."
 
 LORA_TENSORS = ("lora_A.weight", "lora_B.weight")
 DORA_TENSOR = "lora_magnitude_vector"
 
 
-def _adapted_modules() -> Dict[str, Tuple[str, str]]:
-    """HF module name -> (megatron-core module inside decoder.layers.<i>., HF module path inside model.layers.<i>.),
-    for every linear layer of the family table, in the table's order (q, k, v, o, gate, up, down)."""
-    modules = {}
-    for megatron_name, hf_names, _ in LAYER_TABLE:
-        megatron_module = megatron_name.rsplit(".", 1)[0]
-        if megatron_module.rsplit(".", 1)[-1].startswith("linear_"):
-            for hf_name in hf_names:
-                path = hf_name.rsplit(".", 1)[0]
-                modules[path.rsplit(".", 1)[-1]] = (megatron_module, path)
-    return modules
+def _hf_paths() -> Dict[str, str]:
+    """HF module name -> its path inside model.layers.<i>. (self_attn.q_proj), from the converter's table."""
+    paths = {}
+    for _, hf_names, _ in LAYER_TABLE:
+        for hf_name in hf_names:
+            path = hf_name.rsplit(".", 1)[0]
+            paths[path.rsplit(".", 1)[-1]] = path
+    return {name: paths[name] for name in TARGETS}
 
 
-MODULES = _adapted_modules()
-TARGET_NAMES = tuple(MODULES)
-
-# HF module -> (in_features, out_features), as names of the model's dimensions (see `dimensions`).
-FEATURES = {
-    "q_proj": ("hidden", "query"), "k_proj": ("hidden", "key_value"), "v_proj": ("hidden", "key_value"),
-    "o_proj": ("query", "hidden"), "gate_proj": ("hidden", "ffn"), "up_proj": ("hidden", "ffn"),
-    "down_proj": ("ffn", "hidden"),
-}
+HF_PATHS = _hf_paths()
+TARGET_NAMES = tuple(TARGETS)
 
 # adapter_config.json fields this format cannot express, with the value that means "not used".
 UNSUPPORTED_CONFIG = {
@@ -73,13 +63,12 @@ UNSUPPORTED_CONFIG = {
 }
 
 
-def dimensions(args: dict) -> Dict[str, int]:
-    """The model's feature sizes by name, from its Megatron flags."""
+def layer_dims(args: dict) -> LayerDims:
+    """The projection sizes of a model with these Megatron flags."""
     heads = args["num_attention_heads"]
-    head_dim = args.get("kv_channels") or args["hidden_size"] // heads
-    groups = args.get("num_query_groups") or heads
-    return {"hidden": args["hidden_size"], "query": heads * head_dim, "key_value": groups * head_dim,
-            "ffn": args["ffn_hidden_size"]}
+    return LayerDims(hidden=args["hidden_size"], ffn=args["ffn_hidden_size"], heads=heads,
+                     groups=args.get("num_query_groups") or heads,
+                     head_dim=args.get("kv_channels") or args["hidden_size"] // heads, gated=bool(args.get("swiglu")))
 
 
 @dataclass(frozen=True)
@@ -131,10 +120,10 @@ class AdapterSettings:
 
     def expected_shapes(self, args: dict) -> Dict[Tuple[str, str], Tuple[int, ...]]:
         """(HF module, tensor name) -> shape, for a model with these Megatron flags."""
-        dims = dimensions(args)
+        dims = layer_dims(args)
         shapes = {}
         for name in self.targets:
-            features_in, features_out = (dims[d] for d in FEATURES[name])
+            features_out, features_in = dims.hf_shape(name)
             shapes[(name, "lora_A.weight")] = (self.rank, features_in)
             shapes[(name, "lora_B.weight")] = (features_out, self.rank)
             if self.use_dora:
@@ -143,24 +132,19 @@ class AdapterSettings:
 
 
 def canonical_targets(targets, where: str) -> Tuple[str, ...]:
-    """HF module names (a list, or "all-linear") in table order; an unknown name is an error listing the valid ones."""
-    if targets == ALL_LINEAR or targets == [ALL_LINEAR]:
-        return TARGET_NAMES
-    if isinstance(targets, str):
-        targets = [targets]
-    unknown = [t for t in targets if t not in MODULES]
-    if unknown or not targets:
-        raise ConversionError(f"{where}: {', '.join(map(repr, unknown)) or 'no module'} is not a module LoRA can "
-                              f"adapt here: use {ALL_LINEAR!r} or names among {', '.join(TARGET_NAMES)}")
-    return tuple(t for t in TARGET_NAMES if t in targets)
+    """HF module names (a list, or "all-linear") in TARGETS order; an unknown name is an error listing the valid ones."""
+    try:
+        return tuple(expand_targets([targets] if isinstance(targets, str) else list(targets)))
+    except TargetError as e:
+        raise ConversionError(f"{where}: {e}")
 
 
 def megatron_key(layer: int, module: str, tensor: str) -> str:
-    return f"decoder.layers.{layer}.{MODULES[module][0]}.adapter.{module}.{tensor}"
+    return f"decoder.layers.{layer}.{TARGETS[module][0]}.adapter.{module}.{tensor}"
 
 
 def peft_key(layer: int, module: str, tensor: str) -> str:
-    return f"{PEFT_PREFIX}{layer}.{MODULES[module][1]}.{tensor}"
+    return f"{PEFT_PREFIX}{layer}.{HF_PATHS[module]}.{tensor}"
 
 
 def layer_keys(settings: AdapterSettings, layer: int) -> Iterator[Tuple[str, str, str, str]]:
@@ -286,8 +270,3 @@ def to_megatron_names(tensors: Dict[str, torch.Tensor], settings: AdapterSetting
                       layer: int) -> Dict[str, torch.Tensor]:
     """One layer's adapter tensors under our names (global index)."""
     return {ours: tensors[theirs] for _, _, ours, theirs in layer_keys(settings, layer)}
-
-
-def target_list(names: Sequence[str]) -> List[str]:
-    """The --lora-target-modules value of a settings' targets."""
-    return [ALL_LINEAR] if tuple(names) == TARGET_NAMES else list(names)

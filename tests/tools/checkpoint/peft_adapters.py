@@ -7,9 +7,9 @@ from tools.checkpoint import util
 
 # GQA (4 heads, 2 groups) so the q and k/v adapters have different shapes; untied or tied embeddings.
 HF_MODELS = {
-    "untied": dict(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+    "untied": dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False),
-    "tied": dict(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+    "tied": dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True),
 }
 

@@ -118,7 +118,7 @@ IMPORT_ERRORS = {
     "unsupported bias": (_edit_config(bias="all"), ["adapter_config.json: bias='all' is not supported"]),
     "regex targets": (_edit_config(target_modules=".*proj"), ["is a regular expression: list the module names"]),
     "unknown target": (_edit_config(target_modules=["q_proj", "lm_head"]),
-                       ["'lm_head' is not a module LoRA can adapt", "q_proj, k_proj, v_proj, o_proj, gate_proj"]),
+                       ["target_modules: unknown target module(s) lm_head: choose among q_proj, k_proj, v_proj"]),
 }
 
 
