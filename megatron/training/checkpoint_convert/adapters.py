@@ -8,7 +8,8 @@
   directory) -> a peft directory (`--saver peft`).
 - `MergedSource`: base + adapters as one plain model, merged as peft's
   `merge_and_unload()` does, in fp32 (`--saver hf` on an adapter source; the
-  saver casts to the base's dtype afterwards).
+  saver casts to the base's dtype afterwards). A QLoRA adapter is merged
+  into the base as its training saw it: quantized and dequantized.
 """
 
 import os
@@ -19,6 +20,8 @@ import torch
 from megatron.training.checkpoint_convert import peft
 from megatron.training.checkpoint_convert.core import ConversionError, ModelSource, progress
 from megatron.training.checkpoint_convert.llama import hf_layer, megatron_layer
+
+TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the flag the adapter run trained with
 
 
 def merge_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
@@ -31,6 +34,26 @@ def merge_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
         return merged
     norm = torch.linalg.norm(merged, dim=1)
     return (magnitude.float() / norm).view(-1, 1) * merged
+
+
+def dequantized_as_trained(weight: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """One HF weight matrix as QLoRA training used it (peft/quantized.py): in the training
+    dtype, quantized whole by bitsandbytes (NF4, block 64, no double quantisation; or int8 per
+    row of the fp16 weight) and dequantized, in `dtype`. NF4 is dequantized by its format:
+    blocks of 64 consecutive elements of the flattened matrix (bitsandbytes' CUDA and reference
+    kernels; its CPU kernel in 0.50.2 mis-blocks rows whose width is not a multiple of 64)."""
+    import bitsandbytes.functional as bnb
+
+    weight = weight.to(dtype).contiguous()
+    if bits == 4:
+        packed, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
+        flat = packed.reshape(-1)
+        codes = torch.stack([flat >> 4, flat & 0xF], dim=-1).reshape(-1)[: weight.numel()].long()
+        values = bnb.get_4bit_type("nf4", device=weight.device)[codes]
+        absmax = state.absmax.float().repeat_interleave(64)[: weight.numel()]
+        return (values * absmax).view(weight.shape).to(dtype)
+    codes, absmax, _ = bnb.int8_vectorwise_quant(weight.to(torch.float16))
+    return bnb.int8_vectorwise_dequant(codes, absmax).to(dtype)
 
 
 class PeftSource(ModelSource):
@@ -125,6 +148,12 @@ class MergedSource(ModelSource):
 
     def layer(self, index):
         hf = hf_layer(self._base.layer(index), index, self.args)
+        if self.settings.quant_bits:  # QLoRA trained on the quantized base: merge into what it saw
+            dtype = TRAINING_DTYPES.get(next((k for k in TRAINING_DTYPES if self.adapters.args.get(k)), None),
+                                        torch.float32)
+            for module in peft.HF_PATHS.values():
+                key = f"model.layers.{index}.{module}.weight"
+                hf[key] = dequantized_as_trained(hf[key], self.settings.quant_bits, dtype)
         adapter = self.adapters.layer(index)
         for module in self.settings.targets:
             key = f"model.layers.{index}.{peft.HF_PATHS[module]}.weight"

@@ -11,6 +11,10 @@ HF_MODELS = {
                    num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False),
     "tied": dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True),
+    # widths that are multiples of 64: transformers + bitsandbytes (0.50.2) dequantize NF4 right on CPU
+    # only then, so this is the QLoRA reference's base
+    "wide": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False),
 }
 
 
