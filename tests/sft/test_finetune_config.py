@@ -89,11 +89,22 @@ def test_config_errors_name_the_fix(tmp_path, entry, message):
         fc.load_config(write(tmp_path, entry), "rnu")
 
 
-def test_shipped_examples_parse():
+def test_shipped_examples_parse_and_the_tiny_ones_run_here():
+    """Every shipped configuration parses; the FinLoRA-style tiny ones (one of each method) have their
+    base model and data in the repository (examples/finlora), so they plan without downloading."""
     path = os.path.join(REPO, "finetune_configs.json")
+    methods = set()
     for name in json.load(open(path)):
         cfg = fc.load_config(path, name)
-        assert cfg["num_epochs"] > 0 and cfg["layout"]
+        assert cfg["num_epochs"] > 0
+        if name.startswith("sentiment_tiny_"):
+            plan = fc.make_plan(cfg)
+            assert plan.base_is_hf and os.path.isfile(cfg["dataset_path"]) and plan.world_size == 1
+            cmd = fc.train_command(plan, REPO, 100, 10)
+            bits = flag(cmd, "--lora-quant-bits") if "--lora-quant-bits" in cmd else None
+            methods.add("QLoRA-4bit" if bits == "4" else "DoRA" if "--lora-use-dora" in cmd else
+                        "RSLoRA" if "--lora-use-rslora" in cmd else "LoRA")
+    assert methods == {"LoRA", "QLoRA-4bit", "DoRA", "RSLoRA"}
 
 
 def test_finlora_adapter_keys_become_lora_flags_and_exports(tmp_path):
