@@ -80,7 +80,10 @@ def run(argv=None) -> int:
         steps = [(fc.convert_command(plan, REPO), None),
                  (fc.train_command(plan, REPO, train, valid), lambda: fc.record_if_finished(plan, train)),
                  *[(command, None) for command in fc.export_commands(plan, REPO)]]
-    return run_steps([(command, then) for command, then in steps if command], args.dry_run)
+    code = run_steps([(command, then) for command, then in steps if command], args.dry_run)
+    if code == 0 and not args.dry_run:
+        print(fc.outputs_summary(plan), flush=True)
+    return code
 
 
 def main(argv=None) -> int:

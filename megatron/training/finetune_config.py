@@ -337,3 +337,17 @@ def finished_iteration(plan: Plan) -> Optional[int]:
     same_config = record.get("config") == json.loads(json.dumps(plan.cfg))
     iteration = _tracker_iteration(plan)
     return iteration if same_config and iteration == record.get("iteration") else None
+
+
+def outputs_summary(plan: Plan) -> str:
+    """The last lines finetune.py prints: where the results are and how to load them."""
+    save = plan.cfg["save_dir"]
+    lines = [f"done: checkpoints in {plan.checkpoints}"]
+    adapter, hf = os.path.join(save, "adapter"), os.path.join(save, "hf")
+    if plan.cfg["lora_r"] is not None and os.path.isdir(adapter):
+        base = plan.cfg["base_model"] if plan.base_is_hf else "<the base as an HF model>"
+        lines.append(f"peft adapter: {adapter}  (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+                     f"{base!r}), {adapter!r}); vLLM: --enable-lora --lora-modules NAME={adapter})")
+    if plan.cfg["export_hf"] and os.path.isdir(hf):
+        lines.append(f"Hugging Face model{' (adapters merged)' if plan.cfg['lora_r'] is not None else ''}: {hf}")
+    return "\n".join(lines)
