@@ -17,5 +17,9 @@ def add_arguments(group) -> None:
 
 def load_source(args):
     from megatron.training.checkpoint_convert.adapters import open_peft_source
+    from megatron.training.checkpoint_convert.core import ConversionError
 
+    if args.verify:
+        raise ConversionError("--verify runs HF and Megatron models, not a peft directory: verify what this "
+                              "import writes afterwards (--loader megatron --load-dir <it> --saver hf --verify)")
     return open_peft_source(args.load_dir, args.base_load_dir, args.tokenizer_model)

@@ -142,6 +142,8 @@ def test_adapter_commands_refuse_what_they_cannot_do(models, tmp_path, capsys):
     assert "--loader peft needs --base-load-dir" in capsys.readouterr().err
     assert convert("megatron", "peft", base, tmp_path / "b") == 1
     assert "holds no LoRA adapters" in capsys.readouterr().err
+    assert convert("peft", "hf", adapters["rslora_qv"][0], tmp_path / "v", "--base-load-dir", hf, "--verify") == 1
+    assert "--verify runs HF and Megatron models, not a peft directory" in capsys.readouterr().err
     # an adapter-only checkpoint must name one of our checkpoints as its base
     assert convert("peft", "megatron", adapters["rslora_qv"][0], tmp_path / "c", "--base-load-dir", hf) == 1
     assert "convert the base first" in capsys.readouterr().err
