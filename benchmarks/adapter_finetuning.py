@@ -13,7 +13,7 @@ checkpoint, on mock data:
   quantized buffers), the gradient buffers and the optimizer hold, each
   storage counted once -- exact, and independent of the machine's load;
 - peak RSS (the process's VmHWM, from /proc) and its rise over the RSS after
-  start-up (imports and process group): RSS, not tracemalloc, because
+  the imports: RSS, not tracemalloc, because
   torch's CPU allocations are invisible to tracemalloc; the rise includes
   activations and the allocator's caching;
 - tokens/s: the median of timed blocks after a warm-up block.
@@ -71,6 +71,7 @@ def _proc_status_kib(field: str) -> int:
 def measure(argv: list, blocks: int, iters: int) -> dict:
     """Train with the driver in this process; what `worker` reports."""
     sys.path.insert(0, HERE)
+    import pretrain_gpt  # noqa: F401 - the imports (torch, megatron.core) before the baseline
     from driver_harness import DriverHarness, saved_activation_bytes, training_state_bytes
 
     rss_start = _proc_status_kib("VmRSS")
@@ -187,14 +188,14 @@ def report(size: str, results: dict, blocks: int, iters: int) -> str:
         f"seq {seq}; global batch {global_batch} ({micro} per micro-batch); Adam; the same random base and mock data "
         f"for every method; {blocks} timed blocks of {iters} iterations after one warm-up iteration (median).",
         "",
-        "| method | trainable params | % of all | weights + buffers (MiB) | grads (MiB) | optimizer (MiB) | "
+        "| method | trainable params | % of the model | weights + buffers (MiB) | grads (MiB) | optimizer (MiB) | "
         "training state (MiB) | peak RSS (MiB) | RSS rise (MiB) | tokens/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         state = r["weights"] + r["gradients"] + r["optimizer"]
         lines.append(
-            f"| {name} | {r['trainable']:,} | {100 * r['trainable'] / r['parameters']:.2f} | {_mib(r['weights'])} | "
+            f"| {name} | {r['trainable']:,} | {100 * r['trainable'] / full['parameters']:.2f} | {_mib(r['weights'])} | "
             f"{_mib(r['gradients'])} | {_mib(r['optimizer'])} | {_mib(state)} | {r['rss_peak_mib']:,.0f} | "
             f"{r['rss_peak_mib'] - r['rss_start_mib']:,.0f} | {r['tokens_per_s']:,.0f} |")
     full_state = full["weights"] + full["gradients"] + full["optimizer"]
