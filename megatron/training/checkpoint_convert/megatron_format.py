@@ -56,7 +56,8 @@ class MegatronSource(ModelSource):
 
     format = "megatron"
 
-    def __init__(self, load_dir: str, tokenizer_model: Optional[str] = None):
+    def __init__(self, load_dir: str, tokenizer_model: Optional[str] = None, iter_dir: Optional[str] = None):
+        """The checkpoint's latest iteration, or the iteration directory `iter_dir` of it."""
         self.path = os.path.abspath(load_dir)
         if not os.path.isdir(self.path):
             raise ConversionError(f"--load-dir {self.path} does not exist")
@@ -68,7 +69,8 @@ class MegatronSource(ModelSource):
             raise ConversionError(
                 f"{self.path} has no {checkpointing.TRACKER_FILENAME}: it is not a checkpoint saved by "
                 "pretrain_gpt.py (for a Hugging Face directory use --loader llama2_hf)")
-        self.iter_dir = checkpointing.iteration_dir(self.path, iteration, release)
+        self.iter_dir = iter_dir or checkpointing.iteration_dir(self.path, iteration, release)
+        release = os.path.basename(self.iter_dir) == "release"
         try:
             first = checkpointing.first_rank_state(self.iter_dir)
         except checkpointing.CheckpointError as e:
@@ -103,15 +105,17 @@ class MegatronSource(ModelSource):
         self._tokenizer_model = tokenizer_model
 
     def base(self):
-        """The base checkpoint an adapter-only checkpoint names (adapter_base), at the iteration it names."""
+        """The base checkpoint an adapter-only checkpoint names (adapter_base), at the iteration it
+        names, as the driver loads it."""
         if self.adapter_base is None:
             return super().base()
-        base = MegatronSource(self.adapter_base["load"], self._tokenizer_model)
-        if (base.iteration or 0) != (self.adapter_base.get("iteration") or 0):
-            raise ConversionError(
-                f"{self.path} was trained on {base.path} at iteration {self.adapter_base.get('iteration')}, but that "
-                f"checkpoint is now at iteration {base.iteration or 0}: restore the base the adapter was trained on")
-        return base
+        from megatron.training.peft.checkpoint import base_iteration_dir
+
+        try:
+            iter_dir = base_iteration_dir(self.adapter_base, self.iter_dir)
+        except checkpointing.CheckpointError as e:
+            raise ConversionError(str(e))
+        return MegatronSource(self.adapter_base["load"], self._tokenizer_model, iter_dir)
 
     def _file(self, t: int, p: int) -> str:
         return checkpointing.rank_file(self.iter_dir, t, p, self.pp)

@@ -165,7 +165,7 @@ def write_peft_dir(out_dir: str, settings: AdapterSettings, layers: Iterable[Dic
     other. Returns the config written."""
     from safetensors.torch import save_file
 
-    tensors = {}
+    tensors, index = {}, -1
     for index, layer in enumerate(layers):
         layer = dict(layer)
         for _, _, ours, theirs in layer_keys(settings, index):

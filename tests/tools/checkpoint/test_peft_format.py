@@ -147,3 +147,12 @@ def test_adapter_commands_refuse_what_they_cannot_do(models, tmp_path, capsys):
     # an adapter-only checkpoint must name one of our checkpoints as its base
     assert convert("peft", "megatron", adapters["rslora_qv"][0], tmp_path / "c", "--base-load-dir", hf) == 1
     assert "convert the base first" in capsys.readouterr().err
+    # its base gone: the adapter still exports to peft (no base needed), the merged model names what is missing
+    shutil.copytree(base, tmp_path / "base_copy")
+    assert convert("peft", "megatron", adapters["rslora_qv"][0], tmp_path / "d", "--base-load-dir",
+                   tmp_path / "base_copy") == 0
+    shutil.rmtree(tmp_path / "base_copy")
+    assert convert("megatron", "peft", tmp_path / "d", tmp_path / "e") == 0
+    assert convert("megatron", "hf", tmp_path / "d", tmp_path / "f") == 1
+    err = capsys.readouterr().err
+    assert "were trained on the base" in err and "base_copy" in err and "which is missing" in err, err
