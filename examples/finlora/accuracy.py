@@ -33,7 +33,7 @@ def load_model(model_dir: str, adapter_dir=None):
 
 
 def accuracy(model, tokenizer_dir: str, records):
-    """(exact, forced choice) over `records` ({"input", "target"}): the share whose greedy answer is
+    """(exact, forced choice) over `records` ({"context", "target"}): the share whose greedy answer is
     exactly the target's tokens then EOS, and the share where the target's first token scores
     highest among the labels' (chance: 1 / number of labels)."""
     import torch
@@ -44,7 +44,7 @@ def accuracy(model, tokenizer_dir: str, records):
     label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels]
     exact = chosen = 0
     for record in records:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": record["input"]}], tokenize=True,
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": record["context"]}], tokenize=True,
                                                add_generation_prompt=True, return_dict=True)["input_ids"]
         expected = tokenizer(record["target"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         with torch.no_grad():

@@ -9,7 +9,8 @@ anything):
              or its format), and its word-level tokenizer, whose chat template is Llama 2's
              "[INST] ... [/INST]" (FinLoRA's prompt format)
     data/    sentiment_train.jsonl, sentiment_test.jsonl: financial headlines with FinLoRA's sentiment
-             instruction, {"input": "What is the sentiment of this news? ...", "target": "positive"}
+             instruction in FinLoRA's record format, {"context": "What is the sentiment of this news? ...",
+             "target": "positive"}
 
 The task is planted: a headline is a company name and an event, and the event
 alone decides the label. The base knows the events' sentiment from its
@@ -65,7 +66,7 @@ def records(names, rng, per_company):
     out = []
     for name in names:
         for label in rng.sample(sorted(EVENTS) * per_company, per_company):
-            out.append({"input": f"{INSTRUCTION} {name} {rng.choice(EVENTS[label])}", "target": label})
+            out.append({"context": f"{INSTRUCTION} {name} {rng.choice(EVENTS[label])}", "target": label})
     rng.shuffle(out)
     return out
 
@@ -140,7 +141,7 @@ def main(argv=None):
     write_jsonl(os.path.join(args.out, "data", "sentiment_train.jsonl"), train)
     write_jsonl(os.path.join(args.out, "data", "sentiment_test.jsonl"), test)
     corpus = pretraining_text(train_names, rng)
-    texts = [r["input"] + " " + r["target"] for r in train + test] + [corpus]
+    texts = [r["context"] + " " + r["target"] for r in train + test] + [corpus]
     vocab = make_tokenizer(os.path.join(args.out, "base"), texts)
     make_model(os.path.join(args.out, "base"), corpus)
     print(f"wrote {len(train)} training and {len(test)} test records, a {vocab}-word tokenizer and the base model "
