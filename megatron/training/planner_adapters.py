@@ -36,6 +36,7 @@ from megatron.training.peft.targets import COLUMN, TARGETS
 
 NF4_BLOCK = 64
 ABSMAX_BYTES = 4  # fp32 scale per NF4 block / per int8 row
+NF4_PAIR_TABLE_BYTES = 256 * 2 * 4  # per 4-bit linear: the two fp32 NF4 values of each byte
 
 
 def adapted(args) -> bool:
@@ -70,14 +71,14 @@ def adapter_parameters_per_layer(args, tp: int) -> int:
 
 def index_buffer_bytes_per_layer(args, tp: int) -> int:
     """The adapters' and QLoRA's small buffers: an adapted column-parallel linear keeps its rows'
-    order and each HF part's rows (int64, twice its local rows); a quantized linear its 16-value
-    NF4 table (fp32)."""
+    order and each HF part's rows (int64, twice its local rows); a 4-bit linear its table of the
+    NF4 value pairs of every byte (256 x 2 fp32)."""
     total = 0
     for module in {TARGETS[name][0] for name in _targets(args) if _column(name)}:
         rows = sum(features_out for name, (_, features_out) in _features(args).items() if TARGETS[name][0] == module)
         total += 2 * 8 * rows // tp
     if args.lora_quant_bits == 4:
-        total += len({module for module, _ in TARGETS.values()}) * 16 * 4
+        total += len({module for module, _ in TARGETS.values()}) * NF4_PAIR_TABLE_BYTES
     return total
 
 

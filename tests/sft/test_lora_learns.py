@@ -9,6 +9,8 @@ import json
 import os
 import re
 
+import pytest
+
 from tests.sft.test_finetune_config import REPO
 
 EXAMPLE = os.path.join(REPO, "examples", "finlora")
@@ -26,6 +28,7 @@ def _accuracy(model_dir, adapter=None):
     return accuracy.accuracy(accuracy.load_model(model_dir, adapter), os.path.join(EXAMPLE, "base"), records)
 
 
+@pytest.mark.slow
 def test_lora_learns_the_instruction_from_chance_to_near_100_percent(tmp_path, capfd):
     import finetune
 

@@ -82,6 +82,6 @@ def test_frozen_base_has_no_optimizer_state_and_nf4_takes_half_a_byte():
     assert full.stages[0].optimizer == full.stages[0].parameters * 16
     assert lora.stages[0].optimizer == qlora.stages[0].optimizer == lora.stages[0].trainable * 16
     # NF4: 0.5 byte per linear weight + 4 bytes per 64 of them, instead of 2 (bf16); plus each of the
-    # 4 linear layers' 16-value NF4 table (fp32), in each of the 2 layers
+    # 4 linear layers' table of NF4 value pairs (256 x 2 fp32), in each of the 2 layers
     linear = 2 * sum(r * c for r, c, _ in planner_adapters.linear_weight_shards(qlora.args, 1).values())
-    assert qlora.stages[0].weights - lora.stages[0].weights == linear * (0.5 + 4 / 64 - 2) + 2 * 4 * 16 * 4
+    assert qlora.stages[0].weights - lora.stages[0].weights == linear * (0.5 + 4 / 64 - 2) + 2 * 4 * 256 * 2 * 4

@@ -117,6 +117,7 @@ def load_hf_as_trained(path, name):
     return model
 
 
+@pytest.mark.slow
 def test_imported_peft_adapter_gives_peft_s_logits(trained):
     """What `--loader peft --saver megatron` wrote (at TP=2), run by the driver at TP=2 x PP=2: peft's model."""
     from peft import PeftModel
