@@ -9,6 +9,11 @@
         --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
     # Megatron -> Hugging Face (safetensors shards, config.json, tokenizer files)
     python tools/checkpoint/util.py --model-type GPT --loader megatron --saver hf --load-dir ckpt --save-dir ckpt-hf
+    # LoRA adapters: an adapter checkpoint -> peft directory; a peft directory -> adapter checkpoint on our base
+    python tools/checkpoint/util.py --model-type GPT --loader megatron --saver peft --load-dir ckpt-lora --save-dir adapter
+    python tools/checkpoint/util.py --model-type GPT --loader peft --saver megatron --load-dir adapter \
+        --base-load-dir llama2-7b-megatron --save-dir ckpt-lora-imported
+    (--saver hf on an adapter checkpoint writes the base with the adapters merged in)
 
 Loaders and savers are plugins: tools/checkpoint/loader_<name>.py and
 saver_<name>.py, each with FORMAT, ALIASES, add_arguments(parser) and
@@ -63,8 +68,10 @@ def build_parser(loader=None, saver=None) -> Parser:
     """The flags, with those of the `loader` and `saver` plugins (modules) when given."""
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-type", choices=["GPT"], required=True)
-    p.add_argument("--loader", default="megatron", help="loader plugin: megatron, llama2_hf (alias llama_hf, hf)")
-    p.add_argument("--saver", default="megatron", help="saver plugin: megatron, hf")
+    p.add_argument("--loader", default="megatron",
+                   help="loader plugin: megatron, llama2_hf (alias llama_hf, hf), peft (a LoRA adapter directory)")
+    p.add_argument("--saver", default="megatron",
+                   help="saver plugin: megatron, hf, peft (the adapters of an adapter checkpoint)")
     p.add_argument("--load-dir", required=True)
     p.add_argument("--save-dir", required=True, help="must not exist yet (or be empty)")
     p.add_argument("--tokenizer-model", default=None,
