@@ -12,7 +12,7 @@
     # LoRA adapters: an adapter checkpoint -> peft directory; a peft directory -> adapter checkpoint on our base
     python tools/checkpoint/util.py --model-type GPT --loader megatron --saver peft --load-dir ckpt-lora \\
         --save-dir adapter
-    python tools/checkpoint/util.py --model-type GPT --loader peft --saver megatron --load-dir adapter \
+    python tools/checkpoint/util.py --model-type GPT --loader peft --saver megatron --load-dir adapter \\
         --base-load-dir llama2-7b-megatron --save-dir ckpt-lora-imported
     (--saver hf on an adapter checkpoint writes the base with the adapters merged in)
 
