@@ -13,31 +13,30 @@ adapter_config.json differ (base_model_name_or_path, r, lora_alpha,
 target_modules, use_dora, ...) or whose tensors differ are refused.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
-from megatron.training.checkpoint_convert.core import ConversionError, staged_output  # noqa: E402
+from megatron.training.errors import Parser, run_main  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapters", nargs="+", required=True, help="peft adapter directories (two or more)")
     p.add_argument("--num-examples", nargs="+", type=int, required=True,
                    help="each adapter's number of training examples, in the order of --adapters")
     p.add_argument("--out", required=True, help="the averaged peft directory (must not exist yet, or be empty)")
-    args = p.parse_args(argv)
+    return p
 
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron.training.checkpoint_convert.core import staged_output
     from megatron.training.checkpoint_convert.fedavg import average_adapters
 
-    try:
-        with staged_output(args.out) as staging:
-            config, shares = average_adapters(args.adapters, args.num_examples, staging)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with staged_output(args.out) as staging:
+        config, shares = average_adapters(args.adapters, args.num_examples, staging)
     for path, n, share in zip(args.adapters, args.num_examples, shares):
         print(f"  {path}: {n} examples, weight {share:.4f}")
     if config.get("base_model_name_or_path") is None:
@@ -46,6 +45,10 @@ def main(argv=None) -> int:
     print(f"saved {os.path.abspath(args.out)}: FedAvg of {len(args.adapters)} adapters (each tensor averaged on its "
           "own, weighted by examples)", flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ FIELDS = {
     "lora_r": (None, "LoRA rank (--lora-rank): train adapters instead of all weights"),
     "lora_alpha": (16, "--lora-alpha: adapters are scaled by alpha / r (alpha / sqrt(r) with RSLoRA)"),
     "lora_dropout": (0.05, "--lora-dropout on the adapters' input"),
-    "lora_target_modules": (["q_proj", "k_proj", "v_proj"], "HF module names (q_proj k_proj v_proj o_proj gate_proj "
-                                                            "up_proj down_proj) or \"all-linear\" (--lora-target-modules)"),
+    "lora_target_modules": (["q_proj", "k_proj", "v_proj"],
+                            "HF module names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or "
+                            "\"all-linear\" (--lora-target-modules)"),
     "quant_bits": (None, "QLoRA: 4 (NF4) or 8 (int8) bits for the frozen base while training (--lora-quant-bits); "
                          "absent or 16: not quantized"),
     "peft_use_dora": (False, "DoRA: magnitude and direction (--lora-use-dora)"),
@@ -131,7 +132,8 @@ def _check_adapter_keys(name: str, entry: dict, cfg: dict) -> None:
                               "adapters, or remove the key to fine-tune all weights")
         return
     if not isinstance(cfg["lora_r"], int) or isinstance(cfg["lora_r"], bool) or cfg["lora_r"] < 1:
-        raise ConfigError(f"{name}: lora_r must be a positive integer (the adapter rank, e.g. 8), not {cfg['lora_r']!r}")
+        raise ConfigError(f"{name}: lora_r must be a positive integer (the adapter rank, e.g. 8), "
+                          f"not {cfg['lora_r']!r}")
     if cfg["quant_bits"] not in QUANT_BITS:
         raise ConfigError(f"{name}: quant_bits must be 4 (QLoRA, NF4) or 8, or 16 / absent for an unquantized base, "
                           f"not {cfg['quant_bits']!r}")

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from megatron.training.errors import USER_ERROR_EXIT_CODE
+
 from tests.tools.checkpoint.peft_adapters import HF_MODELS, load_hf, make_hf_model, make_peft_adapter, safetensors
 from tools import fedavg_adapters
 
@@ -87,7 +89,7 @@ def test_fedavg_refuses_adapters_of_another_base_or_config(clients, tmp_path, ca
     for adapters, counts, message in cases:
         out = tmp_path / "out"
         assert fedavg_adapters.main(["--adapters", *adapters, "--num-examples", *map(str, counts),
-                                     "--out", str(out)]) == 1
+                                     "--out", str(out)]) == USER_ERROR_EXIT_CODE
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
         assert not out.exists() and not (tmp_path / "out.partial").exists()

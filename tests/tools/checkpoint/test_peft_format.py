@@ -13,6 +13,8 @@ import shutil
 import pytest
 import torch
 
+from megatron.training.errors import USER_ERROR_EXIT_CODE as FAILED  # what every entry point returns on a user error
+
 from tests.tools.checkpoint.peft_adapters import (
     HF_MODELS, convert, load_hf, make_hf_model, make_peft_adapter, safetensors, to_megatron_base,
 )
@@ -111,7 +113,8 @@ def _edit_config(**changes):
 MAGNITUDE = "base_model.model.model.layers.3.mlp.down_proj.lora_magnitude_vector"
 EXTRA = "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"
 IMPORT_ERRORS = {
-    "missing key": (_edit_weights(lambda t: t.pop(MAGNITUDE)), [f"missing key {MAGNITUDE}", "adapter_model.safetensors"]),
+    "missing key": (_edit_weights(lambda t: t.pop(MAGNITUDE)),
+                    [f"missing key {MAGNITUDE}", "adapter_model.safetensors"]),
     "extra key": (_edit_weights(lambda t: t.update({EXTRA: torch.zeros(4, 32)})),
                   [f"unexpected key {EXTRA}", "adapter_model.safetensors"]),
     "rank of another model": (_edit_config(r=8), ["lora_A.weight has shape [4, 32], but with r=8", "needs [8, 32]"]),
@@ -130,7 +133,7 @@ def test_import_errors_name_the_key_and_the_file(models, case, tmp_path, capsys)
     shutil.copytree(adapters["dora_all_linear"][0], broken)
     edit, expected = IMPORT_ERRORS[case]
     edit(str(broken))
-    assert convert("peft", "megatron", broken, tmp_path / "out", "--base-load-dir", base) == 1
+    assert convert("peft", "megatron", broken, tmp_path / "out", "--base-load-dir", base) == FAILED
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and all(e in err for e in expected), err
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
@@ -138,14 +141,14 @@ def test_import_errors_name_the_key_and_the_file(models, case, tmp_path, capsys)
 
 def test_adapter_commands_refuse_what_they_cannot_do(models, tmp_path, capsys):
     hf, base, adapters = models
-    assert convert("peft", "megatron", adapters["rslora_qv"][0], tmp_path / "a") == 1
+    assert convert("peft", "megatron", adapters["rslora_qv"][0], tmp_path / "a") == FAILED
     assert "--loader peft needs --base-load-dir" in capsys.readouterr().err
-    assert convert("megatron", "peft", base, tmp_path / "b") == 1
+    assert convert("megatron", "peft", base, tmp_path / "b") == FAILED
     assert "holds no LoRA adapters" in capsys.readouterr().err
-    assert convert("peft", "hf", adapters["rslora_qv"][0], tmp_path / "v", "--base-load-dir", hf, "--verify") == 1
+    assert convert("peft", "hf", adapters["rslora_qv"][0], tmp_path / "v", "--base-load-dir", hf, "--verify") == FAILED
     assert "--verify runs HF and Megatron models, not a peft directory" in capsys.readouterr().err
     # an adapter-only checkpoint must name one of our checkpoints as its base
-    assert convert("peft", "megatron", adapters["rslora_qv"][0], tmp_path / "c", "--base-load-dir", hf) == 1
+    assert convert("peft", "megatron", adapters["rslora_qv"][0], tmp_path / "c", "--base-load-dir", hf) == FAILED
     assert "convert the base first" in capsys.readouterr().err
     # its base gone: the adapter still exports to peft (no base needed), the merged model names what is missing
     shutil.copytree(base, tmp_path / "base_copy")
@@ -153,6 +156,6 @@ def test_adapter_commands_refuse_what_they_cannot_do(models, tmp_path, capsys):
                    tmp_path / "base_copy") == 0
     shutil.rmtree(tmp_path / "base_copy")
     assert convert("megatron", "peft", tmp_path / "d", tmp_path / "e") == 0
-    assert convert("megatron", "hf", tmp_path / "d", tmp_path / "f") == 1
+    assert convert("megatron", "hf", tmp_path / "d", tmp_path / "f") == FAILED
     err = capsys.readouterr().err
     assert "were trained on the base" in err and "base_copy" in err and "which is missing" in err, err
