@@ -2,7 +2,9 @@
 `transformers.AutoModelForCausalLM` and vLLM: safetensors shards + index,
 config.json (rope_scaling linear from --rotary-seq-len-interpolation-factor),
 generation_config.json and the tokenizer files (--tokenizer-model, else the
-tokenizer recorded in the checkpoint)."""
+tokenizer recorded in the checkpoint). An adapter source (a checkpoint trained
+with --lora-rank, or --loader peft) is written merged into its base model
+(in fp32, then cast), as peft's merge_and_unload() merges it."""
 
 FORMAT = "hf"
 ALIASES = ("llama_hf", "llama2_hf")
@@ -19,7 +21,10 @@ def add_arguments(group) -> None:
 def save(args, source, out_dir):
     from megatron.training.checkpoint_convert.core import DTYPES
     from megatron.training.checkpoint_convert.hf_files import parse_size
+    from megatron.training.checkpoint_convert.adapters import MergedSource
     from megatron.training.checkpoint_convert.llama import save_llama_hf
 
+    if source.adapter is not None:
+        source = MergedSource(source)
     return save_llama_hf(source, out_dir, DTYPES.get(args.target_params_dtype), args.make_vocab_size_divisible_by,
                          parse_size(args.max_shard_size), args.tokenizer_model)

@@ -38,6 +38,11 @@ class ModelSource:
     args: dict = {}
     iteration: Optional[int] = None  # None: a released model (no training state)
     vocab_size: Optional[int] = None  # the tokenizer's vocabulary (rows without padding); None: unknown
+    # LoRA adapters (checkpoint_convert/peft.py AdapterSettings) when the source holds adapter
+    # tensors only: then layer() returns them, embedding() and final() nothing, and base() the model
+    # they apply to; `adapter_base` names that model as the driver's adapter checkpoints do.
+    adapter = None
+    adapter_base: Optional[dict] = None
 
     def embedding(self) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -48,6 +53,10 @@ class ModelSource:
     def final(self) -> Dict[str, torch.Tensor]:
         """The final norm, and the output layer when it is not tied to the embedding."""
         raise NotImplementedError
+
+    def base(self) -> "ModelSource":
+        """The model this source's adapters apply to."""
+        raise ConversionError(f"{self.path} holds no LoRA adapters")
 
     @property
     def num_layers(self) -> int:
