@@ -24,6 +24,9 @@ from tests.distributed.launcher import ROOT, run_distributed
 from tests.training.pretrain_runner import MOCK_DATA, SCHEDULE, TINY_LLAMA
 
 RUN = TINY_LLAMA + MOCK_DATA + SCHEDULE + ["--micro-batch-size", "2", "--global-batch-size", "4"]
+# The per-rank torch format: these tests name (and damage) its rank files; the
+# default torch_dist format's own cases are in the first test too.
+TORCH = RUN + ["--ckpt-format", "torch"]
 
 
 @contextlib.contextmanager
@@ -91,19 +94,26 @@ def test_errors_of_the_entry_points_are_one_line_naming_the_fix(tmp_path, hf_dir
     ckpt, empty = tmp_path / "ckpt", tmp_path / "empty"
     empty.mkdir()
     pretrain = "pretrain_gpt"
+    dist = tmp_path / "dist"
     cases = {
-        "a checkpoint to resume": (pretrain, RUN + ["--train-iters", 3, "--save", ckpt], {}),
+        "a checkpoint to resume": (pretrain, TORCH + ["--train-iters", 3, "--save", ckpt], {}),
+        "a torch_dist checkpoint to resume": (pretrain, RUN + ["--train-iters", 3, "--save", dist], {}),
         "misspelt flag": (pretrain, RUN + ["--train-iters", 3, "--tensor-model-paralel-size", 2], {}),
         # item 3: --finetune with nothing to load used to train from random weights
         "finetune from nothing": (pretrain, RUN + ["--train-iters", 3, "--finetune", "--load", empty], {}),
         "finetune from an HF directory": (pretrain, RUN + ["--train-iters", 3, "--finetune", "--load", hf_dir], {}),
         # item 4: megatron-core's AssertionError on a longer --train-iters
-        "resume with another schedule": (pretrain, RUN + ["--train-iters", 6, "--load", ckpt], {}),
-        "the fix it names": (pretrain, RUN + ["--train-iters", 6, "--load", ckpt, "--lr-decay-iters", 3], {}),
+        "resume with another schedule": (pretrain, TORCH + ["--train-iters", 6, "--load", ckpt], {}),
+        "the fix it names": (pretrain, TORCH + ["--train-iters", 6, "--load", ckpt, "--lr-decay-iters", 3], {}),
+        "torch_dist: resume with another schedule": (pretrain, RUN + ["--train-iters", 6, "--load", dist], {}),
+        "torch_dist: the fix it names": (pretrain, RUN + ["--train-iters", 6, "--load", dist,
+                                                          "--override-opt_param-scheduler"], {}),
+        "torch_dist: another shape": (pretrain, RUN + ["--train-iters", 3, "--load", dist, "--finetune",
+                                                       "--hidden-size", 128], {}),
         # item 4: torch's multi-line "size mismatch for ..." with no path
-        "another shape": (pretrain, RUN + ["--train-iters", 3, "--load", ckpt, "--finetune", "--hidden-size", 128],
+        "another shape": (pretrain, TORCH + ["--train-iters", 3, "--load", ckpt, "--finetune", "--hidden-size", 128],
                           {}),
-        "another depth": (pretrain, RUN + ["--train-iters", 3, "--load", ckpt, "--finetune", "--num-layers", 2], {}),
+        "another depth": (pretrain, TORCH + ["--train-iters", 3, "--load", ckpt, "--finetune", "--num-layers", 2], {}),
         "a shape flag against the checkpoint's": (
             pretrain, RUN + ["--train-iters", 3, "--load", ckpt, "--finetune", "--use-checkpoint-args",
                              "--num-layers", 2], {}),
@@ -126,6 +136,10 @@ def test_errors_of_the_entry_points_are_one_line_naming_the_fix(tmp_path, hf_dir
                                          "12 samples (3 iterations of 4)", "24 samples (6 iterations of 4)",
                                          "--lr-decay-iters 3", "--use-checkpoint-opt_param-scheduler",
                                          "--override-opt_param-scheduler"],
+        "torch_dist: resume with another schedule": [f"{dist}/iter_0000003: the checkpoint's LR decay length",
+                                                     "--lr-decay-iters 3", "--override-opt_param-scheduler"],
+        "torch_dist: another shape": [f"{dist}/iter_0000003 holds another model", "--hidden-size 64",
+                                      "--use-checkpoint-args"],
         "another shape": [f"{ckpt}/iter_0000003/mp_rank_00/model_optim_rng.pt", "embedding.word_embeddings.weight",
                           "[256, 64] in the checkpoint but [256, 128] in this model", "--hidden-size",
                           "--use-checkpoint-args"],
@@ -139,10 +153,12 @@ def test_errors_of_the_entry_points_are_one_line_naming_the_fix(tmp_path, hf_dir
     }
     results = dict(zip(cases, run_distributed(_run_cases, 1, (list(cases.values()), str(tmp_path)))[0]))
 
-    for name in ("a checkpoint to resume", "the fix it names"):
+    for name in ("a checkpoint to resume", "the fix it names", "a torch_dist checkpoint to resume",
+                 "torch_dist: the fix it names"):
         code, out, err = results[name]
         assert code == 0, (name, err)
     assert "loaded checkpoint" in results["the fix it names"][1]
+    assert "loaded checkpoint" in results["torch_dist: the fix it names"][1]
     for name, fragments in expected.items():
         code, _, err = results[name]
         lines = err.splitlines()
@@ -158,7 +174,7 @@ def _tp2_checkpoint_with_a_bad_rank_1(path):
     only rank 1 finds out while loading (the loader then tells every rank)."""
     from tests.training.pretrain_runner import run_pretrain
 
-    run_pretrain(RUN + ["--train-iters", "0", "--tensor-model-parallel-size", "2", "--save", path], world_size=2)
+    run_pretrain(TORCH + ["--train-iters", "0", "--tensor-model-parallel-size", "2", "--save", path], world_size=2)
     rank_1 = os.path.join(path, "iter_0000000", "mp_rank_01", "model_optim_rng.pt")
     state = torch.load(rank_1, weights_only=True)
     name = "decoder.layers.1.mlp.linear_fc2.weight"

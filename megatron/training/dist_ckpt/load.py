@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpoin
 from megatron.training import checkpointing, sharding
 from megatron.training.checkpointing import CheckpointError
 from megatron.training.dist_ckpt import safe_load
+from megatron.training.load_checks import load_scheduler_state
 from megatron.training.dist_ckpt import state as state_module
 
 # Flags whose values fix the shapes of the tensors in a checkpoint.
@@ -207,7 +208,7 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
         with checkpointing.restoring_optimizer_state(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None:
-            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+            load_scheduler_state(scheduler, loaded["opt_param_scheduler"], iter_dir, args)
     elif optimizer is not None and (args.fp16 or args.bf16):
         optimizer.reload_model_params()  # the fp32 main weights start from the loaded ones
     if with_rng:
