@@ -36,15 +36,19 @@ def read_index_keys(root):
 
 
 @pytest.mark.parametrize("name", ["gqa", "mha_tied"])
-def test_hf_to_torch_dist_to_hf_is_bitwise(hf_models, tmp_path, name):
+def test_hf_to_torch_dist_to_hf_is_bitwise(hf_models, tmp_path, name, capsys):
     dist = to_torch_dist(hf_models[name], tmp_path / "dist")
     keys = read_index_keys(dist)
     # megatron-core's global layout: layers stacked on a leading axis, norms under TE's fused names
     assert keys["decoder.layers.self_attention.linear_qkv.weight"].size[0] == MODELS[name]["num_hidden_layers"]
     assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in keys
     assert ("output_layer.weight" in keys) == (not MODELS[name]["tie_word_embeddings"])
-    back = convert("torch_dist", "hf", dist, tmp_path / "hf")
+    capsys.readouterr()
+    back = convert("torch_dist", "hf", dist, tmp_path / "hf", "--verify")
     assert_same_tensors(read_safetensors(hf_models[name]), read_safetensors(back))
+    # --verify ran the torch_dist side (under its saved TP=1 x PP=1) against the exported HF model
+    report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("verify: ")]
+    assert len(report) == 1 and "max abs diff" in report[0], report
 
 
 def test_torch_to_torch_dist_to_torch_is_bitwise(hf_models, tmp_path):
