@@ -9,6 +9,9 @@
         --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
     # Megatron -> Hugging Face (safetensors shards, config.json, tokenizer files)
     python tools/checkpoint/util.py --model-type GPT --loader megatron --saver hf --load-dir ckpt --save-dir ckpt-hf
+    # BERT / RoBERTa / Megatron-BERT (the HF class from config.json, and back by the heads)
+    python tools/checkpoint/util.py --model-type BERT --loader hf --saver megatron --load-dir roberta-base \
+        --save-dir roberta-tp2 --target-tensor-parallel-size 2 --verify
 
 Loaders and savers are plugins: tools/checkpoint/loader_<name>.py and
 saver_<name>.py, each with FORMAT, ALIASES, add_arguments(parser) and
@@ -62,8 +65,10 @@ def find_plugin(kind: str, name: str):
 def build_parser(loader=None, saver=None) -> Parser:
     """The flags, with those of the `loader` and `saver` plugins (modules) when given."""
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-type", choices=["GPT"], required=True)
-    p.add_argument("--loader", default="megatron", help="loader plugin: megatron, llama2_hf (alias llama_hf, hf)")
+    p.add_argument("--model-type", choices=["GPT", "BERT"], required=True,
+                   help="GPT: Llama-family models; BERT: BERT, RoBERTa, DistilRoBERTa, Megatron-BERT")
+    p.add_argument("--loader", default="megatron",
+                   help="loader plugin: megatron, hf (the family from config.json), llama2_hf (alias llama_hf)")
     p.add_argument("--saver", default="megatron", help="saver plugin: megatron, hf")
     p.add_argument("--load-dir", required=True)
     p.add_argument("--save-dir", required=True, help="must not exist yet (or be empty)")
