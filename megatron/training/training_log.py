@@ -120,7 +120,7 @@ class TrainingLogger:
             parts.append(f"{key} value: {value:.6E}")
             if self.writer is not None:
                 self.writer.add_scalar(f"{key} {prefix}", value, iteration)
-            if key.endswith("loss"):  # a perplexity only for losses, not for accuracies or F1
+            if key.endswith("lm loss"):  # a perplexity only for language-model losses
                 ppl = math.exp(min(20.0, value))
                 parts[-1] += f" | {key} PPL: {ppl:.6E}"
                 if self.writer is not None:

@@ -106,3 +106,80 @@ def train_sample_hf_tokenizer(corpus_jsonl: str, out_dir: str, vocab_size: int =
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def _texts(corpus_jsonl: str, key: str) -> Iterator[str]:
+    with open(corpus_jsonl, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)[key]
+
+
+def train_sample_wordpiece(corpus_jsonl: str, out_dir: str, vocab_size: int = 1000, key: str = "text") -> str:
+    """Train a lower-case BERT WordPiece vocabulary ([PAD] [UNK] [CLS] [SEP]
+    [MASK] first, "##" continuation pieces) on a jsonl corpus with the
+    `tokenizers` library; returns the vocab.txt path (--vocab-file of
+    BertWordPieceLowerCase)."""
+    from tokenizers import BertWordPieceTokenizer
+
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(_texts(corpus_jsonl, key), vocab_size=vocab_size, show_progress=False,
+                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    os.makedirs(out_dir, exist_ok=True)
+    return tok.save_model(out_dir)[0]
+
+
+def train_sample_roberta_tokenizer(corpus_jsonl: str, out_dir: str, vocab_size: int = 1000, key: str = "text") -> str:
+    """Train a RoBERTa-style byte-level BPE (<s>=0 <pad>=1 </s>=2 <unk>=3
+    <mask>=4, "Ġ" word starts, pairs as <s> A </s></s> B </s>) and save it as
+    a directory `transformers.AutoTokenizer` loads; returns `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_texts(corpus_jsonl, key), trainer=trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                   cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+# A planted 3-class sentence task: the label is carried by one phrase among
+# neutral filler words, so a small encoder can learn it and a held-out split
+# measures it (financial-sentiment-like, no download).
+PLANTED_PHRASES = {
+    "positive": ["profit rose sharply", "earnings beat forecasts", "stock rallied strongly", "margins improved"],
+    "negative": ["losses widened badly", "sales missed targets", "shares slumped", "debt defaults rose"],
+    "neutral": ["the meeting is scheduled", "the report was filed", "the board met", "the office moved"],
+}
+_FILLER = ("the company said on monday that its quarterly results for the region were published in the annual "
+           "statement while analysts and investors watched the market in europe and asia this week").split()
+
+
+def planted_classification_records(n: int, seed: int = 0) -> List[dict]:
+    """`n` records {"text", "label"}: a label phrase at a random place among 6-14 filler words."""
+    import random
+
+    rng = random.Random(seed)
+    labels = sorted(PLANTED_PHRASES)
+    out = []
+    for _ in range(n):
+        label = rng.choice(labels)
+        words = [rng.choice(_FILLER) for _ in range(rng.randint(6, 14))]
+        words.insert(rng.randint(0, len(words)), rng.choice(PLANTED_PHRASES[label]))
+        out.append({"text": " ".join(words).capitalize() + ".", "label": label})
+    return out
+
+
+def write_planted_classification(path: str, n: int, seed: int = 0) -> str:
+    """Write `planted_classification_records(n, seed)` as jsonl (aside, then renamed); returns `path`."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in planted_classification_records(n, seed))
+    os.replace(tmp, path)
+    return path

@@ -34,7 +34,6 @@ from megatron.core.models.bert import bert_layer_specs, bert_lm_head
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.bert.pooler import Pooler
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import get_linear_layer
@@ -271,6 +270,13 @@ def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def build_bert_model(args, config, pre_process=None, post_process=None, vp_stage=None) -> BertFamilyModel:
     """One model chunk for this rank's pipeline stage (or virtual stage)."""
+    from megatron.training.bert_arguments import finalize_bert_args
+
+    finalize_bert_args(args)
+    # HF BERT models use the exact (erf) GELU; megatron-core's fused bias-GELU is the
+    # tanh approximation (~1e-4 logit error). The config is shared with the DDP
+    # wrapper and schedules, so it is changed in place, not copied.
+    config.bias_activation_fusion = False
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
