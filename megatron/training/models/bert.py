@@ -289,7 +289,8 @@ def build_bert_model(args, config, pre_process=None, post_process=None, vp_stage
         max_sequence_length=args.max_position_embeddings,
         num_tokentypes=args.num_tokentypes,
         add_binary_head=args.bert_binary_head,
-        tokenizer_vocab_size=getattr(args, "tokenizer_vocab_size", None),
+        # the driver's tokenizer, else the checkpoint's (converted models record --vocab-size)
+        tokenizer_vocab_size=getattr(args, "tokenizer_vocab_size", None) or args.vocab_size,
         position_ids_offset=args.position_ids_offset,
         num_classes=getattr(args, "num_classes", 0) or 0,
         classifier_dropout=args.hidden_dropout,
