@@ -18,6 +18,8 @@ import io
 import pytest
 import torch
 
+import pretrain_bert
+from megatron.training import bert_inference  # noqa: F401 - imported once here, inherited by the forked ranks
 from tests.bert.conftest import HF_MODELS, convert
 from tests.distributed.launcher import run_distributed
 
@@ -82,7 +84,6 @@ def _outputs_worker(rank, world_size, jobs):
 
 def _mlm_loss_worker(rank, world_size, load_dir, tp, data_argv):
     """(the masked batch, Megatron's reported lm loss) for a batch of the BERT dataset."""
-    import pretrain_bert
     from megatron.training import arguments, bert_inference, inference
     from megatron.training.data.bert_dataset import build_bert_datasets
     from megatron.training.tokenizer import build_tokenizer
