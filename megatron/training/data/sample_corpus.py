@@ -149,20 +149,24 @@ def train_sample_roberta_tokenizer(corpus_jsonl: str, out_dir: str, vocab_size: 
     return out_dir
 
 
-# A planted 3-class sentence task: the label is carried by one phrase among
-# neutral filler words, so a small encoder can learn it and a held-out split
-# measures it (financial-sentiment-like, no download).
+# A planted 3-class sentence task, financial-news-like (no download): a
+# sentence template filled with a company, a period and a phrase that carries
+# the label, so a small encoder can learn it and a held-out split measures it.
 PLANTED_PHRASES = {
-    "positive": ["profit rose sharply", "earnings beat forecasts", "stock rallied strongly", "margins improved"],
-    "negative": ["losses widened badly", "sales missed targets", "shares slumped", "debt defaults rose"],
-    "neutral": ["the meeting is scheduled", "the report was filed", "the board met", "the office moved"],
+    "positive": ["profit rose sharply", "earnings beat forecasts", "the stock rallied strongly", "margins improved"],
+    "negative": ["losses widened badly", "sales missed targets", "the shares slumped", "debt defaults climbed"],
+    "neutral": ["the meeting was scheduled", "the report was filed", "the board met", "the office moved"],
 }
-_FILLER = ("the company said on monday that its quarterly results for the region were published in the annual "
-           "statement while analysts and investors watched the market in europe and asia this week").split()
+_TEMPLATES = ("{company} said that {phrase} in the {period}.", "In the {period}, {phrase} at {company}.",
+              "{company} reported that {phrase} during the {period}.",
+              "Analysts noted that {phrase} for {company} in the {period}.")
+_COMPANIES = ("acme corp", "globex", "initech", "umbrella group", "stark industries", "wayne holdings",
+              "cyberdyne", "tyrell inc")
+_PERIODS = ("first quarter", "second quarter", "third quarter", "fourth quarter", "last year", "past month")
 
 
 def planted_classification_records(n: int, seed: int = 0) -> List[dict]:
-    """`n` records {"text", "label"}: a label phrase at a random place among 6-14 filler words."""
+    """`n` records {"text", "label"}: a random template, company and period around a label phrase."""
     import random
 
     rng = random.Random(seed)
@@ -170,9 +174,9 @@ def planted_classification_records(n: int, seed: int = 0) -> List[dict]:
     out = []
     for _ in range(n):
         label = rng.choice(labels)
-        words = [rng.choice(_FILLER) for _ in range(rng.randint(6, 14))]
-        words.insert(rng.randint(0, len(words)), rng.choice(PLANTED_PHRASES[label]))
-        out.append({"text": " ".join(words).capitalize() + ".", "label": label})
+        text = rng.choice(_TEMPLATES).format(company=rng.choice(_COMPANIES), period=rng.choice(_PERIODS),
+                                             phrase=rng.choice(PLANTED_PHRASES[label]))
+        out.append({"text": text[0].upper() + text[1:], "label": label})
     return out
 
 
