@@ -33,7 +33,7 @@ def _worker(rank, world_size, argv):
         state = pretrain_bert.main(list(argv))
     finally:
         destroy()
-    return [(h["iteration"], h["lm loss"], h["sop loss"], h["grad_norm"]) for h in state.history if "lm loss" in h]
+    return [(h["iteration"], h["lm loss"], h.get("sop loss"), h["grad_norm"]) for h in state.history if "lm loss" in h]
 
 
 def run(argv, world_size=1):
@@ -88,3 +88,46 @@ def test_distributed_optimizer_matches_and_resumes_exactly(base_argv, init_check
     second = run(base_argv + layout + ["--load", save], 2)
     assert [h[0] for h in second] == [4, 5, 6]
     assert_same("dp2 distributed optimizer, resumed at 3", first + second, reference)
+
+
+def test_pretraining_from_an_hf_encoder_starts_fresh_heads(wordpiece_data, tmp_path):
+    """An HF BertModel (encoder and pooler, no MLM head) converts, and
+    pretraining from it at PP=2 keeps its encoder, starts the LM head afresh
+    and ties the last stage's output layer to the loaded embedding."""
+    import torch
+
+    from tests.bert.conftest import convert, make_hf_model
+
+    prefix, tokenizer = wordpiece_data
+    hf = make_hf_model(tmp_path / "hf", "bert_encoder", vocab_size=1000, hidden_size=64, intermediate_size=256,
+                       max_position_embeddings=32)
+    start = convert("hf", "megatron", hf, tmp_path / "mg", "--target-pipeline-parallel-size", "2",
+                    "--make-vocab-size-divisible-by", "64")
+    saved = str(tmp_path / "saved")
+    argv = SCHEDULE + tokenizer + ["--data-path", prefix, "--data-cache-path", str(tmp_path / "cache"),
+                                   "--load", start, "--finetune", "--use-checkpoint-args", "--seq-length", "32",
+                                   "--pipeline-model-parallel-size", "2", "--bert-no-binary-head"]
+    run(argv + ["--train-iters", "0", "--save", saved], 2)
+    first = torch.load(f"{saved}/iter_0000000/mp_rank_00_000/model_optim_rng.pt", weights_only=True)["model"]
+    last = torch.load(f"{saved}/iter_0000000/mp_rank_00_001/model_optim_rng.pt", weights_only=True)["model"]
+    from safetensors.torch import load_file
+
+    weights = load_file(f"{hf}/model.safetensors")
+    assert torch.equal(first["embedding.word_embeddings.weight"][:1000], weights["embeddings.word_embeddings.weight"])
+    assert torch.equal(last["encoder.layers.0.mlp.linear_fc2.weight"], weights["encoder.layer.1.output.dense.weight"])
+    assert torch.equal(last["output_layer.weight"], first["embedding.word_embeddings.weight"])  # tied copy
+    assert (last["output_layer.bias"] == 0).all() and "lm_head.dense.weight" in last  # fresh LM head
+    losses = run(argv + ["--train-iters", "3"], 2)
+    assert len(losses) == 3 and all(l[1] == l[1] and l[1] < 10 for l in losses)  # finite, near ln(1000) = 6.9
+
+
+def test_roberta_style_pretraining(roberta_data, tmp_path):
+    """RoBERTa's conventions through the driver: pad id 1, positions from 2,
+    one token type, no binary head; the loss starts near ln(vocabulary) and falls."""
+    prefix, tokenizer = roberta_data
+    argv = [a for a in TINY_BERT] + SCHEDULE + tokenizer + [
+        "--data-path", prefix, "--data-cache-path", str(tmp_path / "cache"), "--position-ids-offset", "2",
+        "--max-position-embeddings", "34", "--num-tokentypes", "1", "--bert-no-binary-head", "--train-iters", "6",
+        "--norm-epsilon", "1e-5"]
+    losses = run(argv)
+    assert len(losses) == 6 and 5.5 < losses[0][1] < 7.5 and losses[-1][1] < losses[0][1]
