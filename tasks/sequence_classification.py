@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from tasks.classification import normalise_label, read_fingpt_jsonl
+from tasks.classification import jsonl_records, normalise_label, read_fingpt_jsonl
 from tasks.lm import EvalError
 from tasks.scoring import precision_recall_f1
 
@@ -58,20 +58,14 @@ def read_records(path: str) -> List[Record]:
             raise EvalError(f"{problems[0]} ({len(problems)} malformed lines)")
         return [Record(e.input, None, e.label, e.source) for e in examples]
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{number}"
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise EvalError(f"{source}: not JSON ({e.msg})")
-            if not isinstance(r, dict) or not isinstance(r.get("text"), str) or "label" not in r \
-                    or not isinstance(r.get("text_b", ""), str):
-                raise EvalError(f'{source}: a record needs "text" (str), "label" and optionally "text_b" (str), '
-                                'or FinGPT\'s "instruction", "input", "output"')
-            records.append(Record(r["text"], r.get("text_b"), normalise_label(str(r["label"])), source))
+    for source, r, problem in jsonl_records(path):
+        if problem:
+            raise EvalError(f"{source}: {problem}")
+        if not isinstance(r, dict) or not isinstance(r.get("text"), str) or "label" not in r \
+                or not isinstance(r.get("text_b", ""), str):
+            raise EvalError(f'{source}: a record needs "text" (str), "label" and optionally "text_b" (str), '
+                            'or FinGPT\'s "instruction", "input", "output"')
+        records.append(Record(r["text"], r.get("text_b"), normalise_label(str(r["label"])), source))
     return records
 
 

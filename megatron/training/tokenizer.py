@@ -274,7 +274,21 @@ def _load_plain_tokenizers(path: str):
     return (tok, *ids)
 
 
-class GPT2BPETokenizer(_TokenizerBase):
+class _TokenizersLibrary:
+    """tokenize / tokenize_batch / detokenize on a `tokenizers.Tokenizer` in
+    `self._tok`, adding no special token."""
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids))
+
+
+class GPT2BPETokenizer(_TokenizersLibrary, _TokenizerBase):
     """GPT-2 byte-level BPE from `--vocab-file` (vocab.json) and `--merge-file`
     (merges.txt); `<|endoftext|>` ends a document; no special token is added
     to a text (Megatron-LM's `GPT2BPETokenizer`, in both systems). Built with
@@ -302,17 +316,8 @@ class GPT2BPETokenizer(_TokenizerBase):
     def eod(self) -> int:
         return self.eos
 
-    def tokenize(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
 
-    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids))
-
-
-class BertWordPieceTokenizer(_TokenizerBase):
+class BertWordPieceTokenizer(_TokenizersLibrary, _TokenizerBase):
     """Google BERT's WordPiece `vocab.txt` (`--vocab-file`), Megatron-LM's
     `BertWordPieceLowerCase` / `BertWordPieceCase`: BERT's normaliser (lower
     case and accents stripped, or neither), its punctuation pre-tokenizer and
@@ -369,15 +374,6 @@ class BertWordPieceTokenizer(_TokenizerBase):
 
             self._hf = BertTokenizerFast(self.model_path, do_lower_case=self.lower_case)
         return self._hf
-
-    def tokenize(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
 
 
 class NullTokenizer(_TokenizerBase):

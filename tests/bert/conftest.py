@@ -6,7 +6,6 @@ the corpus preprocessed into sentence-level indexed datasets, and tiny random
 HF models with every LayerNorm perturbed. Nothing is downloaded."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -28,10 +28,12 @@ import torch
 
 from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, ConversionError, ModelSource, cast, join_qkv, progress, split_qkv,
+    EMBEDDING, ConversionError, ModelSource, cast, dtype_and_tokenizer_flags, join_qkv, progress, split_qkv,
 )
 from megatron.training.checkpoint_convert.hf_files import HFWeights, ShardedSafetensorsWriter
-from megatron.training.checkpoint_convert.hf_tokenizer import export_tokenizer, find_tokenizer
+from megatron.training.checkpoint_convert.hf_tokenizer import (
+    check_tokenizer_vocab, export_tokenizer, find_tokenizer,
+)
 from megatron.training.sharding import fit_vocab_rows
 
 FINAL_NORM = "encoder.final_layernorm."
@@ -180,11 +182,7 @@ def megatron_flags_from_hf(config: dict, tokenizer: Optional[Sequence[str]] = No
         flags += ["--num-classes", str(n)]
         if labels:
             flags += ["--labels", ",".join(str(labels.get(str(i), labels.get(i, i))) for i in range(n))]
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    flags += {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype, [])
-    if tokenizer:
-        flags += ["--tokenizer-type", tokenizer[0], "--tokenizer-model", tokenizer[1]]
-    return flags
+    return flags + dtype_and_tokenizer_flags(config, tokenizer)
 
 
 def family_of_megatron(args: dict) -> Family:
@@ -245,7 +243,6 @@ class BertHFSource(ModelSource):
     def __init__(self, model_dir: str, tokenizer_model: Optional[str] = None):
         from megatron.training.arguments import args_to_dict, parse_args
         from megatron.training.bert_arguments import add_bert_and_classification_args
-        from megatron.training.tokenizer import build_tokenizer
 
         self.path = os.path.abspath(model_dir)
         with open(os.path.join(self.path, "config.json")) as f:
@@ -255,12 +252,7 @@ class BertHFSource(ModelSource):
         self.flags = megatron_flags_from_hf(self.config, tokenizer)
         self.args = args_to_dict(parse_args(self.flags, add_bert_and_classification_args))
         self.vocab_size = self.config["vocab_size"]
-        if tokenizer is not None:
-            n = build_tokenizer(tokenizer[0], tokenizer[1]).vocab_size
-            if n != self.vocab_size:
-                raise ConversionError(
-                    f"the tokenizer {tokenizer[1]} has {n} tokens but config.json vocab_size is {self.vocab_size}: "
-                    "give the model's own tokenizer with --tokenizer-model (its HF directory)")
+        check_tokenizer_vocab(tokenizer, self.vocab_size, "its HF directory")
         self.weights = HFWeights(self.path)
         # Task models keep the encoder under `bert.` / `roberta.`; a saved *Model has no prefix.
         self.base = self.family.base if f"{self.family.base}embeddings.word_embeddings.weight" in self.weights else ""

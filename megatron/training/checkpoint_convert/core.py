@@ -79,6 +79,16 @@ def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
+def dtype_and_tokenizer_flags(config: dict, tokenizer=None) -> list:
+    """--bf16 / --fp16 for an HF config.json's dtype, and the tokenizer flags
+    for a (--tokenizer-type, path) pair (None: no tokenizer)."""
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    flags = {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype, [])
+    if tokenizer:
+        flags += ["--tokenizer-type", tokenizer[0], "--tokenizer-model", tokenizer[1]]
+    return flags
+
+
 def check_target_layout(args: dict, tp: int, pp: int, vp_layers: Optional[int] = None) -> None:
     """Raise ConversionError when the model cannot be laid out over TP x PP (x VP)."""
     heads, groups, layers = args["num_attention_heads"], args["num_query_groups"], args["num_layers"]

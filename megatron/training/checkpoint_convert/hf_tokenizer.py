@@ -32,6 +32,19 @@ def find_tokenizer(model_dir: str, tokenizer_model: Optional[str]):
     return ("HuggingFaceTokenizer" if path.endswith(".json") else "Llama2Tokenizer"), path
 
 
+def check_tokenizer_vocab(tokenizer, vocab_size: int, what: str) -> None:
+    """Raise ConversionError when the tokenizer (--tokenizer-type, path) has
+    another vocabulary size than config.json; `what` names the right files."""
+    from megatron.training.tokenizer import build_tokenizer
+
+    if tokenizer is None:
+        return
+    n = build_tokenizer(tokenizer[0], tokenizer[1]).vocab_size
+    if n != vocab_size:
+        raise ConversionError(f"the tokenizer {tokenizer[1]} has {n} tokens but config.json vocab_size is {vocab_size}: "
+                              f"give the model's own tokenizer with --tokenizer-model ({what})")
+
+
 def export_tokenizer(tokenizer_type: str, path: str, out_dir: str) -> dict:
     """Write tokenizer files `transformers.AutoTokenizer` loads; returns the
     special token ids (bos, eos, pad, cls, sep, mask; None when absent)."""

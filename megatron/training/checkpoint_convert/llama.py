@@ -18,10 +18,13 @@ import torch
 
 from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, join_qkv, progress, split_qkv,
+    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, dtype_and_tokenizer_flags, join_qkv,
+    progress, split_qkv,
 )
 from megatron.training.checkpoint_convert.hf_files import HFWeights, ShardedSafetensorsWriter
-from megatron.training.checkpoint_convert.hf_tokenizer import export_tokenizer, find_tokenizer
+from megatron.training.checkpoint_convert.hf_tokenizer import (
+    check_tokenizer_vocab, export_tokenizer, find_tokenizer,
+)
 from megatron.training.sharding import fit_vocab_rows
 
 HF_MODEL_TYPES = ("llama",)
@@ -100,11 +103,7 @@ def megatron_flags_from_hf(config: dict, tokenizer: Optional[Sequence[str]] = No
         flags += ["--rotary-seq-len-interpolation-factor", str(factor)]
     if not config.get("tie_word_embeddings", False):
         flags.append("--untie-embeddings-and-output-weights")
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    flags += {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype, [])
-    if tokenizer:
-        flags += ["--tokenizer-type", tokenizer[0], "--tokenizer-model", tokenizer[1]]
-    return flags
+    return flags + dtype_and_tokenizer_flags(config, tokenizer)
 
 
 def check_llama_architecture(args: dict) -> None:
@@ -151,7 +150,6 @@ class LlamaHFSource(ModelSource):
 
     def __init__(self, model_dir: str, tokenizer_model: Optional[str] = None, extra_flags: Sequence[str] = ()):
         from megatron.training.arguments import args_to_dict, parse_args
-        from megatron.training.tokenizer import build_tokenizer
 
         self.path = os.path.abspath(model_dir)
         config_path = os.path.join(self.path, "config.json")
@@ -164,12 +162,7 @@ class LlamaHFSource(ModelSource):
         self.flags = megatron_flags_from_hf(self.config, tokenizer) + list(extra_flags)
         self.args = args_to_dict(parse_args(self.flags))
         self.vocab_size = self.config["vocab_size"]
-        if tokenizer is not None:
-            n = build_tokenizer(tokenizer[0], tokenizer[1]).vocab_size
-            if n != self.vocab_size:
-                raise ConversionError(
-                    f"the tokenizer {tokenizer[1]} has {n} tokens but config.json vocab_size is {self.vocab_size}: "
-                    "give the model's own tokenizer with --tokenizer-model (its tokenizer.model or HF directory)")
+        check_tokenizer_vocab(tokenizer, self.vocab_size, "its tokenizer.model or HF directory")
         self.weights = HFWeights(self.path)
         self.heads, self.groups = self.args["num_attention_heads"], self.args["num_query_groups"]
 
