@@ -5,13 +5,11 @@ RoBERTa-style byte-level BPE trained on it with the `tokenizers` library,
 the corpus preprocessed into sentence-level indexed datasets, and tiny random
 HF models with every LayerNorm perturbed. Nothing is downloaded."""
 
-import json
-
 import pytest
 import torch
 
 from megatron.training.data.sample_corpus import (
-    planted_classification_records, sample_documents, train_sample_roberta_tokenizer, train_sample_wordpiece,
+    train_sample_roberta_tokenizer, train_sample_wordpiece, write_bert_sample_corpus,
 )
 
 # A tiny BERT for the driver runs: post-LN, exact GELU, vocabulary padded to 64 x TP.
@@ -22,14 +20,9 @@ TINY_BERT = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads"
 @pytest.fixture(scope="session")
 def bert_corpus(tmp_path_factory):
     """jsonl of ~120 reference documents and 100 documents of 6 planted sentences each."""
-    path = tmp_path_factory.mktemp("bert_corpus") / "corpus.jsonl"
-    planted = planted_classification_records(600, seed=11)
-    with open(path, "w", encoding="utf-8") as f:
-        for doc in sample_documents()[::2]:
-            f.write(json.dumps({"text": doc}) + "\n")
-        for i in range(0, len(planted), 6):
-            f.write(json.dumps({"text": " ".join(r["text"] for r in planted[i:i + 6])}) + "\n")
-    return str(path)
+    path = str(tmp_path_factory.mktemp("bert_corpus") / "corpus.jsonl")
+    write_bert_sample_corpus(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -180,6 +180,21 @@ def planted_classification_records(n: int, seed: int = 0) -> List[dict]:
     return out
 
 
+def write_bert_sample_corpus(path: str, planted_documents: int = 100, reference_every: int = 2, seed: int = 11) -> int:
+    """Write a masked-LM corpus as jsonl {"text"}: every `reference_every`-th
+    document of the Python reference, then `planted_documents` documents of six
+    unlabeled planted-task sentences (the domain text a classifier is later
+    fine-tuned on). Written aside and renamed; returns the number of documents."""
+    planted = planted_classification_records(6 * planted_documents, seed=seed)
+    docs = sample_documents()[::reference_every]
+    docs += [" ".join(r["text"] for r in planted[i:i + 6]) for i in range(0, len(planted), 6)]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    os.replace(tmp, path)
+    return len(docs)
+
+
 def write_planted_classification(path: str, n: int, seed: int = 0) -> str:
     """Write `planted_classification_records(n, seed)` as jsonl (aside, then renamed); returns `path`."""
     tmp = f"{path}.tmp-{os.getpid()}"
