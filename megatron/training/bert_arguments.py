@@ -33,6 +33,8 @@ def add_bert_args(parser):
                    help="mask spans of up to N words (P(n) ~ 1/n); 1 masks single words, as run_mlm.py")
     g.add_argument("--no-whole-word-masking", action="store_false", dest="whole_word_masking",
                    help="mask word pieces independently (default: the pieces of a word are masked together)")
+    # HF BERT models use the exact (erf) GELU: megatron-core's fused bias-GELU is the tanh approximation.
+    parser.set_defaults(bias_gelu_fusion=False)
     return parser
 
 

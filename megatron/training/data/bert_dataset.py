@@ -121,8 +121,10 @@ class BertMaskedDatasetConfig(BERTMaskedWordPieceDatasetConfig):
 
 class BertMaskedDataset(BERTMaskedWordPieceDataset):
     """megatron-core's BERT dataset with the fixes of the module doc. Samples:
-    text, types, labels (-1 where not masked), is_random, padding_mask (1 at
-    tokens), loss_mask (1 at masked positions), truncated."""
+    text, types, labels (the original ids at masked positions; 0 elsewhere,
+    which the loss mask drops and every cross-entropy kernel accepts),
+    is_random, padding_mask (1 at tokens), loss_mask (1 at masked
+    positions), truncated."""
 
     def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
@@ -138,7 +140,7 @@ class BertMaskedDataset(BERTMaskedWordPieceDataset):
         sample["text"][pads] = self._real_pad
         sample["types"][pads] = 0
         sample["padding_mask"] = (~pads).astype(numpy.int64)
-        sample["labels"][sample["loss_mask"] == 0] = -1
+        sample["labels"][sample["loss_mask"] == 0] = 0  # any real id: the loss mask drops them
         return sample
 
     def _create_masked_lm_predictions(self, token_ids, target_sequence_length, numpy_random_state):

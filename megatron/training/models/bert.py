@@ -39,7 +39,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import get_linear_layer
 from megatron.core.utils import make_viewless_tensor
 
+from megatron.training.arguments import ArgumentError
 from megatron.training.models.norms import LocalNorm
+from megatron.training.models.padded_vocab import exclude_padded_vocab
 from megatron.training.models.sdpa_attention import SDPAttention
 
 # Modules a model may start afresh, or drop, when it is initialised from a
@@ -137,9 +139,9 @@ def _lm_head_norm(norm_class):
 class BertFamilyModel(BertModel):
     """megatron-core's BertModel with the HF families' conventions (module doc).
 
-    tokenizer_vocab_size: ids at or above it are vocabulary padding; their
-        logits are set to the dtype's lowest value, so they never win and add
-        nothing to the softmax (None: no padding known).
+    unpadded_vocab_size: ids at or above it are vocabulary padding; their
+        logits are -inf (models/padded_vocab.py), so they never win and add
+        nothing to the softmax (None: unknown, nothing is masked).
     position_ids_offset: the first position id (RoBERTa: padding_idx + 1).
     num_classes: > 0 builds a classifier (pooler, dropout, classification_head)
         in place of the LM and binary heads.
@@ -148,7 +150,7 @@ class BertFamilyModel(BertModel):
     fresh_head_prefixes = HEAD_PREFIXES
 
     def __init__(self, config, transformer_layer_spec, vocab_size: int, max_sequence_length: int,
-                 num_tokentypes: int = 0, add_binary_head: bool = False, tokenizer_vocab_size: Optional[int] = None,
+                 num_tokentypes: int = 0, add_binary_head: bool = False, unpadded_vocab_size: Optional[int] = None,
                  position_ids_offset: int = 0, num_classes: int = 0, classifier_dropout: float = 0.1,
                  pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
         classifier = num_classes > 0
@@ -164,7 +166,6 @@ class BertFamilyModel(BertModel):
                 share_embeddings_and_output_weights=not classifier,
                 position_embedding_type="learned_absolute", add_binary_head=add_binary_head and not classifier,
                 vp_stage=vp_stage)
-        self.tokenizer_vocab_size = tokenizer_vocab_size
         self.position_ids_offset = position_ids_offset
         self.num_classes = num_classes
         if self.pre_process and _first_layer_post_ln(self):
@@ -175,6 +176,7 @@ class BertFamilyModel(BertModel):
             self.classification_dropout = torch.nn.Dropout(classifier_dropout)
             self.classification_head = get_linear_layer(config.hidden_size, num_classes, config.init_method,
                                                         config.perform_initialization)
+        exclude_padded_vocab(self, unpadded_vocab_size, vocab_size, parallel_state.get_tensor_model_parallel_rank())
 
     # ------------------------------------------------------------ megatron-core hooks
 
@@ -227,24 +229,12 @@ class BertFamilyModel(BertModel):
         binary_logits = self.binary_head(self.pooler(hidden, 0)) if self.binary_head is not None else None
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(self.lm_head(hidden_states=hidden), weight=weight)
-        logits = self._mask_vocab_padding(logits)
         if lm_labels is None:
             return logits.transpose(0, 1).contiguous(), binary_logits
         loss = self.compute_language_model_loss(lm_labels, logits)
         with torch.no_grad():
             correct = (vocab_parallel_argmax(logits) == lm_labels.transpose(0, 1)).float().transpose(0, 1)
         return loss, correct, binary_logits
-
-    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` [s, b, vocab / TP] with the padded rows' columns at the dtype's minimum."""
-        if self.tokenizer_vocab_size is None:
-            return logits
-        per_rank = logits.shape[-1]
-        first = parallel_state.get_tensor_model_parallel_rank() * per_rank
-        if first + per_rank <= self.tokenizer_vocab_size:
-            return logits
-        ids = torch.arange(first, first + per_rank, device=logits.device)
-        return logits.masked_fill(ids >= self.tokenizer_vocab_size, torch.finfo(logits.dtype).min)
 
 
 def _first_layer_post_ln(model: BertFamilyModel) -> bool:
@@ -273,10 +263,11 @@ def build_bert_model(args, config, pre_process=None, post_process=None, vp_stage
     from megatron.training.bert_arguments import finalize_bert_args
 
     finalize_bert_args(args)
-    # HF BERT models use the exact (erf) GELU; megatron-core's fused bias-GELU is the
-    # tanh approximation (~1e-4 logit error). The config is shared with the DDP
-    # wrapper and schedules, so it is changed in place, not copied.
-    config.bias_activation_fusion = False
+    if config.bias_activation_fusion:
+        # add_bert_args turns --bias-gelu-fusion off: megatron-core's fused bias-GELU is the
+        # tanh approximation (~1e-4 logit error), HF BERT models the exact (erf) GELU.
+        raise ArgumentError("the fused bias-GELU (tanh approximation) is on: BERT models use the exact GELU; "
+                            "add --no-bias-gelu-fusion")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
@@ -289,8 +280,7 @@ def build_bert_model(args, config, pre_process=None, post_process=None, vp_stage
         max_sequence_length=args.max_position_embeddings,
         num_tokentypes=args.num_tokentypes,
         add_binary_head=args.bert_binary_head,
-        # the driver's tokenizer, else the checkpoint's (converted models record --vocab-size)
-        tokenizer_vocab_size=getattr(args, "tokenizer_vocab_size", None) or args.vocab_size,
+        unpadded_vocab_size=getattr(args, "unpadded_vocab_size", None),
         position_ids_offset=args.position_ids_offset,
         num_classes=getattr(args, "num_classes", 0) or 0,
         classifier_dropout=args.hidden_dropout,
