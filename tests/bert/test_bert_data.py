@@ -76,6 +76,26 @@ def test_wordpiece_tokenizer_matches_transformers(bert_corpus, wordpiece_vocab):
             reference.convert_tokens_to_ids(["[CLS]", "[SEP]", "[PAD]", "[MASK]"]))
 
 
+def test_an_hf_bert_tokenizer_directory_matches_the_vocab_file(bert_corpus, wordpiece_vocab, tmp_path):
+    """bert-base-uncased's HF directory form (tokenizer.json) through HuggingFaceTokenizer: the same
+    ids as BertWordPieceLowerCase in preprocessing (no special token added) and the same special ids
+    and vocabulary for the masked-LM dataset."""
+    from transformers import BertTokenizerFast
+
+    from megatron.training.tokenizer import build_tokenizer
+
+    BertTokenizerFast(wordpiece_vocab, do_lower_case=True).save_pretrained(str(tmp_path / "hf"))
+    word_piece = build_tokenizer("BertWordPieceLowerCase", vocab_file=wordpiece_vocab)
+    for legacy in (False, True):
+        hf = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "hf"), legacy=legacy)
+        assert (hf.cls, hf.sep, hf.mask, hf.pad) == (word_piece.cls, word_piece.sep, word_piece.mask, word_piece.pad)
+        assert hf.inv_vocab == word_piece.inv_vocab
+    hf = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "hf"), legacy=False)  # preprocess_data's default
+    with open(bert_corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"][:2000] for line in f][:10]
+    assert hf.tokenize_batch(texts) == word_piece.tokenize_batch(texts)
+
+
 def test_split_sentences_gives_one_sequence_per_sentence(wordpiece_data, wordpiece_vocab):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
