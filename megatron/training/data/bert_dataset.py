@@ -105,6 +105,8 @@ class _SentenceStarts:
         self._dataset, self._offset = dataset, offset
 
     def __getattr__(self, name):
+        if name.startswith("__") or name == "_dataset":  # unpickling (spawned data workers) sets these first
+            raise AttributeError(name)
         return getattr(self._dataset, name)
 
     def __getitem__(self, idx):
