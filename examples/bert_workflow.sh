@@ -48,5 +48,6 @@ echo "== exporting to Hugging Face (verified: class logits of both sides)"
 
 echo "== summary"
 grep -h -o "iteration *[0-9]*/ *[0-9]* .*lm loss: [0-9.E+-]* | mlm accuracy: [0-9.E+-]*" "$OUT/pretrain.log" \
-    | sed -E 's/iteration *([0-9]+)\/.*lm loss: ([0-9.E+-]+) \| mlm accuracy: ([0-9.E+-]+)/  pretraining iteration \1: lm loss \2, mlm accuracy \3/'
+    | sed -E 's/iteration *([0-9]+)\/.*lm loss: ([0-9.E+-]+) \| mlm accuracy: ([0-9.E+-]+)/'\
+'  pretraining iteration \1: lm loss \2, mlm accuracy \3/'
 grep -h "validation loss at iteration" "$OUT/pretrain.log" "$OUT/classify.log" | sed -E 's/^ *//'

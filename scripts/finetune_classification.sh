@@ -14,7 +14,8 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib/launch.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/bert.sh"
 
-require PRETRAINED_CHECKPOINT "DIR (a checkpoint of pretrain_bert.py, or an HF model converted with tools/checkpoint/util.py)"
+require PRETRAINED_CHECKPOINT \
+  "DIR (a checkpoint of pretrain_bert.py, or an HF model converted with tools/checkpoint/util.py)"
 require TRAIN_DATA "FILE (jsonl of {\"text\", \"label\"} records)"
 require VALID_DATA "FILE (held-out jsonl, scored after every epoch)"
 require CHECKPOINT_PATH "DIR (the fine-tuned checkpoint is written here)"

@@ -56,7 +56,8 @@ def read_fingpt_jsonl(path: str, labels: Optional[List[str]] = None) -> Tuple[Li
         if problem:
             problems.append(f"{source}: {problem}")
             continue
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("instruction", "input", "output")):
+        fields = ("instruction", "input", "output")
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in fields):
             problems.append(f"{source}: needs string fields instruction, input, output")
             continue
         label = normalise_label(record["output"])

@@ -360,7 +360,8 @@ def evaluate(args, forward_step_func, model: list, data_iterator) -> Dict[str, f
 
 
 def evaluate_and_log(args, forward_step_func, model, data_iterator, iteration: int, prefix: str,
-                     logger: Optional[TrainingLogger] = None, state: Optional[TrainingState] = None) -> Dict[str, float]:
+                     logger: Optional[TrainingLogger] = None,
+                     state: Optional[TrainingState] = None) -> Dict[str, float]:
     losses = evaluate(args, forward_step_func, model, data_iterator)
     (logger or TrainingLogger(args, 0.0)).log_validation(iteration, losses, prefix)
     if state is not None and losses:

@@ -71,7 +71,8 @@ def test_pretrain_then_classify_and_export(wordpiece_data, wordpiece_vocab, data
     history, evaluations = run_distributed(_run, 2, args=("finetune_classification", tokenizer + [
         "--load", pretrained, "--finetune", "--use-checkpoint-args", "--tensor-model-parallel-size", "2",
         "--train-data", data[0], "--valid-data", data[1], "--epochs", str(EPOCHS), "--micro-batch-size", "16",
-        "--seq-length", "32", "--lr", "1e-3", "--lr-warmup-fraction", "0.1", "--hidden-dropout", "0.1", "--log-interval", "10",
+        "--seq-length", "32", "--lr", "1e-3", "--lr-warmup-fraction", "0.1", "--hidden-dropout", "0.1",
+        "--log-interval", "10",
         # Only the new classification head is initialised: briefly pretrained, the tiny encoder's
         # [CLS] features barely depend on the input, and a head of std 0.02 leaves two classes
         # symmetric long enough to stall in some seeds; 0.2 breaks the tie (16 of 16 seeds reach 100%)

@@ -71,11 +71,13 @@ def test_converter_errors(hf_models, tmp_path, capsys):
     shutil.copytree(hf_models["bert_pretraining"], broken)
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps(dict(config, hidden_act="gelu_new")))
-    err = failing(capsys, ["--model-type", "BERT", "--loader", "hf", "--load-dir", broken, "--save-dir", tmp_path / "a"])
+    err = failing(capsys, ["--model-type", "BERT", "--loader", "hf", "--load-dir", broken,
+                           "--save-dir", tmp_path / "a"])
     assert "hidden_act 'gelu_new'" in err and "exact (erf) GELU" in err
 
     (broken / "config.json").write_text(json.dumps(dict(config, architectures=["BertForTokenClassification"])))
-    err = failing(capsys, ["--model-type", "BERT", "--loader", "hf", "--load-dir", broken, "--save-dir", tmp_path / "b"])
+    err = failing(capsys, ["--model-type", "BERT", "--loader", "hf", "--load-dir", broken,
+                           "--save-dir", tmp_path / "b"])
     assert "BertForTokenClassification" in err and "BertForSequenceClassification" in err
 
     err = failing(capsys, ["--model-type", "GPT", "--loader", "hf", "--load-dir", hf_models["bert_classifier"],

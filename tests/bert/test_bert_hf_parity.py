@@ -179,7 +179,8 @@ def test_mlm_loss_equals_transformers_on_a_masked_batch(roberta_tokenizer, rober
                  "--tokenizer-model", roberta_tokenizer)
     prefix, tok_flags = roberta_data
     data_argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-                 "--micro-batch-size", "4", "--global-batch-size", "4", "--lr", "1", "--train-iters", "1", "--data-path", prefix,
+                 "--micro-batch-size", "4", "--global-batch-size", "4", "--lr", "1", "--train-iters", "1",
+                 "--data-path", prefix,
                  "--split", "100,0,0", "--eval-iters", "0", "--data-cache-path", str(tmp_path / "cache"), *tok_flags]
     model = RobertaForMaskedLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     for tp in (1, 2):

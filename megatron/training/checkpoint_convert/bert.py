@@ -198,9 +198,10 @@ def family_of_megatron(args: dict) -> Family:
     if (args.get("kv_channels") or args["hidden_size"] // heads) * heads != args["hidden_size"]:
         wrong["kv_channels"] = args["kv_channels"]
     if wrong:
-        raise ConversionError(f"the checkpoint is not a BERT-architecture model ({', '.join(f'{k}={v}' for k, v in wrong.items())}): "
-                              "HF BERT models need LayerNorm, GELU, biases, learned positions, tied embeddings and "
-                              "as many query groups as heads")
+        found = ", ".join(f"{k}={v}" for k, v in wrong.items())
+        raise ConversionError(f"the checkpoint is not a BERT-architecture model ({found}): HF BERT models need "
+                              "LayerNorm, GELU, biases, learned positions, tied embeddings and as many query groups "
+                              "as heads")
     if not args.get("apply_residual_connection_post_layernorm"):
         return FAMILIES["megatron-bert"]
     return FAMILIES["roberta"] if args.get("position_ids_offset") else FAMILIES["bert"]
@@ -215,7 +216,8 @@ def hf_config_from_megatron(args: dict, family: Family, suffix: str, vocab_rows:
         "hidden_act": "gelu", "hidden_dropout_prob": args.get("hidden_dropout", 0.1),
         "attention_probs_dropout_prob": args.get("attention_dropout", 0.1),
         "max_position_embeddings": args["max_position_embeddings"],
-        "type_vocab_size": max(args.get("num_tokentypes") or 0, 1), "initializer_range": args.get("init_method_std", 0.02),
+        "type_vocab_size": max(args.get("num_tokentypes") or 0, 1),
+        "initializer_range": args.get("init_method_std", 0.02),
         "layer_norm_eps": args["norm_epsilon"], "position_embedding_type": "absolute",
         "tie_word_embeddings": True, "torch_dtype": str(dtype).replace("torch.", ""),
         "dtype": str(dtype).replace("torch.", ""),
@@ -396,7 +398,8 @@ def _export_tokenizer(args: dict, out_dir: str, tokenizer_model: Optional[str]) 
     if not path or kind in (None, "NullTokenizer"):
         return {}
     if not os.path.exists(path):
-        raise ConversionError(f"the checkpoint's tokenizer {path} is not on this machine: give it with --tokenizer-model")
+        raise ConversionError(f"the checkpoint's tokenizer {path} is not on this machine: "
+                              "give it with --tokenizer-model")
     return export_tokenizer(kind, path, out_dir)
 
 

@@ -41,8 +41,8 @@ def check_tokenizer_vocab(tokenizer, vocab_size: int, what: str) -> None:
         return
     n = build_tokenizer(tokenizer[0], tokenizer[1]).vocab_size
     if n != vocab_size:
-        raise ConversionError(f"the tokenizer {tokenizer[1]} has {n} tokens but config.json vocab_size is {vocab_size}: "
-                              f"give the model's own tokenizer with --tokenizer-model ({what})")
+        raise ConversionError(f"the tokenizer {tokenizer[1]} has {n} tokens but config.json vocab_size is "
+                              f"{vocab_size}: give the model's own tokenizer with --tokenizer-model ({what})")
 
 
 def export_tokenizer(tokenizer_type: str, path: str, out_dir: str) -> dict:

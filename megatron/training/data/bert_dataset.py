@@ -182,7 +182,8 @@ class DocumentCounts:
         if self.empty:
             parts.append(f"{self.empty:,} empty")
         why = f" ({', '.join(parts)})" if parts else ""
-        return f"> BERT {name} split of {prefix}: {self.documents:,} documents, {self.used:,} used, {dropped:,} dropped{why}"
+        return (f"> BERT {name} split of {prefix}: {self.documents:,} documents, {self.used:,} used, "
+                f"{dropped:,} dropped{why}")
 
 
 def count_documents(document_indices: numpy.ndarray, sentence_lengths: numpy.ndarray, first: int, last: int,
@@ -248,9 +249,9 @@ def _no_documents_message(args, name: str, prefix: str, counts: DocumentCounts) 
 def bert_dataset_config(args, tokenizer) -> BertMaskedDatasetConfig:
     for attr in ("cls", "sep", "mask", "pad"):
         if getattr(tokenizer, attr, None) is None:
-            raise DataError(f"--tokenizer-type {args.tokenizer_type}: the tokenizer has no {attr} token, which masked-LM "
-                            "data needs: use BertWordPieceLowerCase/BertWordPieceCase with --vocab-file, or a "
-                            "HuggingFaceTokenizer that defines cls/sep/mask/pad tokens")
+            raise DataError(f"--tokenizer-type {args.tokenizer_type}: the tokenizer has no {attr} token, which "
+                            "masked-LM data needs: use BertWordPieceLowerCase/BertWordPieceCase with --vocab-file, "
+                            "or a HuggingFaceTokenizer that defines cls/sep/mask/pad tokens")
     inv_vocab = tokenizer.inv_vocab
     starts = WordStarts(inv_vocab, [tokenizer.cls, tokenizer.sep, tokenizer.mask, tokenizer.pad,
                                     getattr(tokenizer, "unk", None)])
