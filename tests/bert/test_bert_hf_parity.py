@@ -231,3 +231,6 @@ def test_verify_compares_outputs_of_both_sides(hf_models, checkpoints, tmp_path)
         rc, out = run_distributed(_verify_worker, world_size=1, args=(argv,))[0]
         line = [x for x in out.splitlines() if x.startswith("verify:")]
         assert rc == 0 and len(line) == 1 and "max abs diff" in line[0], out
+        # the Megatron side ran as it was saved (the PP=2 checkpoint on two processes)
+        saved = "TP=1 PP=2 on 2 processes" if name.endswith("pp2") else "TP=1 PP=1 on 1 process"
+        assert f"(run as saved: {saved})" in line[0], line[0]

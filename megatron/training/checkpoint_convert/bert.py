@@ -34,6 +34,7 @@ from megatron.training.checkpoint_convert.hf_files import HFWeights, ShardedSafe
 from megatron.training.checkpoint_convert.hf_tokenizer import (
     check_tokenizer_vocab, export_tokenizer, find_tokenizer,
 )
+from megatron.training.checkpoint_convert.verify import Outputs
 from megatron.training.sharding import fit_vocab_rows
 
 FINAL_NORM = "encoder.final_layernorm."
@@ -406,41 +407,47 @@ def _export_tokenizer(args: dict, out_dir: str, tokenizer_model: Optional[str]) 
 # ------------------------------------------------------------------ --verify
 
 def verify_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """The verification prompt without ids 0 and 1 (BERT's [PAD], RoBERTa's
-    <s> and <pad>): RoBERTa gives a pad id no position, which a right-padded
-    batch never has mid-sequence."""
+    """The verification ids without 0 and 1 (BERT's [PAD], RoBERTa's <s> and
+    <pad>): RoBERTa gives a pad id no position, which a right-padded batch
+    never has mid-sequence."""
     return tokens.clamp(min=2)
 
 
+def verify_context(args: dict) -> int:
+    """Positions a row may use: the sequence length (RoBERTa's table also holds padding_idx + 1 rows)."""
+    return args.get("seq_length") or args["max_position_embeddings"] - (args.get("position_ids_offset") or 0)
+
+
 def hf_outputs(path: str, tokens: torch.Tensor) -> torch.Tensor:
-    """MLM logits [1, s, V], class logits [1, k] or final hidden states [1, s, h], by the HF class."""
+    """MLM logits [rows, s, V], class logits [rows, k] or final hidden states [rows, s, h], by the HF class."""
     import transformers
 
     with open(os.path.join(path, "config.json")) as f:
         architecture = json.load(f)["architectures"][0]
     model = getattr(transformers, architecture).from_pretrained(path, dtype=torch.float32, local_files_only=True)
     with torch.no_grad():
-        out = model.eval()(verify_tokens(tokens))
+        out = model.eval()(tokens)
     for field in ("prediction_logits", "logits", "last_hidden_state"):
         if getattr(out, field, None) is not None:
             return out[field].float()
     raise ConversionError(f"{architecture} returned none of prediction_logits, logits, last_hidden_state")
 
 
-def megatron_outputs(path: str, tokens: torch.Tensor) -> torch.Tensor:
-    """The same outputs from a Megatron checkpoint (its heads decide which)."""
-    from megatron.training import bert_inference, inference
+def megatron_load(path: str, tp: int, pp: int):
+    from megatron.training import bert_inference
 
-    kind = bert_inference.output_kind(path)
-    args, model = bert_inference.load_bert_model(path)
-    try:
-        return bert_inference.bert_outputs(args, model, verify_tokens(tokens), output=kind)
-    finally:
-        del model
-        inference.unload()
+    return bert_inference.load_bert_model(path, tp, pp)
 
 
-VERIFY_OUTPUTS = {"hf": hf_outputs, "megatron": megatron_outputs}
+def megatron_forward(args, model: list, tokens: torch.Tensor, path: str) -> torch.Tensor:
+    """The same outputs from a Megatron checkpoint (its heads decide which); collective."""
+    from megatron.training import bert_inference
+
+    return bert_inference.bert_outputs(args, model, tokens, output=bert_inference.output_kind(path))
+
+
+VERIFY_OUTPUTS = Outputs(hf=hf_outputs, load=megatron_load, forward=megatron_forward, context=verify_context,
+                         tokens=verify_tokens)
 
 
 def hf_source(model_dir: str, tokenizer_model: Optional[str] = None) -> BertHFSource:

@@ -42,8 +42,8 @@ class ModelSource:
     iteration: Optional[int] = None  # None: a released model (no training state)
     vocab_size: Optional[int] = None  # the tokenizer's vocabulary (rows without padding); None: unknown
     has_output_layer: bool = True  # False for a model without an LM output layer (a BERT classifier)
-    # --verify's {format: function(path, tokens) -> outputs} for this model family; None: next-token logits
-    verify_outputs: Optional[dict] = None
+    # what --verify compares for this model family (verify.Outputs); None: next-token logits
+    verify_outputs = None
 
     def embedding(self) -> Dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -253,4 +253,4 @@ def save_llama_hf(source: ModelSource, out_dir: str, dtype: Optional[torch.dtype
 # The family interface the checkpoint plugins use (checkpoint_convert/families.py).
 hf_source = LlamaHFSource
 save_hf = save_llama_hf
-VERIFY_OUTPUTS = None  # next-token logits (verify.py's default)
+VERIFY_OUTPUTS = None  # next-token logits (verify.GPT_OUTPUTS)
