@@ -31,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from megatron.training.arguments import ArgumentError, env_world_size, parse_args  # noqa: E402
+from megatron.training.arguments import build_parser as build_driver_parser  # noqa: E402
 from megatron.training.bert_arguments import add_bert_and_classification_args  # noqa: E402
+from megatron.training.errors import run_main  # noqa: E402
 from megatron.training.initialize import device  # noqa: E402
 from megatron.training.models.bert import build_bert_model  # noqa: E402
 from megatron.training.training import pretrain  # noqa: E402
@@ -127,6 +129,10 @@ def schedule_argv(argv):
     return list(argv) + extra
 
 
+def build_parser():
+    return build_driver_parser(add_args)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     return pretrain(train_valid_test_datasets_provider, model_provider, forward_step, argv=schedule_argv(argv),
@@ -134,4 +140,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -25,8 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from megatron.training.arguments import build_parser as build_driver_parser  # noqa: E402
 from megatron.training.bert_arguments import add_bert_args  # noqa: E402
 from megatron.training.data.bert_dataset import build_bert_datasets  # noqa: E402
+from megatron.training.errors import run_main  # noqa: E402
 from megatron.training.initialize import device  # noqa: E402
 from megatron.training.models.bert import build_bert_model  # noqa: E402
 from megatron.training.training import pretrain  # noqa: E402
@@ -72,10 +74,14 @@ def forward_step(args, data_iterator, model):
     return output, partial(loss_func, loss_mask, is_random)
 
 
+def build_parser():
+    return build_driver_parser(add_bert_args)
+
+
 def main(argv=None):
     return pretrain(train_valid_test_datasets_provider, model_provider, forward_step, argv=argv,
                     extra_args_provider=add_bert_args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))
