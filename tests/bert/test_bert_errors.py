@@ -60,7 +60,7 @@ def failing(capsys, argv):
     from tools.checkpoint import util
 
     capsys.readouterr()  # what earlier steps printed
-    assert util.main([str(a) for a in argv]) == 1
+    assert util.main([str(a) for a in argv]) == 2  # a user error: one line, exit status 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     return err
@@ -89,3 +89,19 @@ def test_converter_errors(hf_models, tmp_path, capsys):
                            "--save-dir", tmp_path / "d"])
     assert "holds a BERT model (encoder.layers.*): use --model-type BERT" in err
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
+
+
+def test_use_checkpoint_args_takes_the_bert_settings():
+    """--use-checkpoint-args takes a converted RoBERTa's layer order, position
+    offset, token types and heads; a different --num-tokentypes (a tensor
+    shape) is one error naming the flag."""
+    from megatron.training.checkpoint_args import take_checkpoint_settings
+
+    saved = {"apply_residual_connection_post_layernorm": True, "position_ids_offset": 2, "num_tokentypes": 1,
+             "bert_binary_head": False, "max_position_embeddings": 34}
+    args = bert_flags()
+    assert take_checkpoint_settings(args, saved, set(), "ckpt") is None
+    assert {k: getattr(args, k) for k in saved} == saved
+    finalize_bert_args(args)  # the taken settings are consistent (one token type, no binary head)
+    with pytest.raises(ArgumentError, match="the command line's --num-tokentypes 2 \\(checkpoint: 1\\) cannot load"):
+        take_checkpoint_settings(bert_flags("--num-tokentypes", "2"), saved, {"num_tokentypes"}, "ckpt")
