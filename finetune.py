@@ -8,8 +8,11 @@ Steps, each skipped when its output exists: preprocess the jsonl files
 (tools/preprocess_sft_data.py), convert an HF base model to a Megatron
 checkpoint (tools/checkpoint/util.py), train with finetune_gpt.py (torchrun
 with the layout's process count; --finetune from the base, or resume from
-{save_dir}/checkpoints), export to HF ({save_dir}/hf). The keys and their
-defaults: FIELDS in megatron/training/finetune_config.py.
+{save_dir}/checkpoints), export to HF ({save_dir}/hf). With FinLoRA's
+adapter keys (lora_r, quant_bits, peft_use_dora, peft_use_rslora, ...) only
+adapters are trained and the export writes the peft directory
+{save_dir}/adapter, and {save_dir}/hf merged. The keys and their defaults:
+FIELDS in megatron/training/finetune_config.py.
 """
 
 import os
@@ -67,7 +70,7 @@ def run(argv=None) -> int:
         print(f"{args.config_name} is already done: {plan.checkpoints} holds iteration {finished}, the end of its "
               "training (change the configuration to train on, or remove the checkpoints to start again)",
               flush=True)
-        steps = [(fc.export_command(plan, REPO), None)]
+        steps = [(command, None) for command in fc.export_commands(plan, REPO)]
     else:
         for split in plan.to_preprocess:
             print(f"+ preprocess {plan.to_preprocess[split]} -> {plan.data[split]}", flush=True)
@@ -76,8 +79,11 @@ def run(argv=None) -> int:
         valid = fc.samples_per_epoch(plan, "valid") if "valid" in plan.data else None
         steps = [(fc.convert_command(plan, REPO), None),
                  (fc.train_command(plan, REPO, train, valid), lambda: fc.record_if_finished(plan, train)),
-                 (fc.export_command(plan, REPO), None)]
-    return run_steps([(command, then) for command, then in steps if command], args.dry_run)
+                 *[(command, None) for command in fc.export_commands(plan, REPO)]]
+    code = run_steps([(command, then) for command, then in steps if command], args.dry_run)
+    if code == 0 and not args.dry_run:
+        print(fc.outputs_summary(plan), flush=True)
+    return code
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ setup(
         "tokenizers",
         "transformers",
         "safetensors",
+        "psutil",
         "tqdm",
         "nltk",
     ],

@@ -10,7 +10,7 @@ ITERS=${ITERS:-300}
 HALF=$((ITERS / 2))
 PYTHON=${PYTHON:-python3}
 
-if ! "$PYTHON" -c "import torch, megatron.core, sentencepiece, transformers, tokenizers" 2>/dev/null; then
+if ! "$PYTHON" -c "import torch, megatron.core, sentencepiece, transformers, tokenizers, psutil" 2>/dev/null; then
     echo "== installing requirements (CPU torch, megatron-core 0.16.1, ...)"
     "$PYTHON" -m pip install -q -r requirements.txt
 fi

@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron.training.errors import ArgumentError, Parser
+from megatron.training.dist_ckpt.flags import add_dist_ckpt_flags, validate_dist_ckpt_args
 
 
 def _add_model_flags(p):
@@ -157,8 +158,10 @@ def _add_checkpoint_flags(p):
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model's shape from the checkpoint being loaded")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
-    g.add_argument("--ckpt-format", choices=["torch"], default="torch",
-                   help="torch: Megatron's per-rank iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt layout")
+    g.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default=None,
+                   help="torch_dist (default, as Megatron-LM): megatron-core's distributed checkpoint, loadable "
+                        "under any TP/PP/DP layout; torch: the per-rank iter_XXXXXXX/mp_rank_TT[_PPP]/"
+                        "model_optim_rng.pt layout (the default with adapters, --lora-rank). --load reads either")
 
 
 def _add_logging_flags(p):
@@ -182,8 +185,8 @@ def build_parser(extra_args_provider=None) -> Parser:
 
     p = Parser(description="Megatron-style Llama pretraining on megatron-core")
     for add in (_add_model_flags, add_kernel_flags, _add_training_flags, _add_parallel_flags, _add_data_flags,
-                _add_checkpoint_flags, _add_logging_flags, add_checkpoint_integrity_args, add_exit_signal_args,
-                add_adapter_flags):
+                _add_checkpoint_flags, add_dist_ckpt_flags, _add_logging_flags, add_checkpoint_integrity_args,
+                add_exit_signal_args, add_adapter_flags):
         add(p)
     if extra_args_provider is not None:
         extra_args_provider(p)
@@ -370,6 +373,8 @@ def validate_args(args, world_size: int) -> None:
     from megatron.training.peft.arguments import validate_adapter_args
 
     validate_adapter_args(args, _fail)
+    validate_dist_ckpt_args(args)
+
     args.world_size = world_size
     args.data_parallel_size = dp
 

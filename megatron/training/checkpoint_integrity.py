@@ -123,7 +123,12 @@ def iteration_dirs(root: str) -> List[Tuple[int, str]]:
 
 def incomplete_reason(iter_dir: str) -> Optional[str]:
     """Why `iter_dir` cannot be loaded (a rank file missing or unreadable), or
-    None when every rank file of its saved layout is there and opens."""
+    None when every rank file of its saved layout is there and opens (for a
+    torch_dist directory: dist_ckpt.safe_load.incomplete_reason)."""
+    if os.path.isfile(os.path.join(iter_dir, "metadata.json")):
+        from megatron.training.dist_ckpt.safe_load import incomplete_reason as torch_dist_reason
+
+        return torch_dist_reason(iter_dir)
     ranks = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_")) if os.path.isdir(iter_dir) else []
     layout = None
     for name in ranks:

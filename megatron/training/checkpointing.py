@@ -1,4 +1,8 @@
-"""Checkpoints in Megatron-LM's per-rank layout (`--ckpt-format torch`):
+"""Checkpoints. `--ckpt-format torch_dist` (the default, megatron-core's
+distributed format) lives in megatron/training/dist_ckpt/: save_checkpoint
+dispatches on the flag, load_checkpoint on what the iteration directory holds
+(`is_torch_dist`). This module is the rest: the tracker, staging and
+publishing shared by both, and Megatron-LM's per-rank layout (`--ckpt-format torch`):
 
     SAVE/latest_checkpointed_iteration.txt        the last complete iteration
     SAVE/iter_0000100/mp_rank_00/model_optim_rng.pt          (PP = 1)
@@ -214,6 +218,10 @@ def _param_state_optimizers(optimizer):
 def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, consumed_train_samples: int) -> str:
     """Save this rank's part of a checkpoint at `iteration` under args.save.
     Collective: every rank calls it. Returns the iteration directory."""
+    if args.ckpt_format == "torch_dist":
+        from megatron.training.dist_ckpt import save
+
+        return save.save_checkpoint(args, iteration, model, optimizer, scheduler, consumed_train_samples)
     root = args.save
     final_dir = iteration_dir(root, iteration)
     staging = final_dir + PARTIAL_SUFFIX
@@ -268,21 +276,44 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
     _collectively(write if dp_rank == 0 else None, root, iteration, staging)
 
     def publish():
-        fsync_dir(staging)
-        if os.path.exists(final_dir):
-            # Re-saving an iteration: keep the old copy until the new one is in place.
-            old = final_dir + OLD_SUFFIX
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final_dir, old)
-            os.replace(staging, final_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, final_dir)
-        fsync_dir(root)
-        atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(iteration))
+        publish_iteration(root, staging, final_dir, iteration)
 
     _collectively(publish if rank == 0 else None, root, iteration, staging)
     return final_dir
+
+
+def prepare_saves(args) -> None:
+    """Set-up for --save that would otherwise happen inside the first save."""
+    if args.save and args.ckpt_format == "torch_dist":
+        from megatron.training.dist_ckpt import save
+
+        save.start_writer_queue()
+
+
+def finalize_async_saves(args, blocking: bool = False) -> None:
+    """With --async-save: publish the saves whose writers are done on every
+    rank (with `blocking`, wait for all). Collective; every iteration calls it."""
+    if args.async_save:
+        from megatron.training.dist_ckpt import save
+
+        save.finalize_async_saves(blocking)
+
+
+def publish_iteration(root: str, staging: str, final_dir: str, iteration: int) -> None:
+    """Rename a complete staging directory to `final_dir`, then move the
+    tracker to `iteration` (rank 0, after every rank's files are synced)."""
+    fsync_dir(staging)
+    if os.path.exists(final_dir):
+        # Re-saving an iteration: keep the old copy until the new one is in place.
+        old = final_dir + OLD_SUFFIX
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(staging, final_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final_dir)
+    fsync_dir(root)
+    atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(iteration))
 
 
 def _collectively(step, root: str, iteration: int, staging: str) -> None:
@@ -306,13 +337,18 @@ def _collectively(step, root: str, iteration: int, staging: str) -> None:
         remove_quietly(staging)
     if failure is not None and not isinstance(failure, OSError):
         raise failure  # a bug, not the disk: its own traceback on the rank it happened on
+    raise save_failed(root, iteration, error)
+
+
+def save_failed(root: str, iteration: int, error: str) -> CheckpointError:
+    """The one-line error of a save that failed (its partial files removed)."""
     try:
         previous, _ = read_tracker(root)
     except CheckpointError:
         previous = None
     kept = f"iteration {previous} is still the latest checkpoint" if previous is not None else "nothing was saved"
-    raise CheckpointError(f"saving iteration {iteration} to {root} failed: {error}; the partial save was removed "
-                          f"and {kept}")
+    return CheckpointError(f"saving iteration {iteration} to {root} failed: {error}; the partial save was removed "
+                           f"and {kept}")
 
 
 def _iteration_to_load(load_dir: str, step: Optional[int] = None) -> Optional[Tuple[str, int, bool]]:
@@ -344,7 +380,12 @@ def rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
 def first_rank_state(iter_dir: str) -> dict:
     """The state of the first rank file of an iteration directory, memory-mapped
     (tensors are read only when touched): its `args` and `layout` are the
-    checkpoint's, whatever the layout it was saved under."""
+    checkpoint's, whatever the layout it was saved under. For a torch_dist
+    directory, those entries of its common state (no tensors)."""
+    if is_torch_dist(iter_dir):
+        from megatron.training.dist_ckpt import load
+
+        return load.first_state(iter_dir)
     names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_")) if os.path.isdir(iter_dir) else []
     if not names:
         raise CheckpointError(f"{iter_dir} holds no mp_rank_* directories: the checkpoint is incomplete, "
@@ -393,7 +434,17 @@ def read_checkpoint_args(load_dir: str, step: Optional[int] = None) -> dict:
     chosen = _iteration_to_load(load_dir, step)
     if chosen is None:
         raise CheckpointError(not_a_checkpoint(load_dir))
+    if is_torch_dist(chosen[0]):
+        from megatron.training.dist_ckpt import load
+
+        return load.checkpoint_args(chosen[0])
     return first_rank_state(chosen[0])["args"]
+
+
+def is_torch_dist(iter_dir: str) -> bool:
+    """Whether an iteration directory holds a torch_dist checkpoint (megatron-core's
+    metadata.json), rather than per-rank mp_rank_* directories."""
+    return os.path.isfile(os.path.join(iter_dir, "metadata.json"))
 
 
 def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
@@ -413,6 +464,10 @@ def load_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
             print(f"no checkpoint found in {args.load}: starting from scratch", flush=True)
         return 0, 0
     iter_dir, iteration, release = chosen
+    if is_torch_dist(iter_dir):
+        from megatron.training.dist_ckpt import load
+
+        return load.load_checkpoint(args, model, optimizer, scheduler, iter_dir, iteration, release)
     fresh_start = args.finetune or release
     load_optim = optimizer is not None and not fresh_start and not args.no_load_optim
 
@@ -532,25 +587,36 @@ def _read_distributed_optimizer_state(path: str):
 def _load_distributed_optimizer_state(optimizer, states) -> None:
     """The dp-zero parameter states (read on data-parallel rank 0, None
     elsewhere) scattered into the distributed optimizer. Collective."""
-    # The copies go into views of parameters (fp32 main params alias the model's):
-    # outside autograd, as megatron-core's other loaders are.
-    with torch.no_grad():
+    with restoring_optimizer_state(optimizer):
         for i, opt in enumerate(_param_state_optimizers(optimizer)):
-            with _keeping_optimizer_step(opt):
-                opt.load_parameter_state_from_dp_zero(states[i] if states is not None else None)
-            # Its load_state_dict gives every parameter the *same* step tensor, which
-            # torch's Adam then increments once per parameter per step: untie them.
-            for param_state in opt.optimizer.state.values():
-                if isinstance(param_state.get("step"), torch.Tensor):
-                    param_state["step"] = param_state["step"].clone()
+            opt.load_parameter_state_from_dp_zero(states[i] if states is not None else None)
+
+
+@contextlib.contextmanager
+def restoring_optimizer_state(optimizer):
+    """Around loading a distributed optimizer's parameter state: outside
+    autograd (the copies go into views of parameters: fp32 main params alias
+    the model's), keeping torch Adam's `step` (below), and untying the step
+    tensors afterwards: the optimizer's load_state_dict gives every parameter
+    the *same* step tensor, which torch's Adam would then increment once per
+    parameter per step."""
+    parts = _param_state_optimizers(optimizer)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for opt in parts:
+            stack.enter_context(_keeping_optimizer_step(opt))
+        yield
+    for opt in parts:
+        for param_state in opt.optimizer.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
 
 
 @contextlib.contextmanager
 def _keeping_optimizer_step(opt):
     """megatron-core 0.16.1 without Transformer Engine or apex uses torch's Adam,
-    whose per-parameter state has a `step` tensor; the dp-zero loader only
-    carries param / exp_avg / exp_avg_sq and fails on `step` (KeyError). The
-    step was already restored by `optimizer.load_state_dict`, so keep it."""
+    whose per-parameter state has a `step` tensor; the dp-zero and fully
+    reshardable loaders only carry param / exp_avg / exp_avg_sq and fail on
+    `step` (KeyError). The step is restored from the param groups, so keep it."""
     original = opt._set_main_param_and_optimizer_states
 
     def set_states(model_param, tensors):
@@ -610,8 +676,6 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=
     them (QLoRA's quantised base). fresh_heads: head modules (`_head_names`)
     the checkpoint lacks keep their initialisation and those the model lacks
     are left out, each reported (a fresh start with other heads)."""
-    src_tp, src_pp = saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]
-    src_vp = saved["virtual_pipeline_model_parallel_size"]
     if saved["num_layers"] != args.num_layers:
         raise CheckpointError(f"{iter_dir} has {saved['num_layers']} layers, this run --num-layers {args.num_layers}")
     gated = bool(saved["swiglu"])
@@ -654,25 +718,19 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=
             loaded[v].update(names)
 
     others: dict = {}
-    dropped: set = set()
-    src_offsets = sharding.layer_offsets(saved["num_layers"], src_pp, src_vp)
-    for p in range(src_pp):
-        states = [read_checkpoint_file(rank_file(iter_dir, t, p, src_pp)) for t in range(src_tp)]
-        for v, key in enumerate(model_keys(src_vp or 1)):
-            chunks = [sharding.to_global_names(s[key], src_offsets[(p, v)]) for s in states]
-            by_layer: dict = {}
-            for name in chunks[0]:
-                if needed(name):
-                    by_layer.setdefault(sharding.layer_index(name), []).append(name)
-                elif sharding.layer_index(name) is None:
-                    dropped.add(name)
-            for index, names in by_layer.items():
-                merged = sharding.merge_tp_states([{n: c[n] for n in names} for c in chunks], gated)
-                if index is None:
-                    others.update(merged)
-                else:
-                    load(merged)
-        del states, chunks
+    dropped: set = set()  # the checkpoint's non-layer entries this model has no place for
+    if is_torch_dist(iter_dir):  # global tensors, read whole layer by layer
+        from megatron.training.dist_ckpt.full_tensors import full_groups
+
+        layers = [i for first, end in layer_ranges for i in range(first, end)]
+        groups = full_groups(iter_dir, saved["num_layers"], layers, sorted(other_names))
+    else:
+        groups = _rank_file_groups(iter_dir, saved, needed, gated, dropped)
+    for index, merged in groups:
+        if index is None:
+            others.update(merged)
+        else:
+            load(merged)
     if _OUTPUT_LAYER not in others and tied and _EMBEDDING in others:
         # Tied embeddings saved without pipelining: the last stage's output layer is
         # megatron-core's copy of the word embeddings.
@@ -689,6 +747,29 @@ def _load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=
     if fresh_heads:
         last = _unwrap(model[-1])  # heads live on the last stage: other stages skip them by design
         _report_heads(iter_dir, fresh, _head_names(last, dropped) if getattr(last, "post_process", False) else set())
+
+
+def _rank_file_groups(iter_dir: str, saved: dict, needed, gated: bool, dropped: set):
+    """(layer index, its full tensors) merged over the TP rank files of each
+    pipeline stage, for the entries `needed(name)` accepts; (None, the other
+    entries) per model chunk. Global names. The non-layer entries not needed
+    are added to `dropped`."""
+    src_tp, src_pp = saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]
+    src_vp = saved["virtual_pipeline_model_parallel_size"]
+    src_offsets = sharding.layer_offsets(saved["num_layers"], src_pp, src_vp)
+    for p in range(src_pp):
+        states = [read_checkpoint_file(rank_file(iter_dir, t, p, src_pp)) for t in range(src_tp)]
+        for v, key in enumerate(model_keys(src_vp or 1)):
+            chunks = [sharding.to_global_names(s[key], src_offsets[(p, v)]) for s in states]
+            by_layer: dict = {}
+            for name in chunks[0]:
+                if needed(name):
+                    by_layer.setdefault(sharding.layer_index(name), []).append(name)
+                elif sharding.layer_index(name) is None:
+                    dropped.add(name)
+            for index, names in by_layer.items():
+                yield index, sharding.merge_tp_states([{n: c[n] for n in names} for c in chunks], gated)
+        del states, chunks
 
 
 def _fit_vocab(local: dict, target: dict, tp: int) -> dict:

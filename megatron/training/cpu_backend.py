@@ -25,9 +25,16 @@ The reroutes (each one has a test in tests/training/test_cpu_backend.py):
    functions listed in `_FUNCTIONS_WITH_TYPE_CHECKS`: while those functions run,
    `Tensor.type()` reports CPU tensors under their CUDA names.
 6. `Tensor.cuda()` in `LanguageModule.setup_embeddings_and_output_layer`
-   (tied embeddings with PP > 1) leaves the tensor on the CPU while it runs.
+   (tied embeddings with PP > 1) and in `DistributedOptimizer.
+   get_parameter_state_dp_zero` (its state gathered for a torch_dist
+   checkpoint) leaves the tensor on the CPU while they run.
 7. The RNG tracker's warning "CPU RNG state changed within GPU RNG context"
    is filtered: on the CPU the forked stream *is* the CPU generator.
+8. dist_checkpointing's broadcast exchange of a fully parallel load
+   (`exchange_loaded_tensors_broadcast`) stages every tensor on the GPU: while
+   it runs, `Tensor.cuda()` stays on the CPU and `ShardedTensor.init_data`
+   allocates CUDA-device data on the CPU (its module's literal `device="cuda"`
+   allocations are rerouted as in 4).
 
 The pinned megatron-core version is checked first: if it changes, the list
 above must be re-verified, so activation fails with a message saying so.
@@ -54,6 +61,7 @@ _MODULES_WITH_LITERAL_CUDA = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.tensor_parallel.data",
     "megatron.core.utils",
+    "megatron.core.dist_checkpointing.exchange_utils",
 )
 
 # (module, qualified attribute) of functions that compare Tensor.type() strings.
@@ -69,6 +77,14 @@ _FUNCTIONS_WITH_TYPE_CHECKS = (
 _FUNCTIONS_WITH_TENSOR_CUDA = (
     ("megatron.core.models.common.language_module.language_module",
      "LanguageModule.setup_embeddings_and_output_layer"),
+    # The distributed optimizer's gather of its state for a torch_dist checkpoint
+    # (fully reshardable format) moves each shard to the GPU before all_gather.
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),
+)
+
+# Functions that stage sharded tensors on the GPU (Tensor.cuda() and ShardedTensor.init_data("cuda")).
+_FUNCTIONS_STAGING_SHARDED_TENSORS = (
+    ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_broadcast"),
 )
 
 _TENSOR_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "empty_like")
@@ -175,6 +191,25 @@ def tensor_cuda_stays_on_cpu():
         torch.Tensor.cuda = real_cuda
 
 
+@contextlib.contextmanager
+def sharded_tensors_stay_on_cpu():
+    """While active, `Tensor.cuda()` returns the tensor itself and
+    `ShardedTensor.init_data` allocates data for a CUDA device on the CPU."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    real_init_data = ShardedTensor.init_data
+
+    def init_data(self, device, init_fn=torch.empty):
+        return real_init_data(self, _cpu_device(device), init_fn)
+
+    ShardedTensor.init_data = init_data
+    try:
+        with tensor_cuda_stays_on_cpu():
+            yield
+    finally:
+        ShardedTensor.init_data = real_init_data
+
+
 def _wrapped(fn, context):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -240,6 +275,7 @@ def activate() -> bool:
                 module.torch = _TorchOnCpu(torch)
         _wrap_functions(_FUNCTIONS_WITH_TYPE_CHECKS, cuda_type_names)
         _wrap_functions(_FUNCTIONS_WITH_TENSOR_CUDA, tensor_cuda_stays_on_cpu)
+        _wrap_functions(_FUNCTIONS_STAGING_SHARDED_TENSORS, sharded_tensors_stay_on_cpu)
         logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropCpuRngWarning())
         _active = True
     return True

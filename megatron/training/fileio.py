@@ -39,12 +39,16 @@ def remove_quietly(*paths: str) -> None:
             pass
 
 
-def fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (a directory's entries: creations, renames)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_path
 
 
 def atomic_write_text(path: str, text: str) -> None:

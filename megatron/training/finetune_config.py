@@ -53,14 +53,26 @@ FIELDS = {
     "seed": (1234, "--seed (also the data order)"),
     "log_interval": (10, "--log-interval"),
     "save_interval": (None, "iterations between checkpoints; default: only at the end"),
-    "export_hf": (True, "export the result as a Hugging Face directory {save_dir}/hf"),
+    "export_hf": (True, "export the result as a Hugging Face directory {save_dir}/hf (with adapters: merged)"),
     "workers": (1, "preprocessing processes"),
     "extra_args": ([], "further driver flags, passed as they are"),
+    # FinLoRA's adapter keys: with lora_r the base stays frozen and adapters are trained,
+    # saved as adapter-only checkpoints and exported as a peft directory {save_dir}/adapter.
+    "lora_r": (None, "LoRA rank (--lora-rank): train adapters instead of all weights"),
+    "lora_alpha": (16, "--lora-alpha: adapters are scaled by alpha / r (alpha / sqrt(r) with RSLoRA)"),
+    "lora_dropout": (0.05, "--lora-dropout on the adapters' input"),
+    "lora_target_modules": (["q_proj", "k_proj", "v_proj"],
+                            "HF module names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or "
+                            "\"all-linear\" (--lora-target-modules)"),
+    "quant_bits": (None, "QLoRA: 4 (NF4) or 8 (int8) bits for the frozen base while training (--lora-quant-bits); "
+                         "absent or 16: not quantized"),
+    "peft_use_dora": (False, "DoRA: magnitude and direction (--lora-use-dora)"),
+    "peft_use_rslora": (False, "RSLoRA: scale alpha / sqrt(r) (--lora-use-rslora)"),
 }
 LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "data_parallel")
-# FinLoRA keys for adapter training, which this full-parameter driver does not do.
-ADAPTER_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "quant_bits", "peft_use_rslora", "peft_use_dora",
-                "lora_target_modules")
+# The adapter keys that mean nothing without lora_r.
+ADAPTER_KEYS = ("lora_alpha", "lora_dropout", "lora_target_modules", "quant_bits", "peft_use_dora", "peft_use_rslora")
+QUANT_BITS = {None: None, 16: None, 4: 4, 8: 8}  # quant_bits -> --lora-quant-bits
 
 
 class ConfigError(UserError, ValueError):
@@ -86,9 +98,6 @@ def load_config(path: str, name: str) -> dict:
                                                                      else f"; it has {', '.join(configs)}"))
     entry = configs[name]
     for key in entry:
-        if key in ADAPTER_KEYS or key.startswith(("lora_", "peft_")):
-            raise ConfigError(f"{name}: {key!r} configures LoRA/quantized adapters; this driver fine-tunes all "
-                              "weights: remove the key")
         if key not in FIELDS:
             close = difflib.get_close_matches(key, list(FIELDS), n=2)
             raise ConfigError(f"{name}: unknown key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else
@@ -103,12 +112,53 @@ def load_config(path: str, name: str) -> dict:
         raise ConfigError(f"{name}: layout keys are {', '.join(LAYOUT_KEYS)}, not {', '.join(sorted(bad_layout))}")
     if cfg["optimizer"] not in ("adam", "sgd"):
         raise ConfigError(f"{name}: optimizer must be adam or sgd, not {cfg['optimizer']!r}")
+    _check_adapter_keys(name, entry, cfg)
     base = os.path.dirname(os.path.abspath(path))
     for key in ("base_model", "dataset_path", "valid_dataset_path", "save_dir", "tokenizer_model"):
         if cfg[key] is not None:
             cfg[key] = os.path.normpath(os.path.join(base, cfg[key]))
     cfg["save_dir"] = cfg["save_dir"] or os.path.join(base, "finetune_output", name)
     return cfg
+
+
+def _check_adapter_keys(name: str, entry: dict, cfg: dict) -> None:
+    from megatron.training.checkpoint_convert.core import ConversionError
+    from megatron.training.checkpoint_convert.peft import canonical_targets
+
+    if cfg["lora_r"] is None:
+        given = [k for k in ADAPTER_KEYS if k in entry]
+        if given:
+            raise ConfigError(f"{name}: {given[0]!r} configures LoRA adapters: set lora_r (e.g. 8) to train "
+                              "adapters, or remove the key to fine-tune all weights")
+        return
+    if not isinstance(cfg["lora_r"], int) or isinstance(cfg["lora_r"], bool) or cfg["lora_r"] < 1:
+        raise ConfigError(f"{name}: lora_r must be a positive integer (the adapter rank, e.g. 8), "
+                          f"not {cfg['lora_r']!r}")
+    if cfg["quant_bits"] not in QUANT_BITS:
+        raise ConfigError(f"{name}: quant_bits must be 4 (QLoRA, NF4) or 8, or 16 / absent for an unquantized base, "
+                          f"not {cfg['quant_bits']!r}")
+    if isinstance(cfg["lora_alpha"], bool) or not isinstance(cfg["lora_alpha"], (int, float)) or cfg["lora_alpha"] <= 0:
+        raise ConfigError(f"{name}: lora_alpha must be a positive number (FinLoRA uses 16), not {cfg['lora_alpha']!r}")
+    if not 0 <= cfg["lora_dropout"] < 1:
+        raise ConfigError(f"{name}: lora_dropout must be in [0, 1), not {cfg['lora_dropout']!r}")
+    try:
+        canonical_targets(cfg["lora_target_modules"], f"{name}: lora_target_modules")
+    except ConversionError as e:
+        raise ConfigError(str(e))
+
+
+def adapter_flags(cfg: dict) -> List[str]:
+    """The driver's --lora-* flags of a configuration (none without lora_r)."""
+    if cfg["lora_r"] is None:
+        return []
+    targets = cfg["lora_target_modules"]
+    flags = ["--lora-rank", str(cfg["lora_r"]), "--lora-alpha", str(cfg["lora_alpha"]),
+             "--lora-dropout", str(cfg["lora_dropout"]),
+             "--lora-target-modules", *([targets] if isinstance(targets, str) else targets)]
+    if QUANT_BITS[cfg["quant_bits"]]:
+        flags += ["--lora-quant-bits", str(QUANT_BITS[cfg["quant_bits"]])]
+    return flags + (["--lora-use-dora"] if cfg["peft_use_dora"] else []) + (
+        ["--lora-use-rslora"] if cfg["peft_use_rslora"] else [])
 
 
 @dataclass
@@ -225,7 +275,7 @@ def train_command(plan: Plan, repo: str, train_samples: int, valid_samples: Opti
         "--attention-dropout", str(cfg["dropout"]), "--hidden-dropout", str(cfg["dropout"]),
         "--data-path", plan.data["train"], "--sft-truncation", cfg["truncation"],
         *(["--sft-packing"] if cfg["packing"] else []), *(["--bf16"] if cfg["bf16"] else []),
-        "--seed", str(cfg["seed"]), "--log-interval", str(cfg["log_interval"]),
+        "--seed", str(cfg["seed"]), "--log-interval", str(cfg["log_interval"]), *adapter_flags(cfg),
     ]
     if cfg["save_interval"]:
         flags += ["--save-interval", str(cfg["save_interval"])]
@@ -240,14 +290,23 @@ def train_command(plan: Plan, repo: str, train_samples: int, valid_samples: Opti
     return launcher + [script] + flags + [str(a) for a in cfg["extra_args"]]
 
 
-def export_command(plan: Plan, repo: str) -> Optional[List[str]]:
+def export_commands(plan: Plan, repo: str) -> List[List[str]]:
+    """The exports still to do: with adapters the peft directory {save_dir}/adapter, and
+    (export_hf) the HF directory {save_dir}/hf, merged with the adapters."""
+    util = [sys.executable, os.path.join(repo, "tools", "checkpoint", "util.py"), "--model-type", "GPT",
+            "--loader", "megatron", "--load-dir", plan.checkpoints]
+    commands = []
+    adapter = os.path.join(plan.cfg["save_dir"], "adapter")
+    if plan.cfg["lora_r"] is not None and not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+        # peft's AutoPeftModel loads the base from here: the HF directory when the base came as one
+        named_base = ["--base-model-name-or-path", plan.cfg["base_model"]] if plan.base_is_hf else []
+        commands.append(util + ["--saver", "peft", "--save-dir", adapter, *named_base])
     out = os.path.join(plan.cfg["save_dir"], "hf")
-    if not plan.cfg["export_hf"] or os.path.exists(os.path.join(out, "config.json")):
-        return None
-    tok = dict(zip(plan.tokenizer[::2], plan.tokenizer[1::2]))
-    extra = ["--tokenizer-model", tok["--tokenizer-model"]] if tok.get("--tokenizer-model") else []
-    return [sys.executable, os.path.join(repo, "tools", "checkpoint", "util.py"), "--model-type", "GPT",
-            "--loader", "megatron", "--saver", "hf", "--load-dir", plan.checkpoints, "--save-dir", out, *extra]
+    if plan.cfg["export_hf"] and not os.path.exists(os.path.join(out, "config.json")):
+        tok = dict(zip(plan.tokenizer[::2], plan.tokenizer[1::2]))
+        extra = ["--tokenizer-model", tok["--tokenizer-model"]] if tok.get("--tokenizer-model") else []
+        commands.append(util + ["--saver", "hf", "--save-dir", out, *extra])
+    return commands
 
 
 def _tracker_iteration(plan: Plan) -> Optional[int]:
@@ -280,3 +339,17 @@ def finished_iteration(plan: Plan) -> Optional[int]:
     same_config = record.get("config") == json.loads(json.dumps(plan.cfg))
     iteration = _tracker_iteration(plan)
     return iteration if same_config and iteration == record.get("iteration") else None
+
+
+def outputs_summary(plan: Plan) -> str:
+    """The last lines finetune.py prints: where the results are and how to load them."""
+    save = plan.cfg["save_dir"]
+    lines = [f"done: checkpoints in {plan.checkpoints}"]
+    adapter, hf = os.path.join(save, "adapter"), os.path.join(save, "hf")
+    if plan.cfg["lora_r"] is not None and os.path.isdir(adapter):
+        base = plan.cfg["base_model"] if plan.base_is_hf else "<the base as an HF model>"
+        lines.append(f"peft adapter: {adapter}  (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+                     f"{base!r}), {adapter!r}); vLLM: --enable-lora --lora-modules NAME={adapter})")
+    if plan.cfg["export_hf"] and os.path.isdir(hf):
+        lines.append(f"Hugging Face model{' (adapters merged)' if plan.cfg['lora_r'] is not None else ''}: {hf}")
+    return "\n".join(lines)

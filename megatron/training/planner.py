@@ -23,7 +23,10 @@ Memory model (bytes; e = bytes per element of --bf16/--fp16/fp32):
   Selective recomputation (megatron-core recomputes core attention) drops
   only the s x s scores, so with flash attention it saves nothing.
   Per-token scalars (norm statistics, softmax log-sum-exp) are below 1% and
-  left out. Stage i of a 1F1B pipeline holds min(PP - i, M) micro-batches;
+  left out.
+- Adapters (--lora-rank, --lora-quant-bits): the base is frozen (no
+  gradients, no optimizer state), QLoRA stores its linear weights quantized;
+  the memory model of that is planner_adapters.py. Stage i of a 1F1B pipeline holds min(PP - i, M) micro-batches;
   the interleaved schedule holds megatron-core's warm-up count of
   (virtual) micro-batches plus one.
 What the model leaves out is covered by a headroom: CUDA context, NCCL
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 from megatron.training import arguments
+from megatron.training import planner_adapters as adapters
 from megatron.training.flops import PEAK_BF16_TFLOPS, ModelShape, flops_per_iteration, throughput
 
 GIB = float(1 << 30)
@@ -70,6 +74,7 @@ class StageMemory:
     stage: int
     layers: int
     parameters: int
+    trainable: int  # parameters with gradients and optimizer state (all, or the adapters')
     weights: float
     gradients: float
     optimizer: float
@@ -231,8 +236,13 @@ def optimizer_bytes_per_parameter(args) -> int:
 
 def stage_memory(args, stage: int) -> StageMemory:
     n = stage_parameters(args, stage)
+    layers = args.num_layers // args.pipeline_model_parallel_size
+    trainable, weights = n, n * _element_bytes(args)
+    if adapters.adapted(args):
+        trainable = layers * adapters.adapter_parameters_per_layer(args, args.tensor_model_parallel_size)
+        weights = adapters.frozen_base_bytes(args, n, layers, _element_bytes(args)) + trainable * _element_bytes(args)
     per_param = optimizer_bytes_per_parameter(args)
-    replicated, distributed = n * per_param, n * per_param / args.data_parallel_size
+    replicated, distributed = trainable * per_param, trainable * per_param / args.data_parallel_size
     sp = args.sequence_parallel
     options = {}
     for granularity in (None, "selective", "full"):
@@ -240,8 +250,8 @@ def stage_memory(args, stage: int) -> StageMemory:
             label = f"{granularity or 'no'} recompute, {'SP' if with_sp else 'no SP'}"
             options[label] = stage_activation_bytes(args, stage, with_sp, granularity)
     return StageMemory(
-        stage=stage, layers=args.num_layers // args.pipeline_model_parallel_size, parameters=n,
-        weights=n * _element_bytes(args), gradients=n * _grad_bytes(args),
+        stage=stage, layers=layers, parameters=n, trainable=trainable,
+        weights=weights, gradients=trainable * _grad_bytes(args),
         optimizer=distributed if args.use_distributed_optimizer else replicated,
         optimizer_replicated=replicated, optimizer_distributed=distributed,
         activations=stage_activation_bytes(args, stage, sp, args.recompute_granularity),
@@ -269,6 +279,8 @@ def layer_activation_bytes(args, sequence_parallel: bool, selective: bool = Fals
     if args.hidden_dropout > 0:
         per_token += 2 * h / r  # one-byte masks after attention and after the MLP
     total = s * b * per_token
+    if adapters.adapted(args):
+        total += adapters.activation_delta_bytes(args, sequence_parallel, e)
     if not args.use_flash_attn and not selective:
         # Unfused attention keeps the softmax output (and with dropout its mask and output), a x s x s.
         per_score = e + ((1 + e) if args.attention_dropout > 0 else 0)
@@ -305,6 +317,9 @@ def stage_activation_bytes(args, stage: int, sequence_parallel: bool, recompute)
     else:
         per_chunk, working = layers * per_layer, 0.0
     total = micro_batches_in_flight(args, stage) * per_chunk + working
+    if adapters.adapted(args):
+        total += adapters.dequantized_working_bytes(args, _element_bytes(args)) + adapters.stage_activation_delta(
+            args, stage, hidden, micro_batches_in_flight(args, stage))
     if stage == pp - 1:
         # Final norm and output projection inputs, and the fp32 softmax of the cross-entropy (one micro-batch).
         tokens = args.seq_length * args.micro_batch_size
@@ -331,6 +346,7 @@ def format_plan(p: Plan) -> str:
         f"layout: world size {a.world_size} = TP {a.tensor_model_parallel_size} x PP {a.pipeline_model_parallel_size}"
         f" x DP {a.data_parallel_size} (VP {vp}); global batch {a.global_batch_size} = {a.num_microbatches} "
         f"micro-batches of {a.micro_batch_size} x DP {a.data_parallel_size}; pipeline bubble {p.pipeline_bubble:.1%}",
+        *_adapter_line(p),
         "",
         f"memory per GPU (GiB) on {a.gpu} ({p.gpu_memory_gib:.0f} GiB, {p.headroom_gib:.0f} GiB kept free); "
         f"optimizer {'distributed' if a.use_distributed_optimizer else 'replicated'}, "
@@ -364,6 +380,19 @@ def format_plan(p: Plan) -> str:
         verdict,
     ]
     return "\n".join(lines)
+
+
+def _adapter_line(p: Plan) -> List[str]:
+    a = p.args
+    if not adapters.adapted(a):
+        return []
+    from megatron.training.peft.arguments import describe
+
+    s = p.stages[0]
+    base = f"{a.lora_quant_bits}-bit quantized" if a.lora_quant_bits else "frozen"
+    return [f"adapters: {describe(a)} on {', '.join(a.lora_target_modules)}: {s.trainable / 1e6:,.2f}M trainable "
+            f"parameters per GPU of stage 0 ({s.trainable / s.parameters:.2%}); the {base} base has no gradients "
+            "or optimizer state"]
 
 
 def fit_error(p: Plan) -> str:

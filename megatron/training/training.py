@@ -48,6 +48,7 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     tokenizer = build_tokenizer_from_args(args)
     model = build_model(args, model_provider)
     optimizer, scheduler = build_optimizer(args, model)
+    checkpointing.prepare_saves(args)
     state = TrainingState()
     if args.load:
         state.iteration, state.consumed_train_samples = checkpointing.load_checkpoint(args, model, optimizer, scheduler)
@@ -58,6 +59,7 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
         train(args, step, model, optimizer, scheduler, train_iter, valid_iter, state)
     elif args.save and args.train_iters == 0:
         save(args, state, model, optimizer, scheduler)  # an initial checkpoint
+        checkpointing.finalize_async_saves(args, blocking=True)
     if state.exited_early:
         return state  # as Megatron-LM: an early exit saves and stops, without the final evaluations
     evaluated_just_now = args.eval_interval and state.iteration % args.eval_interval == 0 and not args.skip_train
@@ -302,6 +304,7 @@ def _train_loop(args, forward_step_func, model, optimizer, scheduler, train_iter
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save(args, state, model, optimizer, scheduler)
             saved_at = state.iteration
+        checkpointing.finalize_async_saves(args)
         if exit_signal.received_anywhere():
             print_rank_0(f"exiting at iteration {state.iteration}: received {args.exit_signal} "
                          f"(--exit-signal-handler){'' if args.save else '; no --save: nothing is saved'}")
@@ -312,6 +315,7 @@ def _train_loop(args, forward_step_func, model, optimizer, scheduler, train_iter
             break
     if args.save and saved_at != state.iteration:
         save(args, state, model, optimizer, scheduler)
+    checkpointing.finalize_async_saves(args, blocking=True)
     logger.close()
     return state
 
@@ -333,7 +337,10 @@ def save(args, state: TrainingState, model, optimizer, scheduler) -> None:
     t0 = time.time()
     path = checkpointing.save_checkpoint(args, state.iteration, model, optimizer, scheduler,
                                          state.consumed_train_samples)
-    print_rank_0(f"saved checkpoint {path} in {time.time() - t0:.1f} s")
+    if args.async_save:
+        print_rank_0(f"started the asynchronous save of {path}: training blocked {time.time() - t0:.2f} s")
+    else:
+        print_rank_0(f"saved checkpoint {path} in {time.time() - t0:.1f} s")
 
 
 @torch.no_grad()

@@ -74,7 +74,11 @@ def test_single_process_and_hf_base(tmp_path):
 @pytest.mark.parametrize("entry,message", [
     ({"dataset_path": "d"}, "'base_model' is required"),
     ({"base_model": "b", "dataset_path": "d", "learning_rat": 1}, "did you mean learning_rate"),
-    ({"base_model": "b", "dataset_path": "d", "lora_r": 8}, "LoRA.*remove the key"),
+    ({"base_model": "b", "dataset_path": "d", "quant_bits": 4}, "'quant_bits' configures LoRA adapters: set lora_r"),
+    ({"base_model": "b", "dataset_path": "d", "lora_r": 8, "quant_bits": 2}, "quant_bits must be 4 .* or 8"),
+    ({"base_model": "b", "dataset_path": "d", "lora_r": 0}, "lora_r must be a positive integer"),
+    ({"base_model": "b", "dataset_path": "d", "lora_r": 8, "lora_target_modules": ["q_proj", "qkv_proj"]},
+     "lora_target_modules: unknown target module.s. qkv_proj: choose among q_proj, k_proj"),
     ({"base_model": "b", "dataset_path": "d", "layout": {"tp": 2}}, "layout keys are tensor_parallel"),
     ({"base_model": "b", "dataset_path": "d", "optimizer": "adamw"}, "adam or sgd"),
 ])
@@ -85,8 +89,51 @@ def test_config_errors_name_the_fix(tmp_path, entry, message):
         fc.load_config(write(tmp_path, entry), "rnu")
 
 
-def test_shipped_examples_parse():
+def test_shipped_examples_parse_and_the_tiny_ones_run_here():
+    """Every shipped configuration parses; the FinLoRA-style tiny ones (one of each method) have their
+    base model and data in the repository (examples/finlora), so they plan without downloading."""
     path = os.path.join(REPO, "finetune_configs.json")
+    methods = set()
     for name in json.load(open(path)):
         cfg = fc.load_config(path, name)
-        assert cfg["num_epochs"] > 0 and cfg["layout"]
+        assert cfg["num_epochs"] > 0
+        if name.startswith("sentiment_tiny_"):
+            plan = fc.make_plan(cfg)
+            assert plan.base_is_hf and os.path.isfile(cfg["dataset_path"]) and plan.world_size == 1
+            cmd = fc.train_command(plan, REPO, 100, 10)
+            bits = flag(cmd, "--lora-quant-bits") if "--lora-quant-bits" in cmd else None
+            methods.add("QLoRA-4bit" if bits == "4" else "DoRA" if "--lora-use-dora" in cmd else
+                        "RSLoRA" if "--lora-use-rslora" in cmd else "LoRA")
+    assert methods == {"LoRA", "QLoRA-4bit", "DoRA", "RSLoRA"}
+
+
+def test_finlora_adapter_keys_become_lora_flags_and_exports(tmp_path):
+    """FinLoRA's keys (lora_r, lora_alpha, lora_dropout, lora_target_modules,
+    quant_bits, peft_use_dora, peft_use_rslora) -> the driver's --lora-* flags;
+    the export writes the peft directory, then the merged HF model."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    base = {"base_model": "hf", "dataset_path": "d.jsonl"}
+    plan = fc.make_plan(fc.load_config(write(tmp_path, dict(
+        base, lora_r=4, quant_bits=4, peft_use_dora=True, lora_target_modules="all-linear")), "run"))
+    cmd = fc.train_command(plan, REPO, 10, None)
+    assert flag(cmd, "--lora-rank") == "4" and flag(cmd, "--lora-quant-bits") == "4" and "--lora-use-dora" in cmd
+    assert flag(cmd, "--lora-alpha") == "16" and flag(cmd, "--lora-dropout") == "0.05"  # FinLoRA's defaults
+    assert flag(cmd, "--lora-target-modules") == "all-linear" and "--lora-use-rslora" not in cmd
+    peft_export, hf_export = fc.export_commands(plan, REPO)
+    assert flag(peft_export, "--saver") == "peft" and flag(peft_export, "--save-dir").endswith("adapter")
+    assert flag(peft_export, "--base-model-name-or-path") == str(hf)  # AutoPeftModel finds the base here
+    assert flag(hf_export, "--saver") == "hf" and flag(hf_export, "--load-dir") == plan.checkpoints
+
+    plan = fc.make_plan(fc.load_config(write(tmp_path, dict(
+        base, lora_r=8, lora_alpha=32, lora_dropout=0.0, quant_bits=16, peft_use_rslora=True, export_hf=False)), "run"))
+    cmd = fc.train_command(plan, REPO, 10, None)
+    i = cmd.index("--lora-target-modules")
+    assert cmd[i + 1:i + 4] == ["q_proj", "k_proj", "v_proj"]  # FinLoRA's default targets
+    assert "--lora-quant-bits" not in cmd and "--lora-use-rslora" in cmd and flag(cmd, "--lora-alpha") == "32"
+    assert [flag(c, "--saver") for c in fc.export_commands(plan, REPO)] == ["peft"]
+
+    plan = fc.make_plan(fc.load_config(write(tmp_path, base), "run"))  # no lora_r: all weights, no adapter flags
+    assert not [f for f in fc.train_command(plan, REPO, 10, None) if f.startswith("--lora")]
+    assert [flag(c, "--saver") for c in fc.export_commands(plan, REPO)] == ["hf"]

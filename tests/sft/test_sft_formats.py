@@ -36,6 +36,8 @@ def encode(record, template="auto", tokenizer=None):
 def test_panda_masks_the_input_and_trains_target_and_eos():
     ids, mask = encode({"input": "Buy?", "target": "Hold."})
     assert (ids, mask) == expected((BOS, 0), ("Buy?", 0), ("Hold.", 1), (EOS, 1))
+    # FinLoRA's records name the prompt "context"
+    assert encode({"context": "Buy?", "target": "Hold."}) == (ids, mask)
 
 
 def test_alpaca_with_system_history_and_input():

@@ -35,10 +35,12 @@ def lora_flags(rank: int = 4, alpha: float = 8, targets: Sequence[str] = ("all-l
     return flags
 
 
-def make_base(path: str, tied: bool = False, train_iters: int = 0) -> str:
-    """A base checkpoint saved by one process: the initial weights, or after `train_iters` full steps."""
+def make_base(path: str, tied: bool = False, train_iters: int = 0, ckpt_format: str = "torch") -> str:
+    """A base checkpoint saved by one process: the initial weights, or after `train_iters` full steps; in the
+    per-rank torch format by default, whose rank files the tests read (a torch_dist base:
+    tests/training/dist_ckpt/test_adapter_base.py)."""
     run_pretrain(base_model_flags(tied) + MOCK_DATA + SCHEDULE + BATCH + ["--train-iters", str(train_iters),
-                                                                         "--save", path])
+                                                                         "--save", path, "--ckpt-format", ckpt_format])
     return path
 
 

@@ -26,7 +26,9 @@ MEGATRON_FLAGS = """--tensor-model-parallel-size --pipeline-model-parallel-size 
 --exit-on-missing-checkpoint --log-interval --log-throughput --tensorboard-dir --eval-interval --eval-iters
 --exit-interval --no-bias-swiglu-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion --no-rope-fusion
 --no-persist-layer-norm --no-gradient-accumulation-fusion --cross-entropy-loss-fusion
---cross-entropy-fusion-impl""".split()
+--cross-entropy-fusion-impl --ckpt-format --async-save --use-persistent-ckpt-worker --ckpt-fully-parallel-save
+--no-ckpt-fully-parallel-save --ckpt-fully-parallel-load --dist-ckpt-optim-fully-reshardable
+--distrib-optim-fully-reshardable-mem-efficient --auto-detect-ckpt-format""".split()
 
 
 def check(argv, world_size=1):

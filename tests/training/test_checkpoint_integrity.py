@@ -16,7 +16,8 @@ from tests.distributed.launcher import ROOT, run_distributed
 from tests.training.pretrain_runner import MOCK_DATA, SCHEDULE, TINY_LLAMA, run_pretrain
 
 BATCH = ["--micro-batch-size", "2", "--global-batch-size", "4", "--attention-dropout", "0.1", "--hidden-dropout", "0.1"]
-ARGV = TINY_LLAMA + MOCK_DATA + SCHEDULE + BATCH + ["--train-iters", "4"]
+# The per-rank torch format's files (torch_dist's integrity: tests/training/dist_ckpt/).
+ARGV = TINY_LLAMA + MOCK_DATA + SCHEDULE + BATCH + ["--train-iters", "4", "--ckpt-format", "torch"]
 RANK_DIR = os.path.join("iter_{:07d}", "mp_rank_00")
 
 

@@ -1,4 +1,6 @@
-"""Checkpoints: exact resume, crash safety, weights_only loading, layout checks."""
+"""Checkpoints in the per-rank torch format (--ckpt-format torch): exact resume,
+crash safety, weights_only loading, layout checks. The torch_dist format has
+its own tests in tests/training/dist_ckpt/."""
 
 import os
 import pickle
@@ -13,10 +15,11 @@ from tests.training.pretrain_runner import MOCK_DATA, SCHEDULE, TINY_LLAMA, run_
 # Dropout on, so a resumed run only matches if the RNG states come back too.
 DROPOUT = ["--attention-dropout", "0.1", "--hidden-dropout", "0.1"]
 BATCH = ["--micro-batch-size", "2", "--global-batch-size", "8"]
+TORCH_FORMAT = ["--ckpt-format", "torch"]
 
 
 def _argv(extra):
-    return TINY_LLAMA + DROPOUT + MOCK_DATA + SCHEDULE + BATCH + extra
+    return TINY_LLAMA + DROPOUT + MOCK_DATA + SCHEDULE + BATCH + TORCH_FORMAT + extra
 
 
 def test_resumed_run_reproduces_the_uninterrupted_run_exactly(tmp_path):

@@ -140,12 +140,32 @@ def test_nothing_changes_when_cuda_is_present():
     assert "untouched" in out.stdout
 
 
-def test_tensor_cuda_stays_on_cpu_only_inside_the_embedding_setup():
+def test_tensor_cuda_stays_on_cpu_only_inside_the_wrapped_functions():
     from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     assert getattr(LanguageModule.setup_embeddings_and_output_layer, "_cpu_backend_wrapped", False)
+    # the distributed optimizer's gather for torch_dist checkpoints (its all_gather path
+    # runs in tests/training/dist_ckpt/ at TP=2 and DP=2)
+    assert getattr(DistributedOptimizer.get_parameter_state_dp_zero, "_cpu_backend_wrapped", False)
     t = torch.ones(2)
     with cpu_backend.tensor_cuda_stays_on_cpu():
         assert t.cuda() is t
     with pytest.raises((AssertionError, RuntimeError)):
         t.cuda()  # outside the wrapped function, torch's own error (no CUDA)
+
+
+def test_sharded_tensors_stay_on_cpu_only_inside_the_broadcast_exchange():
+    from megatron.core.dist_checkpointing import ShardedTensor, exchange_utils
+
+    assert getattr(exchange_utils.exchange_loaded_tensors_broadcast, "_cpu_backend_wrapped", False)
+    assert isinstance(exchange_utils.torch, cpu_backend._TorchOnCpu)
+    t = torch.ones(2)
+    with cpu_backend.sharded_tensors_stay_on_cpu():
+        assert t.cuda() is t
+        sh = ShardedTensor.from_rank_offsets("k", torch.zeros(3)).without_data()
+        sh.init_data("cuda")
+        assert sh.data.device.type == "cpu" and sh.data.shape == (3,)
+    sh = ShardedTensor.from_rank_offsets("k", torch.zeros(3)).without_data()
+    with pytest.raises((AssertionError, RuntimeError)):
+        sh.init_data("cuda")  # outside, torch's own error (no CUDA)

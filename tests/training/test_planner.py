@@ -114,31 +114,14 @@ MEASURED_LAYOUT = ["--pipeline-model-parallel-size", "2", "--use-distributed-opt
 MEASURED_ARGV = TINY_LLAMA + MOCK_DATA + SCHEDULE + MEASURED_LAYOUT
 
 
-def _storage_bytes(tensors, seen: set) -> int:
-    """Bytes of the storages behind `tensors` not in `seen` yet (views and
-    shared buffers, e.g. an fp32 main grad that is a view of the gradient
-    buffer, count once, in the first category that holds them)."""
-    total = 0
-    for t in tensors:
-        if t is None:
-            continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
-
-
-def _optimizers(optimizer):
-    return getattr(optimizer, "chained_optimizers", [optimizer])
-
-
 def _measure_worker(rank, world_size, argv):
     """Train with the real driver; after the last step, measure what the model
     and the optimizer hold. Also record the FLOPs the training log uses."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import pretrain_gpt
+    from driver_harness import training_state_bytes
     from megatron.core import parallel_state
     from megatron.training import training
     from megatron.training.initialize import destroy
@@ -148,18 +131,8 @@ def _measure_worker(rank, world_size, argv):
 
     def train_then_measure(args, step, model, optimizer, *rest):
         state = original_train(args, step, model, optimizer, *rest)
-        params = [p for chunk in model for p in chunk.parameters()]
-        buffers = [b for chunk in model for b in chunk.buffers]
-        inner = [o.optimizer for o in _optimizers(optimizer)]
-        main = [p for o in inner for g in o.param_groups for p in g["params"]]
-        states = [v for o in inner for s in o.state.values() for v in s.values()]
-        seen = set()
-        found.update(
-            stage=parallel_state.get_pipeline_model_parallel_rank(),
-            weights=_storage_bytes(params + [b.param_data for b in buffers], seen),
-            gradients=_storage_bytes([b.grad_data for b in buffers] + [p.grad for p in params], seen),
-            optimizer=_storage_bytes(main + [p.grad for p in main] + [v for v in states if v.dim() > 0], seen),
-        )
+        found.update(stage=parallel_state.get_pipeline_model_parallel_rank(),
+                     **training_state_bytes(model, optimizer))
         return state
 
     class RecordingLogger(original_logger):

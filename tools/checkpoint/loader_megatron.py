@@ -1,8 +1,11 @@
-"""Loader plugin: this project's checkpoints (any TP / PP / virtual-PP layout).
---tokenizer-model overrides the tokenizer path recorded in the checkpoint."""
+"""Loader plugin: this project's and Megatron-LM's checkpoints, in either
+format: the per-rank torch format (any TP / PP / virtual-PP layout) or
+torch_dist (megatron-core's dist_checkpointing; layout-free), detected from
+the directory. --tokenizer-model overrides the tokenizer path recorded in
+the checkpoint."""
 
 FORMAT = "megatron"
-ALIASES = ("mcore",)
+ALIASES = ("mcore", "torch_dist")
 
 
 def add_arguments(group) -> None:
@@ -12,9 +15,9 @@ def add_arguments(group) -> None:
 def load_source(args):
     from megatron.training.checkpoint_convert.core import ConversionError
     from megatron.training.checkpoint_convert.families import family
-    from megatron.training.checkpoint_convert.megatron_format import MegatronSource
+    from megatron.training.checkpoint_convert.megatron_format import open_checkpoint
 
-    source = MegatronSource(args.load_dir, args.tokenizer_model)
+    source = open_checkpoint(args.load_dir, args.tokenizer_model)
     if source.model_type != args.model_type:
         raise ConversionError(f"{args.load_dir} holds a {source.model_type} model ({source.block}.layers.*): "
                               f"use --model-type {source.model_type}")

@@ -10,8 +10,18 @@
     # Megatron -> Hugging Face (safetensors shards, config.json, tokenizer files)
     python tools/checkpoint/util.py --model-type GPT --loader megatron --saver hf --load-dir ckpt --save-dir ckpt-hf
     # BERT / RoBERTa / Megatron-BERT (the HF class from config.json, and back by the heads)
-    python tools/checkpoint/util.py --model-type BERT --loader hf --saver megatron --load-dir roberta-base \
+    python tools/checkpoint/util.py --model-type BERT --loader hf --saver megatron --load-dir roberta-base \\
         --save-dir roberta-tp2 --target-tensor-parallel-size 2 --verify
+    # either direction between the per-rank torch format and torch_dist (loads under any layout)
+    python tools/checkpoint/util.py --model-type GPT --saver torch_dist --load-dir ckpt-tp2 --save-dir ckpt-dist
+    python tools/checkpoint/util.py --model-type GPT --load-dir ckpt-dist --save-dir ckpt-tp4 \\
+        --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
+    # LoRA adapters: an adapter checkpoint -> peft directory; a peft directory -> adapter checkpoint on our base
+    python tools/checkpoint/util.py --model-type GPT --loader megatron --saver peft --load-dir ckpt-lora \\
+        --save-dir adapter
+    python tools/checkpoint/util.py --model-type GPT --loader peft --saver megatron --load-dir adapter \\
+        --base-load-dir llama2-7b-megatron --save-dir ckpt-lora-imported
+    (--saver hf on an adapter checkpoint writes the base with the adapters merged in)
 
 Loaders and savers are plugins: tools/checkpoint/loader_<name>.py and
 saver_<name>.py, each with FORMAT, ALIASES, add_arguments(parser) and
@@ -68,8 +78,11 @@ def build_parser(loader=None, saver=None) -> Parser:
     p.add_argument("--model-type", choices=["GPT", "BERT"], required=True,
                    help="GPT: Llama-family models; BERT: BERT, RoBERTa, DistilRoBERTa, Megatron-BERT")
     p.add_argument("--loader", default="megatron",
-                   help="loader plugin: megatron, hf (the family from config.json), llama2_hf (alias llama_hf)")
-    p.add_argument("--saver", default="megatron", help="saver plugin: megatron, hf")
+                   help="loader plugin: megatron (either checkpoint format, detected), hf (the family from "
+                        "config.json), llama2_hf (alias llama_hf), peft (a LoRA adapter directory)")
+    p.add_argument("--saver", default="megatron",
+                   help="saver plugin: megatron (per-rank torch format), torch_dist, hf, peft (the adapters of an "
+                        "adapter checkpoint)")
     p.add_argument("--load-dir", required=True)
     p.add_argument("--save-dir", required=True, help="must not exist yet (or be empty)")
     p.add_argument("--tokenizer-model", default=None,

@@ -44,6 +44,11 @@ class ModelSource:
     has_output_layer: bool = True  # False for a model without an LM output layer (a BERT classifier)
     # what --verify compares for this model family (verify.Outputs); None: next-token logits
     verify_outputs = None
+    # LoRA adapters (checkpoint_convert/peft.py AdapterSettings) when the source holds adapter
+    # tensors only: then layer() returns them, embedding() and final() nothing, and base() the model
+    # they apply to; `adapter_base` names that model as the driver's adapter checkpoints do.
+    adapter = None
+    adapter_base: Optional[dict] = None
 
     def embedding(self) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -54,6 +59,10 @@ class ModelSource:
     def final(self) -> Dict[str, torch.Tensor]:
         """The final norm and the heads (the output layer's weight only when it is not tied to the embedding)."""
         raise NotImplementedError
+
+    def base(self) -> "ModelSource":
+        """The model this source's adapters apply to."""
+        raise ConversionError(f"{self.path} holds no LoRA adapters")
 
     @property
     def num_layers(self) -> int:

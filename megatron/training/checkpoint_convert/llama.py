@@ -164,22 +164,13 @@ class LlamaHFSource(ModelSource):
         self.vocab_size = self.config["vocab_size"]
         check_tokenizer_vocab(tokenizer, self.vocab_size, "its tokenizer.model or HF directory")
         self.weights = HFWeights(self.path)
-        self.heads, self.groups = self.args["num_attention_heads"], self.args["num_query_groups"]
 
     def embedding(self):
         return {EMBEDDING: self.weights.read([_HF_OF[EMBEDDING]])[_HF_OF[EMBEDDING]]}
 
     def layer(self, index):
         hf = self.weights.read(f"model.layers.{index}.{n}" for _, names, _ in LAYER_TABLE for n in names)
-        out = {}
-        for mg_name, hf_names, how in LAYER_TABLE:
-            parts = [hf[f"model.layers.{index}.{n}"] for n in hf_names]
-            if how == "qkv":
-                value = join_qkv(*parts, groups=self.groups)
-            else:
-                value = torch.cat(parts) if how == "cat" else parts[0]
-            out[f"decoder.layers.{index}.{mg_name}"] = value
-        return out
+        return megatron_layer(hf, index, self.args)
 
     def final(self):
         names = [FINAL_NORM] if self.tied else [FINAL_NORM, OUTPUT_LAYER]
@@ -189,7 +180,22 @@ class LlamaHFSource(ModelSource):
 
 # ------------------------------------------------------------------ Megatron -> HF
 
-def _hf_layer(tensors: Dict[str, torch.Tensor], index: int, args: dict) -> Dict[str, torch.Tensor]:
+def megatron_layer(hf: Dict[str, torch.Tensor], index: int, args: dict) -> Dict[str, torch.Tensor]:
+    """One layer's HF tensors (model.layers.<index>.*) under megatron-core's names."""
+    groups = args.get("num_query_groups") or args["num_attention_heads"]
+    out = {}
+    for mg_name, hf_names, how in LAYER_TABLE:
+        parts = [hf[f"model.layers.{index}.{n}"] for n in hf_names]
+        if how == "qkv":
+            value = join_qkv(*parts, groups=groups)
+        else:
+            value = torch.cat(parts) if how == "cat" else parts[0]
+        out[f"decoder.layers.{index}.{mg_name}"] = value
+    return out
+
+
+def hf_layer(tensors: Dict[str, torch.Tensor], index: int, args: dict) -> Dict[str, torch.Tensor]:
+    """One layer's megatron-core tensors (decoder.layers.<index>.*) under HF's names."""
     heads = args["num_attention_heads"]
     groups = args.get("num_query_groups") or heads
     head_dim = args.get("kv_channels") or args["hidden_size"] // heads
@@ -232,7 +238,7 @@ def save_llama_hf(source: ModelSource, out_dir: str, dtype: Optional[torch.dtype
     del first
     bar = progress(source.num_layers, "writing HF safetensors")
     for i in range(source.num_layers):
-        writer.add(_hf_layer(cast(source.layer(i), dtype), i, args))
+        writer.add(hf_layer(cast(source.layer(i), dtype), i, args))
         bar.update(1)
     bar.close()
     tail = cast(source.final(), dtype)

@@ -52,12 +52,25 @@ def read_vocab_size(args: dict, tokenizer_model: Optional[str] = None) -> Option
         return None
 
 
+def open_checkpoint(load_dir: str, tokenizer_model: Optional[str] = None) -> ModelSource:
+    """A checkpoint root of this driver or Megatron-LM in either format: the
+    per-rank torch format (MegatronSource) or torch_dist (TorchDistSource)."""
+    path = os.path.abspath(load_dir)
+    iteration, release = checkpointing.read_tracker(path) if os.path.isdir(path) else (None, False)
+    if iteration is not None and checkpointing.is_torch_dist(checkpointing.iteration_dir(path, iteration, release)):
+        from megatron.training.checkpoint_convert.torch_dist_format import TorchDistSource
+
+        return TorchDistSource(path, checkpointing.iteration_dir(path, iteration, release), release, tokenizer_model)
+    return MegatronSource(load_dir, tokenizer_model)
+
+
 class MegatronSource(ModelSource):
     """A checkpoint root written by pretrain_gpt.py or by save_megatron."""
 
     format = "megatron"
 
-    def __init__(self, load_dir: str, tokenizer_model: Optional[str] = None):
+    def __init__(self, load_dir: str, tokenizer_model: Optional[str] = None, iter_dir: Optional[str] = None):
+        """The checkpoint's latest iteration, or the iteration directory `iter_dir` of it."""
         self.path = os.path.abspath(load_dir)
         if not os.path.isdir(self.path):
             raise ConversionError(f"--load-dir {self.path} does not exist")
@@ -69,7 +82,8 @@ class MegatronSource(ModelSource):
             raise ConversionError(
                 f"{self.path} has no {checkpointing.TRACKER_FILENAME}: it is not a checkpoint saved by "
                 "pretrain_gpt.py (for a Hugging Face directory use --loader llama2_hf)")
-        self.iter_dir = checkpointing.iteration_dir(self.path, iteration, release)
+        self.iter_dir = iter_dir or checkpointing.iteration_dir(self.path, iteration, release)
+        release = os.path.basename(self.iter_dir) == "release"
         try:
             first = checkpointing.first_rank_state(self.iter_dir)
         except checkpointing.CheckpointError as e:
@@ -102,6 +116,30 @@ class MegatronSource(ModelSource):
         self.block = "encoder" if self.model_type == "BERT" else "decoder"
         if tokenizer_model:
             self.args["tokenizer_model"] = os.path.abspath(tokenizer_model)
+        self.adapter_base = first.get("adapter_base")
+        if self.adapter_base is not None:
+            from megatron.training.checkpoint_convert.peft import AdapterSettings
+
+            self.adapter = AdapterSettings.from_args(self.args)
+        self._tokenizer_model = tokenizer_model
+
+    def base(self):
+        """The base checkpoint an adapter-only checkpoint names (adapter_base), at the iteration it
+        names, as the driver loads it."""
+        if self.adapter_base is None:
+            return super().base()
+        from megatron.training.peft.checkpoint import base_iteration_dir
+
+        try:
+            iter_dir = base_iteration_dir(self.adapter_base, self.iter_dir)
+        except checkpointing.CheckpointError as e:
+            raise ConversionError(str(e))
+        if checkpointing.is_torch_dist(iter_dir):  # a base saved in torch_dist (the default for new runs)
+            from megatron.training.checkpoint_convert.torch_dist_format import TorchDistSource
+
+            release = os.path.basename(iter_dir) == "release"
+            return TorchDistSource(self.adapter_base["load"], iter_dir, release, self._tokenizer_model)
+        return MegatronSource(self.adapter_base["load"], self._tokenizer_model, iter_dir)
 
     def _file(self, t: int, p: int) -> str:
         return checkpointing.rank_file(self.iter_dir, t, p, self.pp)
@@ -204,6 +242,12 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
                           params_dtype=str(dtype).replace("torch.", ""))
     release = source.iteration is None
     iter_dir = checkpointing.iteration_dir(out_dir, source.iteration or 0, release)
+    adapter_only = source.adapter is not None
+    if adapter_only and source.adapter_base is None:
+        raise ConversionError(f"the adapter's base {source.base().path} is not one of this project's checkpoints, "
+                              "which an adapter-only checkpoint must name: convert the base first (--loader llama2_hf "
+                              "--saver megatron) and give that as --base-load-dir, or write the merged model "
+                              "(--merge-adapters, or --saver hf)")
     chunks = vp or 1
     per_chunk = layers // (pp * chunks)
     offsets = sharding.layer_offsets(layers, pp, vp)
@@ -230,7 +274,9 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
                 bar.update(1)
             if p == pp - 1 and v == chunks - 1:
                 tail = source.final()
-                if source.tied and pp > 1 and source.has_output_layer:  # the last stage's copy of the embedding
+                # the last stage keeps a copy of the tied embedding (not an adapter-only checkpoint or a
+                # model without an LM output layer)
+                if source.tied and pp > 1 and source.has_output_layer and not adapter_only:
                     tail[OUTPUT_LAYER] = source.embedding()[EMBEDDING]
                 put(tail)
         for t in range(tp):
@@ -242,9 +288,13 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
                 "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                            "virtual_pipeline_model_parallel_size": vp},
             }
+            if adapter_only:
+                state["adapter_base"] = source.adapter_base
             for v, key in enumerate(checkpointing.model_keys(chunks)):
-                state[key] = _with_extra_states(spool.collect(t, v),
-                                                p == pp - 1 and v == chunks - 1 and source.has_output_layer)
+                chunk_state = spool.collect(t, v)
+                # An adapter-only checkpoint holds the adapter tensors and nothing else (the base has the rest).
+                last = p == pp - 1 and v == chunks - 1 and source.has_output_layer
+                state[key] = chunk_state if adapter_only else _with_extra_states(chunk_state, last)
             rank_dir = os.path.join(iter_dir, checkpointing.rank_dir_name(t, p, pp))
             os.makedirs(rank_dir, exist_ok=True)
             checkpointing.atomic_torch_save(state, os.path.join(rank_dir, "model_optim_rng.pt"))

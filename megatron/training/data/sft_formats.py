@@ -8,7 +8,7 @@ ids and a loss mask; the loss is taken on the assistant turns only.
 
 | --sft-format | record                                                        | conversation                              |
 | ------------ | ------------------------------------------------------------- | ----------------------------------------- |
-| panda        | {"input", "target"} (PandaLLM)                                | user: input; assistant: target            |
+| panda        | {"input", "target"} (PandaLLM); {"context", "target"} (FinLoRA) | user: input / context; assistant: target |
 | alpaca       | {"instruction", "input"?, "output", "system"?, "history"?}    | system; history pairs; user: instruction  |
 |              | (Alpaca / LLaMA-Factory; history = [[query, response], ...])  | + "\\n" + input (when non-empty); assistant: output |
 | chat         | {"messages": [{"role", "content"}, ...]}                      | roles system (first only), user, assistant |
@@ -28,7 +28,7 @@ SFT_BAD_REASONS = {
     "not_json": "not a JSON object",
     "empty": "empty line",
     "unknown_format": "no 'messages', 'instruction' or 'input'/'target' key: give --sft-format or fix the record",
-    "missing_field": "a required field is missing (panda: input, target; alpaca: instruction, output; "
+    "missing_field": "a required field is missing (panda: input or context, target; alpaca: instruction, output; "
                      "chat: messages with role and content)",
     "not_text": "a field has the wrong type (texts are strings; history is [[query, response], ...]; "
                 "messages is a list of {role, content})",
@@ -117,7 +117,8 @@ def _response(text: str) -> str:
 
 
 def _from_panda(record: dict) -> Conversation:
-    return Conversation([("user", _text(record, "input")), ("assistant", _response(_text(record, "target")))])
+    prompt = _text(record, "context" if "input" not in record and "context" in record else "input")
+    return Conversation([("user", prompt), ("assistant", _response(_text(record, "target")))])
 
 
 def _from_alpaca(record: dict) -> Conversation:

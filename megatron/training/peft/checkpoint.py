@@ -19,7 +19,8 @@ With --lora-* flags, --load DIR is either
   optimizer, scheduler, RNG and data position (these need the checkpoint's
   layout, as for any checkpoint).
 The base loads under any layout; with QLoRA always through full tensors,
-which are quantised whole (peft/quantized.py).
+which are quantised whole (peft/quantized.py); a torch_dist base (the
+driver's default format) always through full tensors too.
 """
 
 import os
@@ -143,7 +144,7 @@ def load_base(args, model: list, iter_dir: str, first: dict = None) -> None:
     quantized = any(isinstance(m, QuantizedLinear) for chunk in model for m in chunk.modules())
     same_layout = all(first["layout"].get(k) == v for k, v in checkpointing._layout(args).items())
     t0 = time.time()
-    if same_layout and not quantized:
+    if same_layout and not quantized and not checkpointing.is_torch_dist(iter_dir):
         path = checkpointing.rank_file(iter_dir, *_tp_pp_rank(), args.pipeline_model_parallel_size)
         state = checkpointing.read_checkpoint_file(path)
         for key, chunk in zip(checkpointing.model_keys(len(model)), model):

@@ -1,0 +1,272 @@
+"""LoRA / RSLoRA / DoRA adapters <-> peft directories, for the Llama family.
+
+A peft directory (what `PeftModel.save_pretrained` writes and
+`PeftModel.from_pretrained(base, dir)` reads, peft 0.21):
+
+    adapter_config.json          peft_type LORA, r, lora_alpha, lora_dropout, target_modules, use_rslora,
+                                 use_dora, base_model_name_or_path, ...
+    adapter_model.safetensors    base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight    [r, in_features]
+                                 base_model.model.model.layers.<i>.self_attn.q_proj.lora_B.weight    [out_features, r]
+                                 base_model.model.model.layers.<i>.self_attn.q_proj.lora_magnitude_vector  [out_features]  (DoRA)
+
+The same tensors on our side (the adapter contract of megatron/training/peft/),
+merged over TP, with global layer indices:
+
+    decoder.layers.<i>.self_attention.linear_qkv.adapter.q_proj.lora_A.weight   (same shape, same values)
+
+Which megatron-core module carries which HF module is the adapters' TARGETS
+table (megatron/training/peft/targets.py); the HF module paths come from the
+converter's table (llama.LAYER_TABLE). Nothing here imports megatron.core or peft.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, Optional, Tuple
+
+import torch
+
+from megatron.training.checkpoint_convert.core import ConversionError
+from megatron.training.checkpoint_convert.llama import LAYER_TABLE
+from megatron.training.peft.targets import ALL_LINEAR, TARGETS, LayerDims, TargetError, expand_targets
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LEGACY_WEIGHTS_FILE = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model.model.layers."
+
+LORA_TENSORS = ("lora_A.weight", "lora_B.weight")
+DORA_TENSOR = "lora_magnitude_vector"
+
+
+def _hf_paths() -> Dict[str, str]:
+    """HF module name -> its path inside model.layers.<i>. (self_attn.q_proj), from the converter's table."""
+    paths = {}
+    for _, hf_names, _ in LAYER_TABLE:
+        for hf_name in hf_names:
+            path = hf_name.rsplit(".", 1)[0]
+            paths[path.rsplit(".", 1)[-1]] = path
+    return {name: paths[name] for name in TARGETS}
+
+
+HF_PATHS = _hf_paths()
+TARGET_NAMES = tuple(TARGETS)
+
+# adapter_config.json fields this format cannot express, with the value that means "not used".
+UNSUPPORTED_CONFIG = {
+    "bias": "none", "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None, "rank_pattern": None,
+    "alpha_pattern": None, "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
+    "use_qalora": False, "trainable_token_indices": None, "target_parameters": None, "exclude_modules": None,
+    "alora_invocation_tokens": None, "arrow_config": None, "velora_config": None, "monteclora_config": None,
+    "kasa_config": None, "use_bdlora": None,
+}
+
+
+def layer_dims(args: dict) -> LayerDims:
+    """The projection sizes of a model with these Megatron flags."""
+    heads = args["num_attention_heads"]
+    return LayerDims(hidden=args["hidden_size"], ffn=args["ffn_hidden_size"], heads=heads,
+                     groups=args.get("num_query_groups") or heads,
+                     head_dim=args.get("kv_channels") or args["hidden_size"] // heads, gated=bool(args.get("swiglu")))
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """One adapter configuration (what peft's LoraConfig and our --lora-* flags hold)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: Tuple[str, ...]  # HF module names, in TARGET_NAMES order
+    use_rslora: bool = False
+    use_dora: bool = False
+    quant_bits: Optional[int] = None  # the base's quantisation while training (None, 4 or 8); not a peft field
+
+    @property
+    def scaling(self) -> float:
+        """The factor on B @ A, as peft computes it: alpha / r, or alpha / sqrt(r) with RSLoRA."""
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    @property
+    def tensor_names(self) -> Tuple[str, ...]:
+        return LORA_TENSORS + ((DORA_TENSOR,) if self.use_dora else ())
+
+    @classmethod
+    def from_args(cls, args: dict) -> Optional["AdapterSettings"]:
+        """The settings recorded in a checkpoint's args (None: no adapters)."""
+        if not args.get("lora_rank"):
+            return None
+        return cls(rank=int(args["lora_rank"]), alpha=args["lora_alpha"], dropout=float(args.get("lora_dropout") or 0),
+                   targets=canonical_targets(args["lora_target_modules"], "the checkpoint's lora_target_modules"),
+                   use_rslora=bool(args.get("lora_use_rslora")), use_dora=bool(args.get("lora_use_dora")),
+                   quant_bits=args.get("lora_quant_bits"))
+
+    def to_args(self) -> dict:
+        return {"lora_rank": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                "lora_target_modules": list(self.targets), "lora_use_rslora": self.use_rslora,
+                "lora_use_dora": self.use_dora, "lora_quant_bits": self.quant_bits}
+
+    def peft_config(self, base_model_name_or_path: Optional[str]) -> dict:
+        """adapter_config.json for peft (and vLLM, which reads r, lora_alpha, target_modules, use_rslora, use_dora)."""
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+            "revision": None, "inference_mode": True, "r": self.rank, "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout, "target_modules": list(self.targets), "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora, "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
+            "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": {}, "alpha_pattern": {},
+        }
+
+    def expected_shapes(self, args: dict) -> Dict[Tuple[str, str], Tuple[int, ...]]:
+        """(HF module, tensor name) -> shape, for a model with these Megatron flags."""
+        dims = layer_dims(args)
+        shapes = {}
+        for name in self.targets:
+            features_out, features_in = dims.hf_shape(name)
+            shapes[(name, "lora_A.weight")] = (self.rank, features_in)
+            shapes[(name, "lora_B.weight")] = (features_out, self.rank)
+            if self.use_dora:
+                shapes[(name, DORA_TENSOR)] = (features_out,)
+        return shapes
+
+
+def canonical_targets(targets, where: str) -> Tuple[str, ...]:
+    """HF module names (a list, or "all-linear") in TARGETS order; an unknown name is an error listing the valid ones."""
+    try:
+        return tuple(expand_targets([targets] if isinstance(targets, str) else list(targets)))
+    except TargetError as e:
+        raise ConversionError(f"{where}: {e}")
+
+
+def megatron_key(layer: int, module: str, tensor: str) -> str:
+    return f"decoder.layers.{layer}.{TARGETS[module][0]}.adapter.{module}.{tensor}"
+
+
+def peft_key(layer: int, module: str, tensor: str) -> str:
+    return f"{PEFT_PREFIX}{layer}.{HF_PATHS[module]}.{tensor}"
+
+
+def layer_keys(settings: AdapterSettings, layer: int) -> Iterator[Tuple[str, str, str, str]]:
+    """(HF module, tensor name, our key, peft key) of every adapter tensor of one layer."""
+    for module in settings.targets:
+        for tensor in settings.tensor_names:
+            yield module, tensor, megatron_key(layer, module, tensor), peft_key(layer, module, tensor)
+
+
+# ------------------------------------------------------------------ export
+
+def write_peft_dir(out_dir: str, settings: AdapterSettings, layers: Iterable[Dict[str, torch.Tensor]],
+                   num_layers: int, base_model_name_or_path: Optional[str] = None,
+                   dtype: Optional[torch.dtype] = None) -> dict:
+    """Write adapter_config.json and adapter_model.safetensors into `out_dir`
+    from the adapter tensors of each layer (our names, global indices, in
+    layer order). Every tensor the settings call for must be there, and no
+    other. Returns the config written."""
+    from safetensors.torch import save_file
+
+    tensors, index = {}, -1
+    for index, layer in enumerate(layers):
+        layer = dict(layer)
+        for _, _, ours, theirs in layer_keys(settings, index):
+            if ours not in layer:
+                raise ConversionError(f"the adapter checkpoint lacks {ours} (its args say targets "
+                                      f"{', '.join(settings.targets)}{', DoRA' if settings.use_dora else ''})")
+            value = layer.pop(ours)
+            tensors[theirs] = (value.to(dtype) if dtype is not None else value).contiguous()
+        if layer:
+            raise ConversionError(f"the adapter checkpoint holds {sorted(layer)[0]}, which its args "
+                                  f"(targets {', '.join(settings.targets)}) do not call for")
+    if len(tensors) != num_layers * len(settings.targets) * len(settings.tensor_names):
+        raise ConversionError(f"adapters for {index + 1} layers were read, the model has {num_layers}")
+    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    config = settings.peft_config(base_model_name_or_path)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    return config
+
+
+# ------------------------------------------------------------------ import
+
+def read_peft_config(adapter_dir: str) -> Tuple[AdapterSettings, dict]:
+    """(settings, the raw config) of a peft LoRA directory; refuses what this format cannot express."""
+    path = os.path.join(adapter_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path} is missing: --load-dir must be a peft adapter directory "
+                              f"({CONFIG_FILE} + {WEIGHTS_FILE}), as PeftModel.save_pretrained writes")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ConversionError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA: only LoRA, RSLoRA and "
+                              "DoRA adapters can be imported")
+    for key, unused in UNSUPPORTED_CONFIG.items():
+        value = config.get(key, unused)
+        if value != unused and value not in (None, {}, []):
+            raise ConversionError(f"{path}: {key}={value!r} is not supported (only plain LoRA/RSLoRA/DoRA adapters "
+                                  f"on the linear layers of every layer import): remove it or set {unused!r}")
+    settings = AdapterSettings(rank=int(config["r"]), alpha=config["lora_alpha"],
+                               dropout=float(config.get("lora_dropout") or 0.0),
+                               targets=_targets_from_config(config.get("target_modules"), path),
+                               use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")))
+    return settings, config
+
+
+def _targets_from_config(targets, path: str) -> Tuple[str, ...]:
+    """peft's target_modules: "all-linear", or names of modules: short (q_proj) or full
+    paths (model.layers.0.self_attn.q_proj), which the weights then must cover on every layer."""
+    if targets is None:
+        raise ConversionError(f"{path}: target_modules is null (peft's per-model default): "
+                              "write the module names, e.g. [\"q_proj\", \"v_proj\"]")
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        raise ConversionError(f"{path}: target_modules {targets!r} is a regular expression: "
+                              f"list the module names instead (among {', '.join(TARGET_NAMES)})")
+    if targets == ALL_LINEAR:
+        return TARGET_NAMES
+    return canonical_targets(sorted({t.rsplit(".", 1)[-1] for t in targets}), f"{path}: target_modules")
+
+
+def read_peft_weights(adapter_dir: str) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(tensors by peft key, the file they came from)."""
+    path = os.path.join(adapter_dir, WEIGHTS_FILE)
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        return load_file(path), path
+    legacy = os.path.join(adapter_dir, LEGACY_WEIGHTS_FILE)
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True), legacy
+    raise ConversionError(f"{adapter_dir} holds no {WEIGHTS_FILE} (or {LEGACY_WEIGHTS_FILE}): the adapter's "
+                          "weights are missing")
+
+
+def check_peft_weights(tensors: Dict[str, torch.Tensor], path: str, settings: AdapterSettings,
+                       args: dict) -> None:
+    """Every key the settings call for on every layer is in `tensors` with its
+    shape for the base model `args`, and nothing else (peft only warns)."""
+    shapes = settings.expected_shapes(args)
+    expected = set()
+    for index in range(args["num_layers"]):
+        for module, tensor, _, key in layer_keys(settings, index):
+            expected.add(key)
+            if key not in tensors:
+                raise ConversionError(f"{path}: missing key {key} (adapter_config.json asks for targets "
+                                      f"{', '.join(settings.targets)}{' with DoRA' if settings.use_dora else ''} "
+                                      f"on all {args['num_layers']} layers of the base model)")
+            if tuple(tensors[key].shape) != shapes[(module, tensor)]:
+                raise ConversionError(f"{path}: {key} has shape {list(tensors[key].shape)}, but with r={settings.rank} "
+                                      f"(adapter_config.json) the base model needs {list(shapes[(module, tensor)])}: "
+                                      "is it an adapter of this base model?")
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise ConversionError(f"{path}: unexpected key {extra[0]}"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                              + f": adapter_config.json targets {', '.join(settings.targets)}"
+                              f"{'' if settings.use_dora else ' without DoRA'} on layers 0-{args['num_layers'] - 1} "
+                              "of the base model; fix the config or remove the key")
+
+
+def to_megatron_names(tensors: Dict[str, torch.Tensor], settings: AdapterSettings,
+                      layer: int) -> Dict[str, torch.Tensor]:
+    """One layer's adapter tensors under our names (global index)."""
+    return {ours: tensors[theirs] for _, _, ours, theirs in layer_keys(settings, layer)}

@@ -1,0 +1,86 @@
+"""tools/checkpoint/util.py and torch_dist checkpoints: HF -> torch_dist -> HF
+and torch -> torch_dist -> torch are bitwise; a torch_dist checkpoint written
+by the tool loads in the driver under TP=2 with transformers' logits.
+(A torch_dist checkpoint saved by the training driver -> HF is
+test_conversion.py's position-interpolation test: pretrain_gpt.py saves
+torch_dist by default.)"""
+
+import os
+
+import pytest
+import torch
+
+from tests.tools.checkpoint.test_conversion import (
+    ATOL, MODELS, assert_same_tensors, convert, hf_logits, make_hf_model, megatron_logits, read_megatron,
+    read_safetensors, to_megatron, tokens_for,
+)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_dist")
+    return {name: make_hf_model(root / name, seed=i, **MODELS[name]) for i, name in enumerate(("gqa", "mha_tied"))}
+
+
+def to_torch_dist(source, save, loader="llama2_hf"):
+    return convert(loader, "torch_dist", source, save, "--make-vocab-size-divisible-by", 64)
+
+
+def read_index_keys(root):
+    from megatron.training.dist_ckpt.safe_load import read_index
+
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
+        tracker = f.read().strip()
+    iter_dir = os.path.join(root, "release" if tracker == "release" else f"iter_{int(tracker):07d}")
+    return read_index(os.path.join(iter_dir, ".metadata")).state_dict_metadata
+
+
+@pytest.mark.parametrize("name", ["gqa", "mha_tied"])
+def test_hf_to_torch_dist_to_hf_is_bitwise(hf_models, tmp_path, name):
+    dist = to_torch_dist(hf_models[name], tmp_path / "dist")
+    keys = read_index_keys(dist)
+    # megatron-core's global layout: layers stacked on a leading axis, norms under TE's fused names
+    assert keys["decoder.layers.self_attention.linear_qkv.weight"].size[0] == MODELS[name]["num_hidden_layers"]
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in keys
+    assert ("output_layer.weight" in keys) == (not MODELS[name]["tie_word_embeddings"])
+    back = convert("torch_dist", "hf", dist, tmp_path / "hf")
+    assert_same_tensors(read_safetensors(hf_models[name]), read_safetensors(back))
+
+
+def test_torch_to_torch_dist_to_torch_is_bitwise(hf_models, tmp_path):
+    start = to_megatron(hf_models["gqa"], tmp_path / "tp2pp2", 2, 2)
+    dist = convert("megatron", "torch_dist", start, tmp_path / "dist")
+    again = convert("megatron", "megatron", dist, tmp_path / "again", "--target-tensor-parallel-size", 2,
+                    "--target-pipeline-parallel-size", 2)
+    assert_same_tensors(read_megatron(start), read_megatron(again))
+
+
+def test_tool_written_torch_dist_loads_under_tp2_with_hf_logits(hf_models, tmp_path):
+    jobs, expected = [], []
+    for name, path in hf_models.items():
+        tokens = tokens_for(MODELS[name]["vocab_size"])
+        jobs.append((to_torch_dist(path, tmp_path / name), 2, 1, tokens))
+        expected.append((name, hf_logits(path, tokens), MODELS[name]["vocab_size"]))
+    for (name, reference, vocab), logits in zip(expected, megatron_logits(jobs, world_size=2)):
+        diff = (logits[..., :vocab] - reference).abs().max().item()
+        assert diff <= ATOL, f"{name}: max abs logit difference {diff}"
+
+
+def test_a_missing_layer_is_a_clear_error(hf_models, tmp_path, capsys):
+    """A torch_dist index whose layer stack is shorter than its args say."""
+    import pickle
+
+    from tools.checkpoint import util
+
+    dist = to_torch_dist(hf_models["gqa"], tmp_path / "dist")
+    index_path = os.path.join(dist, "release", ".metadata")
+    with open(index_path, "rb") as f:
+        index = pickle.load(f)
+    meta = index.state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"]
+    meta.size = torch.Size((3,) + tuple(meta.size[1:]))
+    with open(index_path, "wb") as f:
+        pickle.dump(index, f)
+    assert util.main(["--model-type", "GPT", "--loader", "torch_dist", "--saver", "hf", "--load-dir", dist,
+                      "--save-dir", str(tmp_path / "out")]) == 1
+    assert "stacks [3, 4] layers per key, its args say 4" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
