@@ -35,10 +35,15 @@ def output_kind(load_dir: str) -> str:
     """What a checkpoint's heads compute: "classes", "lm", or "hidden" (an encoder without heads)."""
     iteration, release = checkpointing.read_tracker(load_dir)
     iter_dir = checkpointing.iteration_dir(load_dir, iteration, release)
-    last = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))[-1]
-    state = torch.load(os.path.join(iter_dir, last, "model_optim_rng.pt"), map_location="cpu",
-                       weights_only=True, mmap=True)
-    names = {n for key in state if key.startswith("model") for n in state[key]}
+    if checkpointing.is_torch_dist(iter_dir):  # global tensor names in the format's index
+        from megatron.training.dist_ckpt.safe_load import SafeShardedLoadStrategy
+
+        names = set(SafeShardedLoadStrategy().load_tensors_metadata(iter_dir))
+    else:
+        last = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))[-1]
+        state = torch.load(os.path.join(iter_dir, last, "model_optim_rng.pt"), map_location="cpu",
+                           weights_only=True, mmap=True)
+        names = {n for key in state if key.startswith("model") for n in state[key]}
     if "classification_head.weight" in names:
         return "classes"
     return "lm" if "lm_head.dense.weight" in names else "hidden"

@@ -106,7 +106,8 @@ def test_pretraining_from_an_hf_encoder_starts_fresh_heads(wordpiece_data, tmp_p
     saved = str(tmp_path / "saved")
     argv = SCHEDULE + tokenizer + ["--data-path", prefix, "--data-cache-path", str(tmp_path / "cache"),
                                    "--load", start, "--finetune", "--use-checkpoint-args", "--seq-length", "32",
-                                   "--pipeline-model-parallel-size", "2", "--bert-no-binary-head"]
+                                   "--pipeline-model-parallel-size", "2", "--bert-no-binary-head",
+                                   "--ckpt-format", "torch"]  # the test reads the per-rank files
     run(argv + ["--train-iters", "0", "--save", saved], 2)
     first = torch.load(f"{saved}/iter_0000000/mp_rank_00_000/model_optim_rng.pt", weights_only=True)["model"]
     last = torch.load(f"{saved}/iter_0000000/mp_rank_00_001/model_optim_rng.pt", weights_only=True)["model"]

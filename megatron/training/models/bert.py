@@ -34,9 +34,10 @@ from megatron.core.models.bert import bert_layer_specs, bert_lm_head
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.bert.pooler import Pooler
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer
-from megatron.core.transformer.utils import get_linear_layer
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, get_linear_layer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron.training.arguments import ArgumentError
@@ -192,6 +193,15 @@ class BertFamilyModel(BertModel):
             return super()._sanity_check_attention_and_get_attn_mask_dimension()
         finally:
             self.transformer_layer_spec = spec
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """megatron-core's (--ckpt-format torch_dist). A classifier's last stage
+        has no output layer, which LanguageModule's version expects there (to
+        pad its rows): the classifier's entries are the modules' own."""
+        if self.post_process and self.num_classes > 0:
+            return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets,
+                                                     ensure_metadata_has_dp_cp_group(metadata))
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
     def bert_position_ids(self, token_ids):
         return super().bert_position_ids(token_ids) + self.position_ids_offset
