@@ -113,7 +113,13 @@ def checkpoints(hf_models, tmp_path_factory):
     for name, flags in (("tp2", ["--target-tensor-parallel-size", 2]), ("pp2", ["--target-pipeline-parallel-size", 2])):
         out[f"bert_pretraining_{name}"] = convert("hf", "megatron", hf_models["bert_pretraining"],
                                                   root / f"bert_pretraining_{name}", *flags)
+    for name in TORCH_DIST:  # global tensors, loaded under any layout
+        out[f"{name}_dist"] = convert("hf", "torch_dist", hf_models[name], root / f"{name}_dist",
+                                      "--make-vocab-size-divisible-by", 64)
     return out
+
+
+TORCH_DIST = ("bert_pretraining", "roberta_classifier")  # converted to --ckpt-format torch_dist as well
 
 
 def test_outputs_match_transformers_under_every_layout(hf_models, checkpoints, tmp_path):
@@ -131,6 +137,12 @@ def test_outputs_match_transformers_under_every_layout(hf_models, checkpoints, t
     for layout, (tp, pp) in (("tp2", (2, 1)), ("pp2", (1, 2))):  # the converter's own layouts, loaded as saved
         jobs.append((checkpoints[f"bert_pretraining_{layout}"], tp, pp, [], batch, ["lm", "binary"]))
         expected.append((f"bert_pretraining saved at {layout}", reference, batch[1]))
+    for name in TORCH_DIST:  # torch_dist checkpoints, loaded under a TP and a PP layout
+        batch = batch_for(name)
+        reference = hf_outputs(hf_models[name], name, *batch)
+        for layout, (tp, pp) in (("tp2", (2, 1)), ("pp2", (1, 2))):
+            jobs.append((checkpoints[f"{name}_dist"], tp, pp, [], batch, list(KINDS[name])))
+            expected.append((f"{name} torch_dist at {layout}", reference, batch[1]))
 
     got = run_distributed(_outputs_worker, world_size=2, args=(jobs,))[0]
     for (label, reference, mask), outputs in zip(expected, got):
@@ -203,14 +215,16 @@ def _read(path):
 def test_hf_to_megatron_to_hf_is_bitwise(hf_models, checkpoints, tmp_path):
     import json
 
-    for name, path in hf_models.items():
-        back = convert("megatron", "hf", checkpoints[name], tmp_path / name)
+    trips = [(name, path, checkpoints[name]) for name, path in hf_models.items()]
+    trips += [(f"{name} via torch_dist", hf_models[name], checkpoints[f"{name}_dist"]) for name in TORCH_DIST]
+    for label, path, checkpoint in trips:
+        back = convert("megatron", "hf", checkpoint, tmp_path / label.replace(" ", "_"))
         source, exported = _read(path), _read(back)
-        assert sorted(source) == sorted(exported), f"{name}: {sorted(set(source) ^ set(exported))}"
+        assert sorted(source) == sorted(exported), f"{label}: {sorted(set(source) ^ set(exported))}"
         for key, value in source.items():
-            assert torch.equal(value, exported[key]), f"{name}: {key} changed"
+            assert torch.equal(value, exported[key]), f"{label}: {key} changed"
         with open(f"{back}/config.json") as f:
-            assert json.load(f)["architectures"] == [HF_MODELS[name][1]]
+            assert json.load(f)["architectures"] == [HF_MODELS[label.split()[0]][1]]
 
 
 def _verify_worker(rank, world_size, argv):
@@ -224,8 +238,8 @@ def _verify_worker(rank, world_size, argv):
 
 def test_verify_compares_outputs_of_both_sides(hf_models, checkpoints, tmp_path):
     """--verify on an export: the classifier's class logits, and the LM logits
-    of a pretraining model exported from a PP=2 checkpoint."""
-    for name in ("roberta_classifier", "bert_pretraining_pp2"):
+    of a pretraining model exported from a PP=2 checkpoint and from torch_dist."""
+    for name in ("roberta_classifier", "bert_pretraining_pp2", "bert_pretraining_dist"):
         argv = ["--model-type", "BERT", "--loader", "megatron", "--saver", "hf", "--load-dir", checkpoints[name],
                 "--save-dir", str(tmp_path / name), "--verify", "--verify-atol", "1e-5"]
         rc, out = run_distributed(_verify_worker, world_size=1, args=(argv,))[0]
