@@ -37,27 +37,34 @@ def normalise_label(text: str) -> str:
     return text.strip().strip(".").strip().lower()
 
 
-def read_fingpt_jsonl(path: str, labels: Optional[List[str]] = None) -> Tuple[List[Example], List[str], List[str]]:
-    """(examples, labels, problems): a `file:line: problem` per unusable line."""
-    examples, problems = [], []
+def jsonl_records(path: str):
+    """(source "file:line", record or None, problem or None) per non-empty line of a jsonl file."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            source = f"{path}:{number}"
             try:
-                record = json.loads(line)
+                yield f"{path}:{number}", json.loads(line), None
             except ValueError as e:
-                problems.append(f"{source}: not JSON ({e.msg})")
-                continue
-            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("instruction", "input", "output")):
-                problems.append(f"{source}: needs string fields instruction, input, output")
-                continue
-            label = normalise_label(record["output"])
-            if labels and label not in labels:
-                problems.append(f"{source}: output {record['output']!r} is not one of --labels {','.join(labels)}")
-                continue
-            examples.append(Example(len(examples), record["instruction"], record["input"], label, source))
+                yield f"{path}:{number}", None, f"not JSON ({e.msg})"
+
+
+def read_fingpt_jsonl(path: str, labels: Optional[List[str]] = None) -> Tuple[List[Example], List[str], List[str]]:
+    """(examples, labels, problems): a `file:line: problem` per unusable line."""
+    examples, problems = [], []
+    for source, record, problem in jsonl_records(path):
+        if problem:
+            problems.append(f"{source}: {problem}")
+            continue
+        fields = ("instruction", "input", "output")
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in fields):
+            problems.append(f"{source}: needs string fields instruction, input, output")
+            continue
+        label = normalise_label(record["output"])
+        if labels and label not in labels:
+            problems.append(f"{source}: output {record['output']!r} is not one of --labels {','.join(labels)}")
+            continue
+        examples.append(Example(len(examples), record["instruction"], record["input"], label, source))
     if not examples:
         raise EvalError(f"{path}: no usable examples" + (f" ({len(problems)} malformed lines)" if problems else ""))
     return examples, labels or sorted({e.label for e in examples}), problems

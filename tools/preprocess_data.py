@@ -6,6 +6,9 @@ counts bad lines, and writes outputs under temporary names until complete.
 
     python tools/preprocess_data.py --input data/ --output-prefix out/corpus \\
         --tokenizer-type Llama2Tokenizer --tokenizer-model tokenizer.model --append-eod --workers 8
+    # BERT masked-LM data: one sequence per sentence, no end-of-document token
+    python tools/preprocess_data.py --input data/ --output-prefix out/corpus --split-sentences \\
+        --tokenizer-type BertWordPieceLowerCase --vocab-file vocab.txt --workers 8
 """
 
 import os
@@ -37,9 +40,9 @@ def build_parser() -> Parser:
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True,
                    choices=["Llama2Tokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer",
-                            "GPT2BPETokenizer", "NullTokenizer"])
+                            "GPT2BPETokenizer", "NullTokenizer", "BertWordPieceLowerCase", "BertWordPieceCase"])
     g.add_argument("--tokenizer-model", help="sentencepiece .model, or HF tokenizer directory")
-    g.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json")
+    g.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json, or BertWordPiece* vocab.txt")
     g.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt")
     g.add_argument("--vocab-size", type=int, help="NullTokenizer: number of token ids")
     g.add_argument("--legacy-tokenizer", action="store_true",

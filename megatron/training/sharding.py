@@ -1,9 +1,15 @@
-"""How megatron-core lays a GPT model's state dict out over tensor- and
-pipeline-parallel ranks, as data, and the split/merge functions built on it.
+"""How megatron-core lays a GPTModel's or BertModel's state dict out over
+tensor- and pipeline-parallel ranks, as data, and the split/merge functions
+built on it.
 
 Used to load a checkpoint saved under one TP/PP layout into another (model
 weights), and by the checkpoint tools. Nothing here is specific to Llama: the
-names are megatron-core's own GPTModel state-dict names.
+names are megatron-core's own state-dict names. The two models differ only in
+the transformer block's name (`decoder.` in GPTModel, `encoder.` in BertModel)
+and in BERT's extra modules: of those, the LM output bias is split over TP with
+the vocabulary; token-type and position embeddings, the LM head's dense layer
+and LayerNorm, the pooler, the binary head and a classification head are
+replicated on every TP rank.
 
 Tensor parallelism: a sharded tensor is cut along `dim` into TP x stride
 equal chunks and rank r holds chunks r, r + TP, r + 2 TP, ... (stride 2 is
@@ -43,9 +49,13 @@ TP_PARTITIONS: Tuple[Tuple[str, int, object], ...] = (
     ("mlp.linear_fc1.adapter.up_proj.lora_magnitude_vector", 0, 1),
     ("self_attention.linear_proj.adapter.o_proj.lora_A.weight", 1, 1),
     ("mlp.linear_fc2.adapter.down_proj.lora_A.weight", 1, 1),
+    ("output_layer.bias", 0, 1),  # BertModel's LM output bias, one entry per vocabulary row
 )
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+# Entries whose first dimension is the (padded) vocabulary.
+VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
+
+_LAYER = re.compile(r"^(decoder|encoder)\.layers\.(\d+)\.(.*)$")
 
 # Transformer Engine's layer spec fuses the pre-attention / pre-MLP norms into
 # the following linear layer: the same weights under other names (local spec
@@ -118,16 +128,16 @@ def layer_offsets(num_layers: int, pp: int, vp: Optional[int]) -> Dict[Tuple[int
 
 
 def layer_index(name: str) -> Optional[int]:
-    """The (chunk-local or global) layer index of a `decoder.layers.<i>.` entry; None for the others."""
+    """The layer index in a transformer-layer entry's name; None for other entries."""
     m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
+    return int(m.group(2)) if m else None
 
 
 def to_global_names(state: Dict[str, torch.Tensor], offset: int) -> Dict[str, torch.Tensor]:
     out = {}
     for name, value in state.items():
         m = _LAYER.match(name)
-        out[f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else name] = value
+        out[f"{m.group(1)}.layers.{int(m.group(2)) + offset}.{m.group(3)}" if m else name] = value
     return out
 
 
@@ -139,8 +149,8 @@ def to_local_names(state: Dict[str, torch.Tensor], first: int, count: int) -> Di
         m = _LAYER.match(name)
         if m is None:
             out[name] = value
-        elif first <= int(m.group(1)) < first + count:
-            out[f"decoder.layers.{int(m.group(1)) - first}.{m.group(2)}"] = value
+        elif first <= int(m.group(2)) < first + count:
+            out[f"{m.group(1)}.layers.{int(m.group(2)) - first}.{m.group(3)}"] = value
     return out
 
 

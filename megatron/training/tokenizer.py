@@ -224,6 +224,29 @@ class HuggingFaceTokenizer(_TokenizerBase):
             return self._backend.decode(list(ids), skip_special_tokens=False)
         return self.hf_tokenizer.decode(list(ids))
 
+    # What BERT-family models and megatron-core's masked-LM dataset read: the
+    # tokenizer's own special tokens (transformers' view of its configuration).
+    @property
+    def cls(self) -> Optional[int]:
+        return self.hf_tokenizer.cls_token_id
+
+    @property
+    def sep(self) -> Optional[int]:
+        return self.hf_tokenizer.sep_token_id
+
+    @property
+    def mask(self) -> Optional[int]:
+        return self.hf_tokenizer.mask_token_id
+
+    @property
+    def inv_vocab(self) -> Dict[int, str]:
+        """id -> token string, added tokens included."""
+        if self._backend is not None:
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+        else:
+            vocab = self.hf_tokenizer.get_vocab()
+        return {i: t for t, i in vocab.items()}
+
 
 def _load_plain_tokenizers(path: str):
     """(tokenizers.Tokenizer, bos, eos, pad) read without transformers, or None
@@ -251,7 +274,21 @@ def _load_plain_tokenizers(path: str):
     return (tok, *ids)
 
 
-class GPT2BPETokenizer(_TokenizerBase):
+class _TokenizersLibrary:
+    """tokenize / tokenize_batch / detokenize on a `tokenizers.Tokenizer` in
+    `self._tok`, adding no special token."""
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids))
+
+
+class GPT2BPETokenizer(_TokenizersLibrary, _TokenizerBase):
     """GPT-2 byte-level BPE from `--vocab-file` (vocab.json) and `--merge-file`
     (merges.txt); `<|endoftext|>` ends a document; no special token is added
     to a text (Megatron-LM's `GPT2BPETokenizer`, in both systems). Built with
@@ -279,14 +316,64 @@ class GPT2BPETokenizer(_TokenizerBase):
     def eod(self) -> int:
         return self.eos
 
-    def tokenize(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
 
-    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+class BertWordPieceTokenizer(_TokenizersLibrary, _TokenizerBase):
+    """Google BERT's WordPiece `vocab.txt` (`--vocab-file`), Megatron-LM's
+    `BertWordPieceLowerCase` / `BertWordPieceCase`: BERT's normaliser (lower
+    case and accents stripped, or neither), its punctuation pre-tokenizer and
+    greedy longest-match WordPiece, as transformers' BertTokenizer. No special
+    token is added to a text (the BERT dataset adds [CLS] and [SEP]).
+    Megatron-LM also appends [BOS] and [EOS] to the vocabulary; they are never
+    produced by tokenizing, so here vocab_size is the file's size (that of the
+    Hugging Face model) and every token has the same id as in Megatron-LM."""
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids))
+    def __init__(self, vocab_file: str, lower_case: bool = True, legacy: bool = True):
+        _require_file(vocab_file, "--vocab-file", "a BERT WordPiece vocab.txt")
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+        with open(vocab_file, encoding="utf-8") as f:
+            tokens = [line.rstrip("\n") for line in f]
+        self.vocab = {t: i for i, t in enumerate(tokens) if t}
+        missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]") if t not in self.vocab]
+        if missing:
+            raise TokenizerError(f"--vocab-file {vocab_file} lacks {', '.join(missing)}: give a BERT vocab.txt")
+        self.model_path = vocab_file
+        self.lower_case = lower_case
+        self._tok = Tokenizer(models.WordPiece(self.vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        self._tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lower_case)
+        self._tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self._tok.decoder = decoders.WordPiece()
+        self.cls, self.sep, self.mask, self.unk = (self.vocab[t] for t in ("[CLS]", "[SEP]", "[MASK]", "[UNK]"))
+        self.pad = self.vocab["[PAD]"]
+        self.bos = self.eos = None
+        self._hf = None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def inv_vocab(self) -> Dict[int, str]:
+        return {i: t for t, i in self.vocab.items()}
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return dict(super().unique_identifiers, lower_case=self.lower_case)
+
+    @property
+    def eod(self) -> int:
+        raise TokenizerError("a BERT WordPiece vocabulary has no end-of-document token: prepare BERT data with "
+                             "--split-sentences and without --append-eod")
+
+    @property
+    def hf_tokenizer(self):
+        """transformers' BertTokenizerFast on the same vocab.txt (pair encoding, export)."""
+        if self._hf is None:
+            from transformers import BertTokenizerFast
+
+            self._hf = BertTokenizerFast(self.model_path, do_lower_case=self.lower_case)
+        return self._hf
 
 
 class NullTokenizer(_TokenizerBase):
@@ -337,6 +424,8 @@ TOKENIZERS: Dict[str, type] = {
     "HuggingFaceTokenizer": HuggingFaceTokenizer,
     "GPT2BPETokenizer": GPT2BPETokenizer,
     "NullTokenizer": NullTokenizer,
+    "BertWordPieceLowerCase": BertWordPieceTokenizer,
+    "BertWordPieceCase": BertWordPieceTokenizer,
 }
 
 
@@ -358,6 +447,8 @@ def build_tokenizer(
         return NullTokenizer(vocab_size, legacy=legacy)
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file, legacy=legacy)
+    if TOKENIZERS[tokenizer_type] is BertWordPieceTokenizer:
+        return BertWordPieceTokenizer(vocab_file, lower_case=tokenizer_type.endswith("LowerCase"), legacy=legacy)
     if not tokenizer_model:
         raise TokenizerError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model PATH")
     return TOKENIZERS[tokenizer_type](tokenizer_model, legacy=legacy)

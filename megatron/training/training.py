@@ -30,15 +30,19 @@ class TrainingState:
     consumed_train_samples: int = 0
     exited_early: bool = False  # stopped by --exit-interval / --exit-duration-in-mins / --exit-signal-handler
     history: List[Dict[str, float]] = dataclasses.field(default_factory=list)
+    evaluations: List[Dict[str, float]] = dataclasses.field(default_factory=list)  # + "iteration", "split"
 
 
 def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
-             argv: Optional[List[str]] = None, extra_args_provider: Optional[Callable] = None) -> TrainingState:
+             argv: Optional[List[str]] = None, extra_args_provider: Optional[Callable] = None,
+             eval_metrics_func: Optional[Callable] = None) -> TrainingState:
     """Train a model as the flags in `argv` (default: sys.argv) say.
 
     model_provider(args, config, pre_process, post_process, vp_stage) -> model chunk
     train_valid_test_datasets_provider(args, tokenizer) -> (train, valid, test) datasets
     forward_step_func(args, data_iterator, model) -> (output_tensor, loss_func)
+    eval_metrics_func(averaged values) -> reported values: turns what the loss
+        function reports in evaluation (e.g. counts) into metrics (accuracy, F1)
     """
     args = setup_args(argv, extra_args_provider)
     tokenizer = build_tokenizer_from_args(args)
@@ -50,7 +54,7 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
         state.iteration, state.consumed_train_samples = checkpointing.load_checkpoint(args, model, optimizer, scheduler)
     train_iter, valid_iter, test_iter = build_data_iterators(args, tokenizer, train_valid_test_datasets_provider,
                                                              state.consumed_train_samples)
-    step = _bind_forward_step(forward_step_func, args)
+    step = _bind_forward_step(forward_step_func, args, eval_metrics_func)
     if not args.skip_train and state.iteration < args.train_iters:
         train(args, step, model, optimizer, scheduler, train_iter, valid_iter, state)
     elif args.save and args.train_iters == 0:
@@ -60,9 +64,9 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
         return state  # as Megatron-LM: an early exit saves and stops, without the final evaluations
     evaluated_just_now = args.eval_interval and state.iteration % args.eval_interval == 0 and not args.skip_train
     if args.eval_iters and valid_iter is not None and not evaluated_just_now:
-        evaluate_and_log(args, step, model, valid_iter, state.iteration, "validation")
+        evaluate_and_log(args, step, model, valid_iter, state.iteration, "validation", state=state)
     if args.eval_iters and test_iter is not None:
-        evaluate_and_log(args, step, model, test_iter, state.iteration, "test")
+        evaluate_and_log(args, step, model, test_iter, state.iteration, "test", state=state)
     return state
 
 
@@ -213,10 +217,12 @@ def build_data_iterators(args, tokenizer, provider, consumed_train_samples: int)
     return make(train_ds, consumed_train_samples, False), make(valid_ds, 0, True), make(test_ds, 0, False)
 
 
-def _bind_forward_step(forward_step_func, args):
+def _bind_forward_step(forward_step_func, args, eval_metrics_func=None):
+    """The schedule's forward step (data_iterator, model); `evaluate` reads its `eval_metrics`."""
     def step(data_iterator, model):
         return forward_step_func(args, data_iterator, model)
 
+    step.eval_metrics = eval_metrics_func
     return step
 
 
@@ -294,7 +300,7 @@ def _train_loop(args, forward_step_func, model, optimizer, scheduler, train_iter
             state.history.append(dict(values, iteration=state.iteration))
         if args.eval_interval and state.iteration % args.eval_interval == 0 and valid_iter is not None \
                 and args.eval_iters:
-            evaluate_and_log(args, forward_step_func, model, valid_iter, state.iteration, "validation", logger)
+            evaluate_and_log(args, forward_step_func, model, valid_iter, state.iteration, "validation", logger, state)
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save(args, state, model, optimizer, scheduler)
             saved_at = state.iteration
@@ -339,7 +345,8 @@ def save(args, state: TrainingState, model, optimizer, scheduler) -> None:
 
 @torch.no_grad()
 def evaluate(args, forward_step_func, model: list, data_iterator) -> Dict[str, float]:
-    """Mean loss over --eval-iters batches (forward only)."""
+    """Mean loss over --eval-iters batches (forward only), turned into metrics
+    by the forward step's `eval_metrics` when it has one."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in model:
@@ -354,11 +361,16 @@ def evaluate(args, forward_step_func, model: list, data_iterator) -> Dict[str, f
             sums[key] = sums.get(key, 0.0) + value
     for chunk in model:
         chunk.train()
-    return {k: float(v) / args.eval_iters for k, v in sums.items()}
+    means = {k: float(v) / args.eval_iters for k, v in sums.items()}
+    metrics = getattr(forward_step_func, "eval_metrics", None)
+    return metrics(means) if metrics is not None and means else means
 
 
 def evaluate_and_log(args, forward_step_func, model, data_iterator, iteration: int, prefix: str,
-                     logger: Optional[TrainingLogger] = None) -> Dict[str, float]:
+                     logger: Optional[TrainingLogger] = None,
+                     state: Optional[TrainingState] = None) -> Dict[str, float]:
     losses = evaluate(args, forward_step_func, model, data_iterator)
     (logger or TrainingLogger(args, 0.0)).log_validation(iteration, losses, prefix)
+    if state is not None and losses:
+        state.evaluations.append(dict(losses, iteration=iteration, split=prefix))
     return losses

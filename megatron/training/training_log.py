@@ -117,11 +117,14 @@ class TrainingLogger:
     def log_validation(self, iteration: int, losses: Dict[str, float], prefix: str = "validation") -> None:
         parts = []
         for key, value in losses.items():
-            ppl = math.exp(min(20.0, value))
-            parts.append(f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E}")
+            parts.append(f"{key} value: {value:.6E}")
             if self.writer is not None:
                 self.writer.add_scalar(f"{key} {prefix}", value, iteration)
-                self.writer.add_scalar(f"{key} {prefix} ppl", ppl, iteration)
+            if key.endswith("lm loss"):  # a perplexity only for language-model losses
+                ppl = math.exp(min(20.0, value))
+                parts[-1] += f" | {key} PPL: {ppl:.6E}"
+                if self.writer is not None:
+                    self.writer.add_scalar(f"{key} {prefix} ppl", ppl, iteration)
         line = f" {prefix} loss at iteration {iteration} | " + " | ".join(parts) + " |"
         print_rank_last("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
         if self.writer is not None:

@@ -68,9 +68,17 @@ launch_pretrain() {
     # shellcheck disable=SC2086  # PLAN_ARGS is a list of flags
     exec "${PYTHON:-python}" "$LAUNCH_REPO_ROOT/tools/plan.py" "$@" "${plan_args[@]}" ${PLAN_ARGS:-}
   fi
+  launch_torchrun pretrain_gpt.py "$@"
+}
+
+# launch_torchrun ENTRY_POINT FLAG...: torchrun ENTRY_POINT (a file at the repo root) FLAG... on this
+# node, or print the command with DRY_RUN=1.
+launch_torchrun() {
+  local entry=$1
+  shift
   local cmd=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
              --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
-             "$LAUNCH_REPO_ROOT/pretrain_gpt.py" "$@")
+             "$LAUNCH_REPO_ROOT/$entry" "$@")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "${cmd[@]}"
     echo

@@ -4,7 +4,7 @@ GQA, tied or untied embeddings, rope_theta, rope_scaling of type linear ->
 else the one in the directory."""
 
 FORMAT = "hf"
-ALIASES = ("llama_hf", "hf")
+ALIASES = ("llama_hf",)
 
 
 def add_arguments(group) -> None:

@@ -13,6 +13,13 @@ def add_arguments(group) -> None:
 
 
 def load_source(args):
+    from megatron.training.checkpoint_convert.core import ConversionError
+    from megatron.training.checkpoint_convert.families import family
     from megatron.training.checkpoint_convert.megatron_format import open_checkpoint
 
-    return open_checkpoint(args.load_dir, args.tokenizer_model)
+    source = open_checkpoint(args.load_dir, args.tokenizer_model)
+    if source.model_type != args.model_type:
+        raise ConversionError(f"{args.load_dir} holds a {source.model_type} model ({source.block}.layers.*): "
+                              f"use --model-type {source.model_type}")
+    source.verify_outputs = family(args.model_type).VERIFY_OUTPUTS
+    return source

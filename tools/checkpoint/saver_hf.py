@@ -1,10 +1,13 @@
-"""Saver plugin: a Hugging Face `LlamaForCausalLM` directory loadable by
-`transformers.AutoModelForCausalLM` and vLLM: safetensors shards + index,
-config.json (rope_scaling linear from --rotary-seq-len-interpolation-factor),
-generation_config.json and the tokenizer files (--tokenizer-model, else the
-tokenizer recorded in the checkpoint). An adapter source (a checkpoint trained
-with --lora-rank, or --loader peft) is written merged into its base model
-(in fp32, then cast), as peft's merge_and_unload() merges it."""
+"""Saver plugin: a Hugging Face directory of the --model-type's family, with
+safetensors shards + index, config.json and the tokenizer files
+(--tokenizer-model, else the tokenizer recorded in the checkpoint).
+GPT: `LlamaForCausalLM`, loadable by `transformers.AutoModelForCausalLM` and
+vLLM (rope_scaling linear from --rotary-seq-len-interpolation-factor,
+generation_config.json). BERT: BERT / RoBERTa / Megatron-BERT as the
+checkpoint's layers say, the class by its heads (*ForSequenceClassification,
+BertForPreTraining, *ForMaskedLM or *Model). An adapter source (a checkpoint
+trained with --lora-rank, or --loader peft) is written merged into its base
+model (in fp32, then cast), as peft's merge_and_unload() merges it."""
 
 FORMAT = "hf"
 ALIASES = ("llama_hf", "llama2_hf")
@@ -19,12 +22,13 @@ def add_arguments(group) -> None:
 
 
 def save(args, source, out_dir):
-    from megatron.training.checkpoint_convert.core import DTYPES
-    from megatron.training.checkpoint_convert.hf_files import parse_size
     from megatron.training.checkpoint_convert.adapters import MergedSource
-    from megatron.training.checkpoint_convert.llama import save_llama_hf
+    from megatron.training.checkpoint_convert.core import DTYPES
+    from megatron.training.checkpoint_convert.families import family
+    from megatron.training.checkpoint_convert.hf_files import parse_size
 
     if source.adapter is not None:
         source = MergedSource(source)
-    return save_llama_hf(source, out_dir, DTYPES.get(args.target_params_dtype), args.make_vocab_size_divisible_by,
-                         parse_size(args.max_shard_size), args.tokenizer_model)
+    return family(args.model_type).save_hf(source, out_dir, DTYPES.get(args.target_params_dtype),
+                                           args.make_vocab_size_divisible_by, parse_size(args.max_shard_size),
+                                           args.tokenizer_model)

@@ -40,6 +40,8 @@ def save(args, source, out_dir):
         source = MergedSource(source)
     impl = args.saver_transformer_impl or (
         "transformer_engine" if importlib.util.find_spec("transformer_engine") else "local")
+    if source.args.get("apply_residual_connection_post_layernorm"):
+        impl = "local"  # post-LN BERT keeps its norms as separate modules under Transformer Engine too
     tp = args.target_tensor_parallel_size or getattr(source, "tp", 1)
     pp = args.target_pipeline_parallel_size or getattr(source, "pp", 1)
     return save_megatron(source, out_dir, tp, pp, args.target_num_layers_per_virtual_pipeline_stage,

@@ -9,6 +9,9 @@
         --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
     # Megatron -> Hugging Face (safetensors shards, config.json, tokenizer files)
     python tools/checkpoint/util.py --model-type GPT --loader megatron --saver hf --load-dir ckpt --save-dir ckpt-hf
+    # BERT / RoBERTa / Megatron-BERT (the HF class from config.json, and back by the heads)
+    python tools/checkpoint/util.py --model-type BERT --loader hf --saver megatron --load-dir roberta-base \\
+        --save-dir roberta-tp2 --target-tensor-parallel-size 2 --verify
     # either direction between the per-rank torch format and torch_dist (loads under any layout)
     python tools/checkpoint/util.py --model-type GPT --saver torch_dist --load-dir ckpt-tp2 --save-dir ckpt-dist
     python tools/checkpoint/util.py --model-type GPT --load-dir ckpt-dist --save-dir ckpt-tp4 \\
@@ -72,10 +75,11 @@ def find_plugin(kind: str, name: str):
 def build_parser(loader=None, saver=None) -> Parser:
     """The flags, with those of the `loader` and `saver` plugins (modules) when given."""
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-type", choices=["GPT"], required=True)
+    p.add_argument("--model-type", choices=["GPT", "BERT"], required=True,
+                   help="GPT: Llama-family models; BERT: BERT, RoBERTa, DistilRoBERTa, Megatron-BERT")
     p.add_argument("--loader", default="megatron",
-                   help="loader plugin: megatron (either checkpoint format, detected), llama2_hf (alias llama_hf, "
-                        "hf), peft (a LoRA adapter directory)")
+                   help="loader plugin: megatron (either checkpoint format, detected), hf (the family from "
+                        "config.json), llama2_hf (alias llama_hf), peft (a LoRA adapter directory)")
     p.add_argument("--saver", default="megatron",
                    help="saver plugin: megatron (per-rank torch format), torch_dist, hf, peft (the adapters of an "
                         "adapter checkpoint)")

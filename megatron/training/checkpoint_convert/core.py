@@ -29,8 +29,11 @@ class ModelSource:
     hidden_size, num_query_groups, padded_vocab_size, vocab_size (the
     tokenizer's, None when unknown), tokenizer_type, tokenizer_model,
     rotary_seq_len_interpolation_factor, ...). The readers return full
-    tensors under megatron-core's GPTModel state-dict names with global layer
-    indices; the embedding and output rows may include vocabulary padding.
+    tensors under megatron-core's GPTModel (or BertModel) state-dict names
+    with global layer indices; the embedding and output rows may include
+    vocabulary padding. `embedding()` holds the `embedding.*` entries, `final()`
+    everything after the last layer (final norm, and the heads: output layer
+    when untied, BERT's LM head, pooler, binary or classification head).
     """
 
     format: str = ""  # "hf" or "megatron": how --verify runs this side
@@ -38,6 +41,9 @@ class ModelSource:
     args: dict = {}
     iteration: Optional[int] = None  # None: a released model (no training state)
     vocab_size: Optional[int] = None  # the tokenizer's vocabulary (rows without padding); None: unknown
+    has_output_layer: bool = True  # False for a model without an LM output layer (a BERT classifier)
+    # what --verify compares for this model family (verify.Outputs); None: next-token logits
+    verify_outputs = None
     # LoRA adapters (checkpoint_convert/peft.py AdapterSettings) when the source holds adapter
     # tensors only: then layer() returns them, embedding() and final() nothing, and base() the model
     # they apply to; `adapter_base` names that model as the driver's adapter checkpoints do.
@@ -51,7 +57,7 @@ class ModelSource:
         raise NotImplementedError
 
     def final(self) -> Dict[str, torch.Tensor]:
-        """The final norm, and the output layer when it is not tied to the embedding."""
+        """The final norm and the heads (the output layer's weight only when it is not tied to the embedding)."""
         raise NotImplementedError
 
     def base(self) -> "ModelSource":
@@ -65,6 +71,31 @@ class ModelSource:
     @property
     def tied(self) -> bool:
         return not self.args.get("untie_embeddings_and_output_weights", False)
+
+
+def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """HF q/k/v projections (weights [rows, hidden] or biases [rows]) ->
+    megatron-core's linear_qkv rows: per query group g, [its query heads; k_g; v_g]."""
+    parts = [x.reshape(groups, -1, *x.shape[1:]) for x in (q, k, v)]
+    return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
+    """Inverse of join_qkv: (q, k, v)."""
+    rest = qkv.shape[1:]
+    per_group = heads // groups * head_dim
+    q, k, v = torch.split(qkv.reshape(groups, per_group + 2 * head_dim, *rest), [per_group, head_dim, head_dim], 1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def dtype_and_tokenizer_flags(config: dict, tokenizer=None) -> list:
+    """--bf16 / --fp16 for an HF config.json's dtype, and the tokenizer flags
+    for a (--tokenizer-type, path) pair (None: no tokenizer)."""
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    flags = {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype, [])
+    if tokenizer:
+        flags += ["--tokenizer-type", tokenizer[0], "--tokenizer-model", tokenizer[1]]
+    return flags
 
 
 def check_target_layout(args: dict, tp: int, pp: int, vp_layers: Optional[int] = None) -> None:

@@ -12,16 +12,19 @@ Layouts (checked against the GPTModel the driver builds):
 
 import json
 import os
-import shutil
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, progress,
+    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, dtype_and_tokenizer_flags, join_qkv,
+    progress, split_qkv,
 )
 from megatron.training.checkpoint_convert.hf_files import HFWeights, ShardedSafetensorsWriter
+from megatron.training.checkpoint_convert.hf_tokenizer import (
+    check_tokenizer_vocab, export_tokenizer, find_tokenizer,
+)
 from megatron.training.sharding import fit_vocab_rows
 
 HF_MODEL_TYPES = ("llama",)
@@ -39,20 +42,6 @@ LAYER_TABLE = (
 GLOBAL_TABLE = ((EMBEDDING, "model.embed_tokens.weight"), (FINAL_NORM, "model.norm.weight"),
                 (OUTPUT_LAYER, "lm_head.weight"))
 _HF_OF = dict(GLOBAL_TABLE)
-
-
-def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
-    """HF q/k/v projections -> megatron-core's per-group [q..., k, v] rows."""
-    hidden = q.shape[-1]
-    parts = [x.reshape(groups, -1, hidden) for x in (q, k, v)]
-    return torch.cat(parts, dim=1).reshape(-1, hidden)
-
-
-def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
-    hidden = qkv.shape[-1]
-    per_group = heads // groups * head_dim
-    q, k, v = torch.split(qkv.reshape(groups, per_group + 2 * head_dim, hidden), [per_group, head_dim, head_dim], 1)
-    return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
 
 
 # ------------------------------------------------------------------ configs
@@ -114,11 +103,7 @@ def megatron_flags_from_hf(config: dict, tokenizer: Optional[Sequence[str]] = No
         flags += ["--rotary-seq-len-interpolation-factor", str(factor)]
     if not config.get("tie_word_embeddings", False):
         flags.append("--untie-embeddings-and-output-weights")
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    flags += {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype, [])
-    if tokenizer:
-        flags += ["--tokenizer-type", tokenizer[0], "--tokenizer-model", tokenizer[1]]
-    return flags
+    return flags + dtype_and_tokenizer_flags(config, tokenizer)
 
 
 def check_llama_architecture(args: dict) -> None:
@@ -151,55 +136,9 @@ def hf_config_from_megatron(args: dict, vocab_rows: int, dtype: torch.dtype, spe
         "initializer_range": args.get("init_method_std", 0.02), "use_cache": True,
         "torch_dtype": dtype_name, "dtype": dtype_name,
     }
-    config.update((k, v) for k, v in special_ids.items() if v is not None)
+    config.update((k, v) for k, v in special_ids.items()
+                  if v is not None and k in ("bos_token_id", "eos_token_id", "pad_token_id"))
     return config
-
-
-# ------------------------------------------------------------------ tokenizers
-
-def find_tokenizer(model_dir: str, tokenizer_model: Optional[str]):
-    """(Megatron --tokenizer-type, path) for --tokenizer-model or the tokenizer in an HF directory; None if none."""
-    path = tokenizer_model
-    if path is None:
-        if any(os.path.isfile(os.path.join(model_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
-            path = model_dir
-        elif os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
-            path = os.path.join(model_dir, "tokenizer.model")
-        else:
-            return None
-    if not os.path.exists(path):
-        raise ConversionError(f"--tokenizer-model {path} does not exist: give a sentencepiece tokenizer.model file "
-                              "or an HF tokenizer directory")
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        return "HuggingFaceTokenizer", path
-    return ("HuggingFaceTokenizer" if path.endswith(".json") else "Llama2Tokenizer"), path
-
-
-def export_tokenizer(tokenizer_type: str, path: str, out_dir: str) -> dict:
-    """Write tokenizer files `transformers.AutoTokenizer` loads; returns the special token ids."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    if os.path.isdir(path):
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if os.path.isfile(os.path.join(path, "tokenizer.model")):
-            shutil.copy(os.path.join(path, "tokenizer.model"), out_dir)
-    elif tokenizer_type == "HuggingFaceTokenizer":
-        tok = PreTrainedTokenizerFast(tokenizer_file=path)
-    else:  # a sentencepiece model: what Llama 2 ships as tokenizer.model
-        import sentencepiece
-
-        sp = sentencepiece.SentencePieceProcessor(model_file=path)
-        shutil.copy(path, os.path.join(out_dir, "tokenizer.model"))
-        cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False}
-        for name, idx in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
-            if idx >= 0:
-                cfg[name] = sp.id_to_piece(idx)
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
-    tok.save_pretrained(out_dir)
-    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
 
 # ------------------------------------------------------------------ HF -> Megatron
@@ -211,7 +150,6 @@ class LlamaHFSource(ModelSource):
 
     def __init__(self, model_dir: str, tokenizer_model: Optional[str] = None, extra_flags: Sequence[str] = ()):
         from megatron.training.arguments import args_to_dict, parse_args
-        from megatron.training.tokenizer import build_tokenizer
 
         self.path = os.path.abspath(model_dir)
         config_path = os.path.join(self.path, "config.json")
@@ -224,12 +162,7 @@ class LlamaHFSource(ModelSource):
         self.flags = megatron_flags_from_hf(self.config, tokenizer) + list(extra_flags)
         self.args = args_to_dict(parse_args(self.flags))
         self.vocab_size = self.config["vocab_size"]
-        if tokenizer is not None:
-            n = build_tokenizer(tokenizer[0], tokenizer[1]).vocab_size
-            if n != self.vocab_size:
-                raise ConversionError(
-                    f"the tokenizer {tokenizer[1]} has {n} tokens but config.json vocab_size is {self.vocab_size}: "
-                    "give the model's own tokenizer with --tokenizer-model (its tokenizer.model or HF directory)")
+        check_tokenizer_vocab(tokenizer, self.vocab_size, "its tokenizer.model or HF directory")
         self.weights = HFWeights(self.path)
 
     def embedding(self):
@@ -321,3 +254,9 @@ def save_llama_hf(source: ModelSource, out_dir: str, dtype: Optional[torch.dtype
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(dict(generation, _from_model_config=True), f, indent=2)
     return config
+
+
+# The family interface the checkpoint plugins use (checkpoint_convert/families.py).
+hf_source = LlamaHFSource
+save_hf = save_llama_hf
+VERIFY_OUTPUTS = None  # next-token logits (verify.GPT_OUTPUTS)

@@ -19,10 +19,11 @@ from typing import Dict, Optional
 import torch
 
 from megatron.training import checkpointing, sharding
+from megatron.training.checkpoint_convert import families
 from megatron.training.fileio import atomic_write_text
 from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, check_target_layout, progress,
+    EMBEDDING, OUTPUT_LAYER, ConversionError, ModelSource, cast, check_target_layout, progress,
 )
 
 # Module names of megatron-core's linear layers: each carries an `_extra_state`
@@ -107,6 +108,12 @@ class MegatronSource(ModelSource):
         self.offsets = sharding.layer_offsets(self.num_layers, self.pp, self.vp)
         self.per_chunk = self.num_layers // (self.pp * (self.vp or 1))
         self.vocab_size = read_vocab_size(self.args, tokenizer_model)
+        last = torch.load(self._file(0, self.pp - 1), map_location="cpu", weights_only=True, mmap=True)
+        names = list(last[checkpointing.model_keys(self.vp or 1)[-1]])
+        del last
+        self.has_output_layer = any(n.startswith("output_layer.") for n in names)
+        self.model_type = families.megatron_model_type(names)
+        self.block = "encoder" if self.model_type == "BERT" else "decoder"
         if tokenizer_model:
             self.args["tokenizer_model"] = os.path.abspath(tokenizer_model)
         self.adapter_base = first.get("adapter_base")
@@ -152,19 +159,24 @@ class MegatronSource(ModelSource):
         return sharding.rename_suffixes(sharding.merge_tp_states(states, self.gated), sharding.FROM_TE_NORMS)
 
     def embedding(self):
-        return self._read(0, 0, lambda n: n == EMBEDDING)
+        return self._read(0, 0, lambda n: n.startswith("embedding."))
 
     def layer(self, index):
         for (p, v), first in self.offsets.items():
             if first <= index < first + self.per_chunk:
-                prefix = f"decoder.layers.{index - first}."
-                return sharding.to_global_names(self._read(p, v, lambda n: n.startswith(prefix)), first)
+                local = index - first
+                return sharding.to_global_names(self._read(p, v, lambda n: sharding.layer_index(n) == local), first)
         raise IndexError(index)
 
     def final(self):
         last = (self.pp - 1, (self.vp or 1) - 1)
-        names = (FINAL_NORM,) if self.tied else (FINAL_NORM, OUTPUT_LAYER)
-        return self._read(*last, lambda n: n in names)
+
+        def after_layers(name):
+            if sharding.layer_index(name) is not None or name.startswith("embedding."):
+                return False
+            return not (self.tied and name == OUTPUT_LAYER)  # the tied copy is the embedding's
+
+        return self._read(*last, after_layers)
 
 
 class _Spool:
@@ -196,14 +208,14 @@ class _Spool:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _with_extra_states(state: Dict[str, torch.Tensor], post_process: bool) -> dict:
+def _with_extra_states(state: Dict[str, torch.Tensor], output_layer: bool) -> dict:
     out = {}
     for name, value in state.items():
         out[name] = value
         module = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and module.split(".", 3)[-1] in LINEAR_MODULES:
             out[module + "._extra_state"] = None
-    if post_process:
+    if output_layer:
         out["output_layer._extra_state"] = None
     return out
 
@@ -242,7 +254,7 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
     te_names = sharding.TE_FUSED_NORMS if transformer_impl == "transformer_engine" else {}
 
     def prepare(tensors, first):
-        tensors = {n: sharding.fit_vocab_rows(x, rows) if n in (EMBEDDING, OUTPUT_LAYER) else x for n, x in tensors.items()}
+        tensors = {n: sharding.fit_vocab_rows(x, rows) if n in sharding.VOCAB_ROWS else x for n, x in tensors.items()}
         return sharding.rename_suffixes(sharding.to_local_names(cast(tensors, dtype), first, per_chunk), te_names)
 
     bar = progress(layers, f"writing Megatron checkpoint (TP={tp} PP={pp}{f' VP={vp}' if vp else ''})")
@@ -262,7 +274,9 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
                 bar.update(1)
             if p == pp - 1 and v == chunks - 1:
                 tail = source.final()
-                if source.tied and pp > 1 and not adapter_only:  # the last stage keeps a copy of the tied embedding
+                # the last stage keeps a copy of the tied embedding (not an adapter-only checkpoint or a
+                # model without an LM output layer)
+                if source.tied and pp > 1 and source.has_output_layer and not adapter_only:
                     tail[OUTPUT_LAYER] = source.embedding()[EMBEDDING]
                 put(tail)
         for t in range(tp):
@@ -279,7 +293,7 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
             for v, key in enumerate(checkpointing.model_keys(chunks)):
                 chunk_state = spool.collect(t, v)
                 # An adapter-only checkpoint holds the adapter tensors and nothing else (the base has the rest).
-                last = p == pp - 1 and v == chunks - 1
+                last = p == pp - 1 and v == chunks - 1 and source.has_output_layer
                 state[key] = chunk_state if adapter_only else _with_extra_states(chunk_state, last)
             rank_dir = os.path.join(iter_dir, checkpointing.rank_dir_name(t, p, pp))
             os.makedirs(rank_dir, exist_ok=True)

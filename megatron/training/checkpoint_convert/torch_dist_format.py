@@ -3,9 +3,10 @@
 and target.
 
 A torch_dist checkpoint holds global tensors: each layer tensor of a
-GPTModel under one key with the layers stacked on a leading axis
-(`decoder.layers.self_attention.linear_qkv.weight`: [layers, qkv rows,
-hidden]), the norms under Transformer Engine's fused names (megatron-core's
+GPTModel (a BertModel's `encoder.layers.*`) under one key with the layers
+stacked on a leading axis (`decoder.layers.self_attention.linear_qkv.weight`:
+[layers, qkv rows, hidden]), the other tensors (embeddings, final norm, BERT's
+heads) under their own names, the norms under Transformer Engine's fused names (megatron-core's
 local spec maps them so), tensor-parallel tensors whole. So there is no
 layout to choose on either side: any TP / PP / VP loads it.
 
@@ -28,11 +29,12 @@ import torch
 
 from megatron.training import checkpointing, sharding
 from megatron.training.arguments import padded_vocab_size
+from megatron.training.checkpoint_convert import families
 from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, progress,
+    EMBEDDING, OUTPUT_LAYER, ConversionError, ModelSource, cast, progress,
 )
 from megatron.training.checkpoint_convert.megatron_format import LINEAR_MODULES, read_vocab_size
-from megatron.training.dist_ckpt.full_tensors import LAYERS, GlobalTensors, global_key
+from megatron.training.dist_ckpt.full_tensors import GlobalTensors, global_key
 from megatron.training.fileio import atomic_write_text
 
 
@@ -84,21 +86,30 @@ class TorchDistSource(ModelSource):
         with single_process_group():
             self.tensors = GlobalTensors(iter_dir, self.num_layers)
         self.args["padded_vocab_size"] = self.tensors.shapes[EMBEDDING][0][0]
+        self.block = self.tensors.layers.split(".")[0]
+        self.model_type = families.megatron_model_type(self.tensors.layer_keys)
+        # a BERT classifier has no LM output layer (a GPT model's tied one is stored as the embedding)
+        self.has_output_layer = self.model_type == "GPT" or any(k.startswith("output_layer.")
+                                                                for k in self.tensors.other_keys)
         self.vocab_size = read_vocab_size(self.args, tokenizer_model)
         if tokenizer_model:
             self.args["tokenizer_model"] = os.path.abspath(tokenizer_model)
 
     def embedding(self):
         with single_process_group():
-            return self.tensors.whole([EMBEDDING])
+            return self.tensors.whole([k for k in self.tensors.other_keys if k.startswith("embedding.")])
 
     def layer(self, index):
         with single_process_group():
             return self.tensors.layer(index)
 
     def final(self):
+        """The final norm and the heads (BERT's LM head and output bias, pooler,
+        binary or classification head); the output layer's weight when untied."""
+        names = [k for k in self.tensors.other_keys
+                 if not k.startswith("embedding.") and not (self.tied and k == OUTPUT_LAYER)]
         with single_process_group():
-            return self.tensors.whole([FINAL_NORM] if self.tied else [FINAL_NORM, OUTPUT_LAYER])
+            return self.tensors.whole(names)
 
 
 class _LayerSpool:
@@ -127,22 +138,23 @@ class _LayerSpool:
 def _sharded_state(source: ModelSource, spool: _LayerSpool, layers: int) -> dict:
     """megatron-core's sharded state dict of the spooled model: whole tensors,
     every layer at its index of the stacked keys, and the linear layers'
-    (empty) extra states that a GPTModel writes."""
+    (empty) extra states that a GPTModel (BertModel) writes."""
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
     state, mapped = {}, list(spool.mapped())
     for name, tensor in mapped[0].items():  # the embedding
         state[name] = ShardedTensor.from_rank_offsets(name, tensor, replica_id=0)
     for i, tensors in enumerate(mapped[1:1 + layers]):
-        prefix = f"{LAYERS}{i}."
+        block = next(iter(tensors)).split(".layers.")[0] + ".layers."  # decoder (GPT) or encoder (BERT)
+        prefix = f"{block}{i}."
         for name, tensor in tensors.items():
-            key = global_key(name[len(prefix):])
+            key = global_key(name[len(prefix):], block)
             state[name] = ShardedTensor.from_rank_offsets(key, tensor, (0, i, layers), replica_id=0,
                                                           prepend_axis_num=1)
         for module in LINEAR_MODULES:
-            state[f"{prefix}{module}._extra_state"] = ShardedObject(f"{LAYERS}{module}._extra_state", None,
+            state[f"{prefix}{module}._extra_state"] = ShardedObject(f"{block}{module}._extra_state", None,
                                                                     (layers,), (i,), replica_id=0)
-    for name, tensor in mapped[1 + layers].items():  # the final norm and output layer
+    for name, tensor in mapped[1 + layers].items():  # the final norm and the heads
         state[name] = ShardedTensor.from_rank_offsets(name, tensor, replica_id=0)
     return state
 
@@ -172,7 +184,7 @@ def save_torch_dist(source: ModelSource, out_dir: str, divisible_by: Optional[in
     spool = _LayerSpool(os.path.join(out_dir, ".spool"))
 
     def fit(tensors):
-        return {n: sharding.fit_vocab_rows(x, rows) if n in (EMBEDDING, OUTPUT_LAYER) else x
+        return {n: sharding.fit_vocab_rows(x, rows) if n in sharding.VOCAB_ROWS else x
                 for n, x in cast(tensors, dtype).items()}
 
     bar = progress(layers, "converting layers for a torch_dist checkpoint")

@@ -9,11 +9,15 @@ the same VERIFY_TOKENS token ids (rows as long as the model's context allows,
 up to 256) in fp32; the report gives the largest and the mean absolute logit
 difference over the tokenizer's vocabulary and each side's next-token loss
 (mean cross-entropy in nats), and fails above `--verify-atol`.
+
+What each side computes is the model family's (`Outputs`, the source's
+`verify_outputs`): GPT's next-token logits by default; BERT's come from
+checkpoint_convert/bert.py (masked-LM or class logits, or hidden states).
 """
 
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -46,8 +50,8 @@ def describe(side: Side, ran) -> str:
 class Comparison:
     max_abs_diff: float
     mean_abs_diff: float
-    source_loss: float
-    target_loss: float
+    source_loss: Optional[float]  # None: the family reports no loss
+    target_loss: Optional[float]
     shape: Tuple[int, int]  # the token ids' [rows, length]
     ran: tuple  # per side: (TP, PP, processes) its processes reported, or None (run in this process)
 
@@ -86,25 +90,68 @@ def hf_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
-def _megatron_worker(rank, world_size, jobs, tokens, vocab_size):
+def gpt_load(path: str, tp: int, pp: int):
+    from megatron.training import inference
+
+    return inference.load_model(path, tp, pp)
+
+
+def gpt_forward(args, model: list, tokens: torch.Tensor, path: str) -> torch.Tensor:
+    from megatron.training import inference
+
+    return inference.forward_logits(args, model, tokens)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Mean cross-entropy (nats) of tokens[:, 1:] given the logits at [:, :-1]."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1)).item()
+
+
+def gpt_context(args: dict) -> int:
+    return args.get("max_position_embeddings") or args.get("seq_length") or VERIFY_TOKENS
+
+
+def same_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What --verify compares for a model family; module-level functions
+    (a Megatron side's processes may be spawned)."""
+
+    hf: Callable  # (HF directory, token ids) -> outputs, in this process
+    load: Callable  # (checkpoint, TP, PP) -> (args, [model chunk]) on every rank of its processes
+    forward: Callable  # (args, model, token ids, checkpoint) -> outputs on every rank (collective)
+    loss: Optional[Callable] = None  # (outputs, token ids) -> a loss in nats reported beside; None: none
+    context: Callable = gpt_context  # (the source's args) -> how many positions a row may use
+    tokens: Callable = same_tokens  # the token ids this family runs on, from VERIFY_TOKENS uniform ids
+
+
+GPT_OUTPUTS = Outputs(hf=hf_logits, load=gpt_load, forward=gpt_forward, loss=next_token_loss)
+
+
+def _megatron_worker(rank, world_size, jobs, tokens, vocab_size, outputs: Outputs):
     from megatron.core import parallel_state
 
     from megatron.training import inference
 
     out = []
     for path, tp, pp in jobs:
-        args, model = inference.load_model(path, tp, pp)
+        args, model = outputs.load(path, tp, pp)
         try:
             ran = (parallel_state.get_tensor_model_parallel_world_size(),
                    parallel_state.get_pipeline_model_parallel_world_size(), world_size)
-            out.append((inference.forward_logits(args, model, tokens)[..., :vocab_size].clone(), ran))
+            out.append((outputs.forward(args, model, tokens, path)[..., :vocab_size].clone(), ran))
         finally:
             del model
             inference.unload()
     return out if rank == 0 else None
 
 
-def megatron_logits(sides: List[Side], tokens: torch.Tensor, vocab_size: int) -> List[tuple]:
+def megatron_logits(sides: List[Side], tokens: torch.Tensor, vocab_size: int,
+                    outputs: Outputs = GPT_OUTPUTS) -> List[tuple]:
     """(logits, (TP, PP, processes) it ran under) of each Megatron side, each
     under its own layout, in one group of processes (the least common multiple
     of the layouts' sizes: further ranks are data-parallel replicas)."""
@@ -115,54 +162,47 @@ def megatron_logits(sides: List[Side], tokens: torch.Tensor, vocab_size: int) ->
         world = world * side.tp * side.pp // math.gcd(world, side.tp * side.pp)
     jobs = [(side.path, side.tp, side.pp) for side in sides]
     try:
-        return run_processes(_megatron_worker, world, (jobs, tokens, vocab_size))[0]
+        return run_processes(_megatron_worker, world, (jobs, tokens, vocab_size, outputs))[0]
     except ProcessesFailed as e:
         if e.user_error is not None:
             raise e.user_error from None
         raise RuntimeError(f"--verify: the Megatron side failed on {e}") from None
 
 
-def all_logits(sides: Tuple[Side, Side], tokens: torch.Tensor, vocab_size: int) -> List[tuple]:
+def all_logits(sides: Tuple[Side, Side], tokens: torch.Tensor, vocab_size: int,
+               outputs: Outputs = GPT_OUTPUTS) -> List[tuple]:
     """([rows, length, vocab_size] fp32 logits, the layout a Megatron side ran
     under or None) of each side. The Megatron sides run first, before this
     process loads an HF model their processes would inherit."""
     megatron = [s for s in sides if s.format == "megatron"]
-    from_processes = iter(megatron_logits(megatron, tokens, vocab_size) if megatron else [])
+    from_processes = iter(megatron_logits(megatron, tokens, vocab_size, outputs) if megatron else [])
     return [next(from_processes) if s.format == "megatron" else
-            (LOGITS[s.format](s.path, tokens)[..., :vocab_size], None) for s in sides]
+            (outputs.hf(s.path, tokens)[..., :vocab_size], None) for s in sides]
 
 
-# How each format's logits are computed in this process (the Megatron side runs in processes of its own).
-LOGITS = {"hf": hf_logits}
-
-
-def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Mean cross-entropy (nats) of tokens[:, 1:] given the logits at [:, :-1]."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1)).item()
-
-
-def compare(source: Side, target: Side, vocab_size: int, context: int) -> Comparison:
-    tokens = verify_tokens(vocab_size, context)
-    (a, ran_a), (b, ran_b) = all_logits((source, target), tokens, vocab_size)
+def compare(source: Side, target: Side, vocab_size: int, context: int,
+            outputs: Outputs = GPT_OUTPUTS) -> Comparison:
+    tokens = outputs.tokens(verify_tokens(vocab_size, context))
+    (a, ran_a), (b, ran_b) = all_logits((source, target), tokens, vocab_size, outputs)
     diff = (a - b).abs()
-    return Comparison(diff.max().item(), diff.mean().item(), next_token_loss(a, tokens), next_token_loss(b, tokens),
-                      tuple(tokens.shape), (ran_a, ran_b))
+    losses = (outputs.loss(a, tokens), outputs.loss(b, tokens)) if outputs.loss else (None, None)
+    return Comparison(diff.max().item(), diff.mean().item(), *losses, tuple(tokens.shape), (ran_a, ran_b))
 
 
 def verify_conversion(source: ModelSource, target_format: str, target_path: str, atol: float) -> Comparison:
     """Compare `source` with its conversion at `target_path` (module doc); print
     one line; raise ConversionError when the logits differ by more than `atol`."""
+    outputs = source.verify_outputs or GPT_OUTPUTS
     vocab = source.vocab_size or source.args["padded_vocab_size"]
-    context = source.args.get("max_position_embeddings") or source.args.get("seq_length") or VERIFY_TOKENS
     src, dst = side_of(source.format, source.path), side_of(target_format, target_path)
-    result = compare(src, dst, vocab, context)
+    result = compare(src, dst, vocab, outputs.context(source.args), outputs)
     rows, length = result.shape
+    loss = "" if result.source_loss is None else (
+        f"; next-token loss {result.source_loss:.6f} vs {result.target_loss:.6f} "
+        f"(diff {abs(result.source_loss - result.target_loss):.3g})")
     print(f"verify: logits on {rows * length} tokens ({rows} x {length}), "
           f"{describe(src, result.ran[0])} vs {describe(dst, result.ran[1])}: max abs diff {result.max_abs_diff:.3g}, "
-          f"mean abs diff {result.mean_abs_diff:.3g}; next-token loss {result.source_loss:.6f} vs "
-          f"{result.target_loss:.6f} (diff {abs(result.source_loss - result.target_loss):.3g}); "
-          f"threshold {atol:g}", flush=True)
+          f"mean abs diff {result.mean_abs_diff:.3g}{loss}; threshold {atol:g}", flush=True)
     if not result.max_abs_diff <= atol:
         raise ConversionError(
             f"verification failed: the converted model's logits differ from the source's by up to "

@@ -1,10 +1,10 @@
 """Whole (unsharded) tensors of a torch_dist checkpoint, one layer at a time,
-under this driver's GPTModel names with global layer indices
-(`decoder.layers.<i>.input_layernorm.weight`): what the checkpoint tools
+under this driver's model names with global layer indices
+(`decoder.layers.<i>.input_layernorm.weight`; a BERT model's `encoder.layers.<i>.`): what the checkpoint tools
 convert, and what loads that need full tensors take (a QLoRA base is
 quantised whole; an adapter base goes through the same path).
 
-A torch_dist checkpoint stores each layer tensor of a GPTModel under one key
+A torch_dist checkpoint stores each layer tensor of a GPTModel (BertModel) under one key
 with the layers stacked on a leading axis, the norms under Transformer
 Engine's fused names (megatron-core's local spec maps them so); a layer is
 read as its slice of every stacked key. Reading is megatron-core's
@@ -21,17 +21,20 @@ from megatron.training import sharding
 from megatron.training.checkpointing import CheckpointError
 
 LAYERS = "decoder.layers."
-NON_LAYER = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight")
+BLOCKS = (LAYERS, "encoder.layers.")  # GPTModel's, BertModel's
+# Entries of a checkpoint that are not model tensors.
+NOT_MODEL = ("optimizer.", "rng_state")
 
 
-def global_key(local_suffix: str) -> str:
-    """`input_layernorm.weight` -> `decoder.layers.self_attention.linear_qkv.layer_norm_weight`."""
-    return LAYERS + sharding.rename_suffixes({"x." + local_suffix: None}, sharding.TE_FUSED_NORMS).popitem()[0][2:]
+def global_key(local_suffix: str, layers: str = LAYERS) -> str:
+    """`input_layernorm.weight` -> `decoder.layers.self_attention.linear_qkv.layer_norm_weight`
+    (`layers`: the block's prefix)."""
+    return layers + sharding.rename_suffixes({"x." + local_suffix: None}, sharding.TE_FUSED_NORMS).popitem()[0][2:]
 
 
-def local_suffix(key: str) -> str:
+def local_suffix(key: str, layers: str = LAYERS) -> str:
     """Inverse of global_key."""
-    return sharding.rename_suffixes({"x." + key[len(LAYERS):]: None}, sharding.FROM_TE_NORMS).popitem()[0][2:]
+    return sharding.rename_suffixes({"x." + key[len(layers):]: None}, sharding.FROM_TE_NORMS).popitem()[0][2:]
 
 
 class GlobalTensors:
@@ -44,10 +47,13 @@ class GlobalTensors:
         self.iter_dir, self.num_layers = iter_dir, num_layers
         metadata = SafeShardedLoadStrategy().load_tensors_metadata(iter_dir)
         self.shapes = {k: (tuple(v.global_shape), v.dtype) for k, v in metadata.items()
-                       if k.startswith(LAYERS) or k in NON_LAYER}
-        self.layer_keys = [k for k in self.shapes if k.startswith(LAYERS)]
-        if not self.layer_keys:
-            raise CheckpointError(f"{iter_dir} holds no decoder layers: it is not a GPT checkpoint")
+                       if not k.startswith(NOT_MODEL)}
+        self.layers = next((b for b in BLOCKS if any(k.startswith(b) for k in self.shapes)), None)
+        if self.layers is None:
+            raise CheckpointError(f"{iter_dir} holds no decoder or encoder layers: it is not a checkpoint of a GPT "
+                                  "or BERT model")
+        self.layer_keys = [k for k in self.shapes if k.startswith(self.layers)]
+        self.other_keys = [k for k in self.shapes if not k.startswith(BLOCKS)]  # embeddings, final norm, heads
         stacked = sorted({self.shapes[k][0][0] for k in self.layer_keys})
         if stacked != [num_layers]:
             raise CheckpointError(f"{iter_dir} stacks {stacked} layers per key, its args say {num_layers}: "
@@ -78,15 +84,12 @@ class GlobalTensors:
 
     def layer(self, index: int) -> Dict[str, torch.Tensor]:
         """Layer `index`'s tensors under local-spec names with the global index."""
-        return self._named(index, self.read(self.layer_request(index)))
+        return {f"{self.layers}{index}.{local_suffix(k, self.layers)}": v[0]
+                for k, v in self.read(self.layer_request(index)).items()}
 
     def whole(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
         """The non-layer tensors among `names` that the checkpoint has."""
         return self.read(self.whole_request(names))
-
-    @staticmethod
-    def _named(index: int, loaded: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {f"{LAYERS}{index}.{local_suffix(k)}": v[0] for k, v in loaded.items()}
 
 
 def full_groups(iter_dir: str, num_layers: int, layers: Sequence[int],

@@ -167,10 +167,36 @@ def _naming_a_loadable_iteration(iter_dir: str, iteration: int, release: bool):
         raise CheckpointError(checkpointing.with_fallback(root, None if release else iteration, str(e))) from None
 
 
-def _load_model(model: list, loaded: dict) -> None:
+def _leave_out_fresh_heads(model: list, sharded: dict, ckpt_tensors: dict, iter_dir: str) -> Dict[str, set]:
+    """A fresh start may change a model's heads (a classifier from a pretrained
+    encoder): the head entries (the modules' `fresh_head_prefixes`) the
+    checkpoint lacks are not asked for and keep their initialisation; heads
+    only the checkpoint has are not read. Both are reported, as for the
+    torch format. Returns {model key: the names left out}."""
+    fresh, asked = {}, set()
     for key, chunk in zip(checkpointing.model_keys(len(model)), model):
         module = checkpointing._unwrap(chunk)
-        module.load_state_dict(sharding.match_layer_spec(loaded[key], module.state_dict()), strict=True)
+        tensors = {n: sh for n, sh in sharded[key].items() if isinstance(sh, ShardedTensor)}
+        asked |= {sh.key for sh in tensors.values()}
+        lacking = {n for n in checkpointing._head_names(module, tensors) if tensors[n].key not in ckpt_tensors}
+        extra = {m.rsplit(".", 1)[0] + "._extra_state" for m in lacking}
+        fresh[key] = lacking | (extra & set(sharded[key]))
+        for name in fresh[key]:
+            del sharded[key][name]
+    last = checkpointing._unwrap(model[-1])
+    dropped = checkpointing._head_names(last, set(ckpt_tensors) - asked) if getattr(last, "post_process", False) \
+        else set()
+    checkpointing._report_heads(iter_dir, set().union(*fresh.values()), dropped)
+    return fresh
+
+
+def _load_model(model: list, loaded: dict, fresh: Dict[str, set]) -> None:
+    for key, chunk in zip(checkpointing.model_keys(len(model)), model):
+        module = checkpointing._unwrap(chunk)
+        own = module.state_dict()
+        state = sharding.match_layer_spec(loaded[key], own)
+        state.update((n, own[n]) for n in fresh.get(key, ()) if n in own)  # started afresh: its initialisation
+        module.load_state_dict(state, strict=True)
 
 
 def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iteration: int,
@@ -201,9 +227,10 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
         ckpt_tensors = safe_load.SafeShardedLoadStrategy().load_tensors_metadata(iter_dir)
         if _allow_vocab_padding_change(sharded, ckpt_tensors):
             notes.append("vocabulary padding rows refitted to this TP")
+        fresh = _leave_out_fresh_heads(model, sharded, ckpt_tensors, iter_dir) if fresh_start else {}
         loaded = _read(args, sharded, iter_dir)
 
-    _load_model(model, loaded)
+    _load_model(model, loaded, fresh)
     if with_optimizer:
         with checkpointing.restoring_optimizer_state(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])

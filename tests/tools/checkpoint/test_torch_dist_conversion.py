@@ -85,6 +85,6 @@ def test_a_missing_layer_is_a_clear_error(hf_models, tmp_path, capsys):
     with open(index_path, "wb") as f:
         pickle.dump(index, f)
     assert util.main(["--model-type", "GPT", "--loader", "torch_dist", "--saver", "hf", "--load-dir", dist,
-                      "--save-dir", str(tmp_path / "out")]) == 2
+                      "--save-dir", str(tmp_path / "out")]) == 2  # a user error (errors.py)
     assert "stacks [3, 4] layers per key, its args say 4" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")

@@ -1,0 +1,107 @@
+"""Bad input to the BERT tools gets one line naming the flag or file and the fix."""
+
+import json
+import shutil
+
+import pytest
+
+from megatron.training.arguments import ArgumentError, parse_args
+from megatron.training.bert_arguments import add_bert_args, finalize_bert_args
+from tests.bert.conftest import convert
+
+
+def bert_flags(*extra):
+    args = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+                       "--micro-batch-size", "1", "--lr", "1", "--train-iters", "1", *extra], add_bert_args)
+    finalize_bert_args(args)
+    return args
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-tokentypes", "1"], "--num-tokentypes 1: the binary (sentence-order) head needs 2 token types"),
+    (["--position-ids-offset", "2", "--bert-no-binary-head"],
+     "--max-position-embeddings 32 is smaller than --seq-length 32 + --position-ids-offset 2: raise it to at least 34"),
+    (["--use-rotary-position-embeddings"], "BERT models use learned absolute positions"),
+    (["--untie-embeddings-and-output-weights"], "BERT ties its LM output layer to the word embeddings"),
+    (["--mask-prob", "1.5"], "--mask-prob 1.5 must be between 0 and 1"),
+])
+def test_flag_errors(flags, message):
+    with pytest.raises(ArgumentError) as e:
+        bert_flags(*flags)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_defaults_follow_megatron_lm():
+    args = bert_flags()
+    assert (args.bert_binary_head, args.num_tokentypes, args.mask_prob, args.short_seq_prob) == (True, 2, 0.15, 0.1)
+    assert (args.masking_max_ngram, args.whole_word_masking, args.apply_residual_connection_post_layernorm) == (
+        3, True, False)
+    assert bert_flags("--bert-no-binary-head").num_tokentypes == 0
+
+
+def test_data_without_masked_lm_tokens_or_with_mock_data(tmp_path):
+    from megatron.training.data.bert_dataset import build_bert_datasets
+    from megatron.training.data.pretrain import DataError
+    from megatron.training.data.sample_corpus import train_sample_hf_tokenizer, write_sample_corpus
+    from megatron.training.tokenizer import build_tokenizer
+
+    corpus = str(tmp_path / "c.jsonl")
+    write_sample_corpus(corpus)
+    gpt2_style = build_tokenizer("HuggingFaceTokenizer", train_sample_hf_tokenizer(corpus, str(tmp_path / "tok"), 300))
+    args = bert_flags("--data-path", str(tmp_path / "x"), "--tokenizer-type", "HuggingFaceTokenizer")
+    with pytest.raises(DataError, match="the tokenizer has no cls token, which masked-LM data needs: use"):
+        build_bert_datasets(args, gpt2_style)
+    args.mock_data = True
+    with pytest.raises(DataError, match="--mock-data is not supported for BERT: preprocess a corpus"):
+        build_bert_datasets(args, gpt2_style)
+
+
+def failing(capsys, argv):
+    from tools.checkpoint import util
+
+    capsys.readouterr()  # what earlier steps printed
+    assert util.main([str(a) for a in argv]) == 2  # a user error: one line, exit status 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    return err
+
+
+def test_converter_errors(hf_models, tmp_path, capsys):
+    broken = tmp_path / "gelu_new"
+    shutil.copytree(hf_models["bert_pretraining"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(dict(config, hidden_act="gelu_new")))
+    err = failing(capsys, ["--model-type", "BERT", "--loader", "hf", "--load-dir", broken,
+                           "--save-dir", tmp_path / "a"])
+    assert "hidden_act 'gelu_new'" in err and "exact (erf) GELU" in err
+
+    (broken / "config.json").write_text(json.dumps(dict(config, architectures=["BertForTokenClassification"])))
+    err = failing(capsys, ["--model-type", "BERT", "--loader", "hf", "--load-dir", broken,
+                           "--save-dir", tmp_path / "b"])
+    assert "BertForTokenClassification" in err and "BertForSequenceClassification" in err
+
+    err = failing(capsys, ["--model-type", "GPT", "--loader", "hf", "--load-dir", hf_models["bert_classifier"],
+                           "--save-dir", tmp_path / "c"])
+    assert "holds a BERT model (config.json): use --model-type BERT" in err
+
+    mg = convert("hf", "megatron", hf_models["bert_classifier"], tmp_path / "mg")
+    err = failing(capsys, ["--model-type", "GPT", "--loader", "megatron", "--saver", "hf", "--load-dir", mg,
+                           "--save-dir", tmp_path / "d"])
+    assert "holds a BERT model (encoder.layers.*): use --model-type BERT" in err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
+
+
+def test_use_checkpoint_args_takes_the_bert_settings():
+    """--use-checkpoint-args takes a converted RoBERTa's layer order, position
+    offset, token types and heads; a different --num-tokentypes (a tensor
+    shape) is one error naming the flag."""
+    from megatron.training.checkpoint_args import take_checkpoint_settings
+
+    saved = {"apply_residual_connection_post_layernorm": True, "position_ids_offset": 2, "num_tokentypes": 1,
+             "bert_binary_head": False, "max_position_embeddings": 34}
+    args = bert_flags()
+    assert take_checkpoint_settings(args, saved, set(), "ckpt") is None
+    assert {k: getattr(args, k) for k in saved} == saved
+    finalize_bert_args(args)  # the taken settings are consistent (one token type, no binary head)
+    with pytest.raises(ArgumentError, match="the command line's --num-tokentypes 2 \\(checkpoint: 1\\) cannot load"):
+        take_checkpoint_settings(bert_flags("--num-tokentypes", "2"), saved, {"num_tokentypes"}, "ckpt")
