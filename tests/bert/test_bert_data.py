@@ -300,3 +300,18 @@ def test_words_do_not_join_across_segments_or_sentences(wordpiece_data, roberta_
     got = spans(bpe, [tok.cls, start, inner[0], inner[1] + offset, inner[2], start, inner[0], tok.sep])
     assert (1, 2) in got and (3, 4) in got and (5, 6) in got
     assert not any({2, 3} <= set(span) for span in got)  # a new sentence starts a new word
+
+
+def test_a_split_without_documents_gives_no_samples_when_none_are_asked(process_group, wordpiece_data, tmp_path):
+    """Megatron-LM's default --split on a small corpus leaves the test share
+    without a document; with --eval-iters 0 nothing is asked of it, and the
+    run trains (megatron-core's sample-index builder used to index past the end)."""
+    from megatron.training.data.bert_dataset import build_bert_datasets
+    from megatron.training.tokenizer import build_tokenizer
+
+    prefix, tokenizer_flags = wordpiece_data
+    args = bert_args(prefix, tokenizer_flags, tmp_path / "cache", 32, 8, "--split", "969,30,1")
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file)
+    train, _, test = build_bert_datasets(args, tokenizer, log=lambda msg: None)
+    assert len(train) >= 8 and train[0]["text"].shape == (32,)
+    assert len(test) == 0

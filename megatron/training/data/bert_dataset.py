@@ -136,6 +136,13 @@ class BertMaskedDataset(BERTMaskedWordPieceDataset):
         self._starts = config.word_starts.starts
         self.dataset = _SentenceStarts(self.dataset, self._offset)
 
+    def _build_sample_index(self, sequence_length: int, min_sentences_per_sample: int) -> numpy.ndarray:
+        # A split that owns no document (a small corpus's test share, with --eval-iters 0 so no
+        # sample is asked of it) has no samples; megatron-core's builder indexes past the end.
+        if len(self.indices) == 0:
+            return numpy.empty((0, 3), dtype=numpy.int32)
+        return super()._build_sample_index(sequence_length, min_sentences_per_sample)
+
     def __getitem__(self, idx: int) -> Dict[str, numpy.ndarray]:
         sample = super().__getitem__(idx)
         pads = sample["padding_mask"] == _PAD_SENTINEL
