@@ -22,6 +22,7 @@ gold or prediction) of the whole held-out file.
 import dataclasses
 import json
 import math
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,6 +45,9 @@ class Record:
 
 def read_records(path: str) -> List[Record]:
     """The records of one jsonl file (module doc); a malformed line is an error naming it."""
+    if not os.path.isfile(path):
+        raise EvalError(f"{path}: no such file: --train-data / --valid-data take jsonl files of "
+                        '{"text"[, "text_b"], "label"} or FinGPT\'s {"instruction", "input", "output"} records')
     with open(path, encoding="utf-8") as f:
         first = next((line for line in f if line.strip()), None)
     if first is None:

@@ -27,6 +27,8 @@ RUN = TINY_LLAMA + MOCK_DATA + SCHEDULE + ["--micro-batch-size", "2", "--global-
 # The per-rank torch format: these tests name (and damage) its rank files; the
 # default torch_dist format's own cases are in the first test too.
 TORCH = RUN + ["--ckpt-format", "torch"]
+BERT = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "1", "--lr", "1"]
 
 
 @contextlib.contextmanager
@@ -124,6 +126,9 @@ def test_errors_of_the_entry_points_are_one_line_naming_the_fix(tmp_path, hf_dir
             "tasks.main", ["--task", "perplexity", "--load", hf_dir, "--data-path", "x"], {}),
         "a data tool": ("tools.merge_datasets", ["--input", tmp_path / "no_shards", "--output-prefix", tmp_path / "m"],
                         {}),
+        "BERT pretraining": ("pretrain_bert", BERT + ["--train-iters", 1, "--mask-probb", 0.2], {}),
+        "BERT classification": ("finetune_classification", BERT + [
+            "--epochs", 1, "--train-data", tmp_path / "none.jsonl", "--valid-data", tmp_path / "none.jsonl"], {}),
         "the traceback switch": (pretrain, RUN + ["--train-iters", 3, "--finetune", "--load", empty],
                                  {"FINLLAMA_TRACEBACK": "1"}),
     }
@@ -150,6 +155,8 @@ def test_errors_of_the_entry_points_are_one_line_naming_the_fix(tmp_path, hf_dir
         "evaluate an HF directory with --load": [f"--load {hf_dir} is a Hugging Face model directory",
                                                  f"--hf-model {hf_dir}"],
         "a data tool": [f"--input {tmp_path / 'no_shards'} is not a folder"],
+        "BERT pretraining": ["unknown flag --mask-probb; did you mean --mask-prob?"],
+        "BERT classification": [f"{tmp_path / 'none.jsonl'}: no such file", "--train-data / --valid-data"],
     }
     results = dict(zip(cases, run_distributed(_run_cases, 1, (list(cases.values()), str(tmp_path)))[0]))
 
