@@ -24,7 +24,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
-from megatron.training import checkpointing, sharding
+from megatron.training import checkpoint_reshard, checkpointing, sharding
 from megatron.training.checkpointing import CheckpointError
 from megatron.training.dist_ckpt import safe_load
 from megatron.training.load_checks import load_scheduler_state
@@ -178,15 +178,15 @@ def _leave_out_fresh_heads(model: list, sharded: dict, ckpt_tensors: dict, iter_
         module = checkpointing._unwrap(chunk)
         tensors = {n: sh for n, sh in sharded[key].items() if isinstance(sh, ShardedTensor)}
         asked |= {sh.key for sh in tensors.values()}
-        lacking = {n for n in checkpointing._head_names(module, tensors) if tensors[n].key not in ckpt_tensors}
+        lacking = {n for n in checkpoint_reshard.head_names(module, tensors) if tensors[n].key not in ckpt_tensors}
         extra = {m.rsplit(".", 1)[0] + "._extra_state" for m in lacking}
         fresh[key] = lacking | (extra & set(sharded[key]))
         for name in fresh[key]:
             del sharded[key][name]
     last = checkpointing._unwrap(model[-1])
-    dropped = checkpointing._head_names(last, set(ckpt_tensors) - asked) if getattr(last, "post_process", False) \
+    dropped = checkpoint_reshard.head_names(last, set(ckpt_tensors) - asked) if getattr(last, "post_process", False) \
         else set()
-    checkpointing._report_heads(iter_dir, set().union(*fresh.values()), dropped)
+    checkpoint_reshard.report_heads(iter_dir, set().union(*fresh.values()), dropped)
     return fresh
 
 

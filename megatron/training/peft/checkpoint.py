@@ -29,7 +29,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from megatron.training import checkpointing, sharding
+from megatron.training import checkpoint_reshard, checkpointing, sharding
 from megatron.training.checkpointing import CheckpointError
 from megatron.training.peft.arguments import ADAPTER_KEYS, adapter_flags
 from megatron.training.peft.model import init_magnitudes
@@ -81,7 +81,7 @@ def load_adapter_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[in
     load_base(args, model, base_iteration_dir(args.adapter_base, iter_dir))
     saved_layout = checkpointing._saved_layout(first)
     # Adapter tensors are small: read them from every source rank and cut this rank's part (any layout).
-    checkpointing._load_model_resharded(args, model, iter_dir, saved_layout, select=is_adapter_key)
+    checkpoint_reshard.load_model_resharded(args, model, iter_dir, saved_layout, select=is_adapter_key)
     if same_layout:
         path = checkpointing.rank_file(iter_dir, *_tp_pp_rank(), args.pipeline_model_parallel_size)
         state = checkpointing.read_checkpoint_file(path)
@@ -164,7 +164,7 @@ def load_base(args, model: list, iter_dir: str, first: dict = None) -> None:
                     layer.load_full_weight(full[f"{name}.weight"], dims)
                     quantised.add(layer)
 
-        checkpointing._load_model_resharded(args, model, iter_dir, saved_layout,
+        checkpoint_reshard.load_model_resharded(args, model, iter_dir, saved_layout,
                                             select=lambda name: not is_adapter_key(name),
                                             on_full=quantize_from_full if quantized else None)
         missing = [n for chunk in model for n, m in checkpointing._unwrap(chunk).named_modules()
