@@ -234,7 +234,9 @@ def _fill_derived(args) -> None:
     if args.distributed_backend is None:
         args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
     if args.transformer_impl is None:
-        args.transformer_impl = "transformer_engine" if _transformer_engine_available() else "local"
+        # Adapters (--lora-rank) wrap megatron-core's local linears: that spec, whatever is installed.
+        adapters = getattr(args, "lora_rank", None) is not None
+        args.transformer_impl = "transformer_engine" if _transformer_engine_available() and not adapters else "local"
     if not torch.cuda.is_available():
         args.use_cpu_initialization = True
 

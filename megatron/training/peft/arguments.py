@@ -80,8 +80,8 @@ def validate_adapter_args(args, error) -> None:
         error("--lora-target-modules gate_proj/up_proj need Llama's gated MLP (--swiglu); this model's fc1 has no "
               "[gate; up] halves: target q_proj k_proj v_proj o_proj down_proj instead")
     if args.transformer_impl != "local":
-        error("adapters run on megatron-core's local layer spec: add --transformer-impl local (Transformer Engine's "
-              "fused norm+linear layers are not adapted)")
+        error("adapters run on megatron-core's local layer spec: drop --transformer-impl transformer_engine (the "
+              "default with --lora-rank is local; Transformer Engine's fused norm+linear layers are not adapted)")
     if args.load is None:
         error("--lora-rank trains adapters on a frozen base: give the base checkpoint with --load BASE --finetune "
               "(or --load an adapter checkpoint to resume it)")

@@ -27,6 +27,17 @@ def test_defaults_are_finloras_and_switched_on_by_the_rank():
     assert plain.lora_rank is None and plain.lora_alpha is None  # no adapters: all weights train
 
 
+def test_adapters_default_to_the_local_spec_where_transformer_engine_is_installed(monkeypatch):
+    """An NGC container has Transformer Engine, whose spec is then the default: with --lora-rank and no
+    --transformer-impl the local spec is chosen instead of an error; without adapters TE stays the default."""
+    from megatron.training import arguments
+
+    monkeypatch.setattr(arguments, "_transformer_engine_available", lambda: True)
+    no_impl = [a for a in BASE if a not in ("--transformer-impl", "local")]
+    assert parse_args(no_impl + ["--lora-rank", "8"]).transformer_impl == "local"
+    assert parse_args(no_impl).transformer_impl == "transformer_engine"
+
+
 def test_all_linear_and_names_come_back_in_table_order():
     assert check(["--lora-rank", "4", "--lora-target-modules", "all-linear"]).lora_target_modules == list(TARGETS)
     assert expand_targets(["v_proj", "down_proj", "q_proj"]) == ["q_proj", "v_proj", "down_proj"]
@@ -51,7 +62,8 @@ def test_recorded_settings_rebuild_the_same_flags():
     (["--lora-rank", "4", "--lora-dropout", "1"], BASE, r"--lora-dropout 1 must be in \[0, 1\)"),
     (["--lora-rank", "4", "--lora-alpha", "0"], BASE, r"--lora-alpha 0 must be positive"),
     (["--lora-rank", "4", "--lora-quant-bits", "3"], BASE, r"invalid choice: 3"),
-    (["--lora-rank", "4", "--transformer-impl", "transformer_engine"], BASE, r"add --transformer-impl local"),
+    (["--lora-rank", "4", "--transformer-impl", "transformer_engine"], BASE,
+     r"drop --transformer-impl transformer_engine \(the default with --lora-rank is local"),
     (["--lora-rank", "4", "--lora-target-modules", "up_proj"], [a for a in BASE if a != "--swiglu"],
      r"gate_proj/up_proj need Llama's gated MLP \(--swiglu\)"),
     (["--lora-rank", "4"], BASE[: BASE.index("--load")], r"give the base checkpoint with --load BASE --finetune"),
