@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "tensorboard": ["tensorboard"],
-        "test": ["pytest"],
+        "test": ["pytest", "peft==0.21.2", "bitsandbytes==0.50.2"],
+        "qlora": ["bitsandbytes==0.50.2"],  # --lora-quant-bits 4|8 (the NF4 / int8 formats)
         "gpu": ["vllm"],
     },
 )

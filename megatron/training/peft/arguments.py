@@ -12,6 +12,7 @@ The settings are recorded in every checkpoint's `args` under these names
 bitsandbytes.
 """
 
+import importlib.util
 from typing import List
 
 from megatron.training.peft.targets import ALL_LINEAR, TARGETS, TargetError, expand_targets
@@ -79,6 +80,9 @@ def validate_adapter_args(args, error) -> None:
     if not args.swiglu and {"gate_proj", "up_proj"} & set(args.lora_target_modules):
         error("--lora-target-modules gate_proj/up_proj need Llama's gated MLP (--swiglu); this model's fc1 has no "
               "[gate; up] halves: target q_proj k_proj v_proj o_proj down_proj instead")
+    if args.lora_quant_bits is not None and importlib.util.find_spec("bitsandbytes") is None:
+        error(f"--lora-quant-bits {args.lora_quant_bits} needs bitsandbytes, which defines the NF4 / int8 formats the "
+              "base is stored in: pip install bitsandbytes==0.50.2")
     if args.transformer_impl != "local":
         error("adapters run on megatron-core's local layer spec: drop --transformer-impl transformer_engine (the "
               "default with --lora-rank is local; Transformer Engine's fused norm+linear layers are not adapted)")

@@ -38,6 +38,17 @@ def test_adapters_default_to_the_local_spec_where_transformer_engine_is_installe
     assert parse_args(no_impl).transformer_impl == "transformer_engine"
 
 
+def test_qlora_without_bitsandbytes_is_one_line_naming_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ArgumentError, match=r"--lora-quant-bits 4 needs bitsandbytes, .*pip install bitsandbytes=="):
+        check(["--lora-rank", "4", "--lora-quant-bits", "4"])
+    assert check(["--lora-rank", "4"]).lora_quant_bits is None  # plain LoRA does not need it
+
+
 def test_all_linear_and_names_come_back_in_table_order():
     assert check(["--lora-rank", "4", "--lora-target-modules", "all-linear"]).lora_target_modules == list(TARGETS)
     assert expand_targets(["v_proj", "down_proj", "q_proj"]) == ["q_proj", "v_proj", "down_proj"]
