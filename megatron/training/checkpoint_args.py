@@ -36,6 +36,11 @@ OTHER = (
 TOKENIZER = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
 # Recorded values that are not flags: always the checkpoint's.
 RECORDED = ("padded_vocab_size", "unpadded_vocab_size")
+# {is a BERT-family model: (what to call it, the entry points that load it)}. The saved args tell the
+# family one way each: every BERT checkpoint records bert_binary_head (Megatron-LM records it for GPT
+# models too), and only this project's BERT checkpoints record position_ids_offset.
+FAMILIES = {True: ("a BERT-family encoder", "pretrain_bert.py or finetune_classification.py"),
+            False: ("a GPT (Llama) model", "pretrain_gpt.py, finetune_gpt.py or finetune.py")}
 # Flags that set another setting: giving them counts as giving it.
 SETS = {"use_rotary_position_embeddings": "position_embedding_type",
         "add_position_embedding": "position_embedding_type"}
@@ -50,6 +55,10 @@ def take_checkpoint_settings(args, saved: Dict, given: Iterable[str], source: st
     `given` (the dests named on the command line) does not name. Raises
     ArgumentError when a given setting changes a tensor shape; returns a line
     naming the settings the command line overrides, or None when none does."""
+    bert_run = hasattr(args, "bert_binary_head")
+    if (bert_run and "bert_binary_head" not in saved) or (not bert_run and "position_ids_offset" in saved):
+        raise ArgumentError(f"--use-checkpoint-args: {source} holds {FAMILIES[not bert_run][0]}, and this entry "
+                            f"point trains {FAMILIES[bert_run][0]}: load it with {FAMILIES[not bert_run][1]}")
     given = set(given) | {SETS[d] for d in given if d in SETS}
     if "tokenizer_type" in given and args.tokenizer_type != saved.get("tokenizer_type"):
         given |= set(TOKENIZER)  # another tokenizer: none of the recorded tokenizer files apply

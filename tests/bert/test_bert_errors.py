@@ -105,3 +105,22 @@ def test_use_checkpoint_args_takes_the_bert_settings():
     finalize_bert_args(args)  # the taken settings are consistent (one token type, no binary head)
     with pytest.raises(ArgumentError, match="the command line's --num-tokentypes 2 \\(checkpoint: 1\\) cannot load"):
         take_checkpoint_settings(bert_flags("--num-tokentypes", "2"), saved, {"num_tokentypes"}, "ckpt")
+
+
+def test_use_checkpoint_args_refuses_the_other_model_family():
+    """A Llama checkpoint given to a BERT entry point (or the reverse) used to take the other family's
+    settings and fail later on one of them (`--position-embedding-type rope: BERT models use learned
+    absolute positions`, a flag the user never passed); now the line names the entry points to use."""
+    from megatron.training.checkpoint_args import take_checkpoint_settings
+
+    llama = {"num_layers": 2, "swiglu": True, "position_embedding_type": "rope", "normalization": "RMSNorm"}
+    with pytest.raises(ArgumentError, match="ckpt holds a GPT \\(Llama\\) model, and this entry point trains a "
+                                            "BERT-family encoder: load it with pretrain_gpt.py"):
+        take_checkpoint_settings(bert_flags(), llama, set(), "ckpt")
+    gpt_args = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length",
+                           "32", "--micro-batch-size", "1", "--lr", "1", "--train-iters", "1"])
+    with pytest.raises(ArgumentError, match="holds a BERT-family encoder, and this entry point trains a GPT "
+                                            "\\(Llama\\) model: load it with pretrain_bert.py"):
+        take_checkpoint_settings(gpt_args, dict(llama, bert_binary_head=True, position_ids_offset=0), set(), "ckpt")
+    # Megatron-LM records bert_binary_head for GPT models too: such a checkpoint is a GPT one
+    assert take_checkpoint_settings(gpt_args, dict(llama, bert_binary_head=True), set(), "ckpt") is None
