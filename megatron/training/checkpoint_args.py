@@ -57,8 +57,8 @@ def take_checkpoint_settings(args, saved: Dict, given: Iterable[str], source: st
     naming the settings the command line overrides, or None when none does."""
     bert_run = hasattr(args, "bert_binary_head")
     if (bert_run and "bert_binary_head" not in saved) or (not bert_run and "position_ids_offset" in saved):
-        raise ArgumentError(f"--use-checkpoint-args: {source} holds {FAMILIES[not bert_run][0]}, and this entry "
-                            f"point trains {FAMILIES[bert_run][0]}: load it with {FAMILIES[not bert_run][1]}")
+        raise ArgumentError(f"{source} holds {FAMILIES[not bert_run][0]}, and this entry point runs "
+                            f"{FAMILIES[bert_run][0]}: load it with {FAMILIES[not bert_run][1]}")
     given = set(given) | {SETS[d] for d in given if d in SETS}
     if "tokenizer_type" in given and args.tokenizer_type != saved.get("tokenizer_type"):
         given |= set(TOKENIZER)  # another tokenizer: none of the recorded tokenizer files apply

@@ -114,12 +114,12 @@ def test_use_checkpoint_args_refuses_the_other_model_family():
     from megatron.training.checkpoint_args import take_checkpoint_settings
 
     llama = {"num_layers": 2, "swiglu": True, "position_embedding_type": "rope", "normalization": "RMSNorm"}
-    with pytest.raises(ArgumentError, match="ckpt holds a GPT \\(Llama\\) model, and this entry point trains a "
+    with pytest.raises(ArgumentError, match="^ckpt holds a GPT \\(Llama\\) model, and this entry point runs a "
                                             "BERT-family encoder: load it with pretrain_gpt.py"):
         take_checkpoint_settings(bert_flags(), llama, set(), "ckpt")
     gpt_args = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length",
                            "32", "--micro-batch-size", "1", "--lr", "1", "--train-iters", "1"])
-    with pytest.raises(ArgumentError, match="holds a BERT-family encoder, and this entry point trains a GPT "
+    with pytest.raises(ArgumentError, match="holds a BERT-family encoder, and this entry point runs a GPT "
                                             "\\(Llama\\) model: load it with pretrain_bert.py"):
         take_checkpoint_settings(gpt_args, dict(llama, bert_binary_head=True, position_ids_offset=0), set(), "ckpt")
     # Megatron-LM records bert_binary_head for GPT models too: such a checkpoint is a GPT one
