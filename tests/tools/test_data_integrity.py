@@ -318,3 +318,27 @@ def test_a_very_long_line_stays_in_bounded_memory(corpus, sp_model, tmp_path):
     assert rc == 0, out.stderr
     assert worker_mb < 250, f"worker peak {worker_mb} MB"
     assert len(IndexedDataset(str(tmp_path / "o_text_document"))) == 3
+
+
+def test_splits_no_sample_is_asked_of_are_not_built(corpus, sp_model, tmp_path):
+    """The driver's own error for an empty split suggests --eval-iters 0; with it, Megatron-LM's
+    default --split 969,30,1 on a small corpus (a test share of no document) used to hang forever in
+    megatron-core's GPTDataset. Now the unused splits are not built and training data is unchanged."""
+    from megatron.training.data.pretrain import build_pretraining_datasets
+
+    assert preprocess(corpus[0], tmp_path / "c", sp_model) == 0
+    prefix = str(tmp_path / "c_text_document")
+    n_docs = len(IndexedDataset(prefix).document_indices) - 1
+    assert int(round(0.999 * n_docs)) == n_docs  # the test share (1 in 1000) holds no document
+    args = types.SimpleNamespace(
+        seed=1234, seq_length=16, data_path=[prefix], split="969,30,1", data_cache_path=str(tmp_path / "cache"),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, vocab_size=None, mock_data=False,
+        train_iters=4, train_samples=None, global_batch_size=2, eval_interval=None, eval_iters=0)
+    tokenizer = build_tokenizer("Llama2Tokenizer", sp_model)
+    train, valid, test = build_pretraining_datasets(args, tokenizer)
+    assert valid is None and test is None and len(train) >= 8
+    args.eval_iters = 1  # asked for test samples, the empty share is the driver's one-line error
+    from megatron.training.data.pretrain import DataError
+
+    with pytest.raises(DataError, match="leaves the test split of .* with no document"):
+        build_pretraining_datasets(args, tokenizer)

@@ -96,6 +96,11 @@ def check_data_prefixes(args, config: GPTDatasetConfig) -> None:
 def build_pretraining_datasets(args, tokenizer):
     """(train, valid, test) datasets; a split with no share in --split is None."""
     config = gpt_dataset_config(args, tokenizer)
+    # Validation and test splits that no sample is asked of (--eval-iters 0) are not built:
+    # megatron-core's GPTDataset loops forever looking for tokens in a split that owns no
+    # document (a small corpus's share of --split 969,30,1).
+    needed = train_valid_test_num_samples(args)
+    config.split_matrix = [bounds if i == 0 or needed[i] else None for i, bounds in enumerate(config.split_matrix)]
     if not args.mock_data:
         check_data_prefixes(args, config)
     cls = MockGPTDataset if args.mock_data else GPTDataset
