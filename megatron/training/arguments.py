@@ -234,9 +234,11 @@ def _fill_derived(args) -> None:
     if args.distributed_backend is None:
         args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
     if args.transformer_impl is None:
+        from megatron.training.peft.arguments import adapters_enabled
+
         # Adapters (--lora-rank) wrap megatron-core's local linears: that spec, whatever is installed.
-        adapters = getattr(args, "lora_rank", None) is not None
-        args.transformer_impl = "transformer_engine" if _transformer_engine_available() and not adapters else "local"
+        local = adapters_enabled(args) or not _transformer_engine_available()
+        args.transformer_impl = "local" if local else "transformer_engine"
     if not torch.cuda.is_available():
         args.use_cpu_initialization = True
 

@@ -57,11 +57,18 @@ def open_checkpoint(load_dir: str, tokenizer_model: Optional[str] = None) -> Mod
     per-rank torch format (MegatronSource) or torch_dist (TorchDistSource)."""
     path = os.path.abspath(load_dir)
     iteration, release = checkpointing.read_tracker(path) if os.path.isdir(path) else (None, False)
-    if iteration is not None and checkpointing.is_torch_dist(checkpointing.iteration_dir(path, iteration, release)):
+    if iteration is None:
+        return MegatronSource(load_dir, tokenizer_model)  # it names what is missing
+    return open_iteration(path, checkpointing.iteration_dir(path, iteration, release), tokenizer_model)
+
+
+def open_iteration(load_dir: str, iter_dir: str, tokenizer_model: Optional[str] = None) -> ModelSource:
+    """One iteration directory of a checkpoint root, in the format it was saved in."""
+    if checkpointing.is_torch_dist(iter_dir):
         from megatron.training.checkpoint_convert.torch_dist_format import TorchDistSource
 
-        return TorchDistSource(path, checkpointing.iteration_dir(path, iteration, release), release, tokenizer_model)
-    return MegatronSource(load_dir, tokenizer_model)
+        return TorchDistSource(load_dir, iter_dir, os.path.basename(iter_dir) == "release", tokenizer_model)
+    return MegatronSource(load_dir, tokenizer_model, iter_dir)
 
 
 class MegatronSource(ModelSource):
@@ -134,12 +141,7 @@ class MegatronSource(ModelSource):
             iter_dir = base_iteration_dir(self.adapter_base, self.iter_dir)
         except checkpointing.CheckpointError as e:
             raise ConversionError(str(e))
-        if checkpointing.is_torch_dist(iter_dir):  # a base saved in torch_dist (the default for new runs)
-            from megatron.training.checkpoint_convert.torch_dist_format import TorchDistSource
-
-            release = os.path.basename(iter_dir) == "release"
-            return TorchDistSource(self.adapter_base["load"], iter_dir, release, self._tokenizer_model)
-        return MegatronSource(self.adapter_base["load"], self._tokenizer_model, iter_dir)
+        return open_iteration(self.adapter_base["load"], iter_dir, self._tokenizer_model)  # either format
 
     def _file(self, t: int, p: int) -> str:
         return checkpointing.rank_file(self.iter_dir, t, p, self.pp)
