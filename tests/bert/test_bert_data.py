@@ -315,3 +315,18 @@ def test_a_split_without_documents_gives_no_samples_when_none_are_asked(process_
     train, _, test = build_bert_datasets(args, tokenizer, log=lambda msg: None)
     assert len(train) >= 8 and train[0]["text"].shape == (32,)
     assert len(test) == 0
+
+
+def test_a_bin_without_its_idx_is_one_error_naming_the_fix(wordpiece_data, process_group, tmp_path):
+    """BERT data gets the .bin/.idx pairing check of the GPT path (data integrity, #15): an
+    interrupted write leaving a .bin alone is named, with what to do."""
+    import shutil
+
+    from megatron.training.data.pretrain import DataError
+
+    prefix, flags = wordpiece_data
+    alone = str(tmp_path / "alone")
+    shutil.copy(prefix + ".bin", alone + ".bin")
+    with pytest.raises(DataError, match=f"--data-path {alone}: {alone}.bin has no partner {alone}.idx "
+                                        r"\(an interrupted write leaves this\): rerun the tool"):
+        build(bert_args(alone, flags, tmp_path / "cache", 32, 4))

@@ -39,7 +39,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron.training.bert_arguments import LONG_SENTENCE_TOKENS
-from megatron.training.data.pretrain import DataError, train_valid_test_num_samples
+from megatron.training.data.pretrain import DataError, check_prefix, train_valid_test_num_samples
 
 _PAD_SENTINEL = -1  # never a token id: marks the padding megatron-core adds
 
@@ -218,16 +218,11 @@ def count_documents(document_indices: numpy.ndarray, sentence_lengths: numpy.nda
 def check_bert_documents(args, config, log=print) -> None:
     """Count every split's documents as megatron-core will use them; fail on
     a split that must give samples but has no usable document; report drops."""
-    import os
-
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     needed = train_valid_test_num_samples(args)
     for prefix in config.blend[0]:
-        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
-        if missing:
-            raise DataError(f"--data-path {prefix}: {', '.join(missing)} not found; give the prefix without .bin/.idx "
-                            "(tools/preprocess_data.py --split-sentences writes PREFIX_text_sentence.bin/.idx)")
+        check_prefix(prefix, "PREFIX_text_sentence.bin/.idx with --split-sentences")
         data = IndexedDataset(prefix, mmap=True)
         n_docs = data.document_indices.shape[0] - 1
         for name, bounds, samples in zip(("train", "validation", "test"), config.split_matrix, needed):

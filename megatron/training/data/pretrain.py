@@ -60,6 +60,23 @@ class DataError(UserError, ValueError):
     """Data that cannot train as asked; the message says what to change."""
 
 
+def check_prefix(prefix: str, written_as: str):
+    """The index header of a --data-path prefix whose .bin and .idx exist and
+    belong together (indexed_writer.read_index_header); else a DataError.
+    `written_as`: the files tools/preprocess_data.py writes for this model."""
+    import os
+
+    from megatron.training.data.indexed_writer import DatasetFormatError, read_index_header
+
+    if not any(os.path.isfile(prefix + ext) for ext in (".bin", ".idx")):
+        raise DataError(f"--data-path {prefix}: {prefix}.bin and {prefix}.idx not found; give the prefix without "
+                        f".bin/.idx (tools/preprocess_data.py writes {written_as})")
+    try:
+        return read_index_header(prefix)
+    except DatasetFormatError as e:
+        raise DataError(f"--data-path {prefix}: {e}")
+
+
 def check_data_prefixes(args, config: GPTDatasetConfig) -> None:
     """Every prefix of the config's blend has a complete, matching .bin/.idx
     pair (indexed_writer.read_index_header), and every split
@@ -68,20 +85,10 @@ def check_data_prefixes(args, config: GPTDatasetConfig) -> None:
     split). Reads the blend and split matrix `config` derived from --data-path
     and --split, so the check sees the same datasets and bounds the builder
     will."""
-    import os
-
-    from megatron.training.data.indexed_writer import DatasetFormatError, read_index_header
-
     prefixes = config.blend[0] if config.blend is not None else []
     needed = train_valid_test_num_samples(args)
     for prefix in prefixes:
-        if not any(os.path.isfile(prefix + ext) for ext in (".bin", ".idx")):
-            raise DataError(f"--data-path {prefix}: {prefix}.bin and {prefix}.idx not found; give the prefix without "
-                            ".bin/.idx (tools/preprocess_data.py writes PREFIX_text_document.bin/.idx)")
-        try:
-            n_docs = read_index_header(prefix).sequences  # sequences, as GPTDataset splits them
-        except DatasetFormatError as e:
-            raise DataError(f"--data-path {prefix}: {e}")
+        n_docs = check_prefix(prefix, "PREFIX_text_document.bin/.idx").sequences  # as GPTDataset splits them
         for name, bounds, samples in zip(("train", "validation", "test"), config.split_matrix, needed):
             if bounds is None or samples == 0:
                 continue
