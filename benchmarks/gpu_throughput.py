@@ -207,7 +207,7 @@ def parse_megatron_lm_log(text: str, warmup: int) -> float:
 
 
 def run_megatron_lm(path: str, config: str, warmup: int, iters: int, log_path=None) -> dict:
-    from megatron.training.arguments import padded_vocab_size
+    from megatron.training.sizes import padded_vocab_size
     from megatron.training.flops import ModelShape, flops_per_iteration
 
     path = os.path.abspath(path)

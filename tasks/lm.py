@@ -202,7 +202,7 @@ def _tokenizer_vocab(tokenizer) -> int:
 def check_vocab(tokenizer, saved: dict, load_dir: str) -> int:
     """The vocabulary to normalise over; an error naming the fix when the
     tokenizer is not the one the checkpoint was trained with."""
-    from megatron.training.arguments import padded_vocab_size
+    from megatron.training.sizes import padded_vocab_size
 
     rows = saved["padded_vocab_size"]
     if tokenizer is None:

@@ -11,7 +11,6 @@ Library code receives these objects as arguments; there is no global `get_args()
 """
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -20,6 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron.training.errors import ArgumentError, Parser
+from megatron.training.sizes import default_ffn_hidden_size, divisors, tensor_parallel_sizes
 from megatron.training.dist_ckpt.flags import add_dist_ckpt_flags, validate_dist_ckpt_args
 
 
@@ -209,11 +209,6 @@ def flags_given(argv: List[str], extra_args_provider=None) -> set:
     return set(vars(given))
 
 
-def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
-    """Megatron-LM's default --ffn-hidden-size: 4h, or 2/3 of that (rounded
-    down to a multiple of 64) with SwiGLU, which keeps the MLP's parameter count."""
-    return int(4 * hidden_size * 2 / 3 / 64) * 64 if swiglu else 4 * hidden_size
-
 
 def _fill_derived(args) -> None:
     if args.use_rotary_position_embeddings:
@@ -249,14 +244,6 @@ def _transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
-def tensor_parallel_sizes(heads: int, groups: int, ffn_hidden_size: int) -> str:
-    """The TP sizes a model can be split over, listed: the common divisors of
-    its attention heads, query groups and FFN size."""
-    return divisors(math.gcd(heads, groups, ffn_hidden_size))
 
 
 def _check(cond: bool, message: str) -> None:
@@ -397,12 +384,6 @@ def lr_schedule_samples(args) -> Tuple[int, int, int]:
         warmup = args.lr_warmup_samples or args.lr_warmup_iters * gbs
     return train, warmup, decay
 
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron's padding: the embedding rows are a multiple of
-    make_vocab_size_divisible_by x TP, so every TP shard has the same size."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def transformer_config_from_args(args):

@@ -4,7 +4,7 @@ an extra group; `finalize_bert_args` fills the defaults that depend on other
 flags and checks them (one-line errors naming the flag and the fix).
 """
 
-from megatron.training.arguments import ArgumentError
+from megatron.training.errors import ArgumentError
 
 # Megatron-LM's pretrain_bert.py masks n-grams of up to 3 words; run_mlm.py-style
 # masking is --masking-max-ngram 1 --no-whole-word-masking.

@@ -43,6 +43,7 @@ from typing import Dict, List
 from megatron.training import arguments
 from megatron.training import planner_adapters as adapters
 from megatron.training.flops import PEAK_BF16_TFLOPS, ModelShape, flops_per_iteration, throughput
+from megatron.training.sizes import padded_vocab_size
 
 GIB = float(1 << 30)
 
@@ -127,7 +128,7 @@ def plan_from_argv(argv: List[str]) -> Plan:
     arguments.validate_args(args, args.world_size)
     if args.mfu is not None and not 0 < args.mfu <= 1:
         raise arguments.ArgumentError(f"--mfu {args.mfu} is a fraction of the peak: give e.g. 0.5 for 50%")
-    args.padded_vocab_size = arguments.padded_vocab_size(
+    args.padded_vocab_size = padded_vocab_size(
         _vocab_size(args), args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     return plan(args)
 

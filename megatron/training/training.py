@@ -20,6 +20,7 @@ from megatron.training import checkpointing, initialize, kernels
 from megatron.training.exit_signal import ExitSignalHandler
 from megatron.training.flops import ModelShape, flops_per_iteration
 from megatron.training.peft.arguments import adapters_enabled
+from megatron.training.sizes import padded_vocab_size
 from megatron.training.tokenizer import TokenizerError, tokenizer_and_vocab_size
 from megatron.training.training_log import TrainingLogger, print_rank_0
 
@@ -123,7 +124,7 @@ def build_tokenizer_from_args(args):
         raise TokenizerError(f"the tokenizer {args.tokenizer_model} that {args.load} records (--use-checkpoint-args) "
                              "is not on this machine: pass --tokenizer-model PATH to a copy of it")
     tokenizer, vocab = tokenizer_and_vocab_size(args)
-    padded = arguments_module.padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
+    padded = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                 args.tensor_model_parallel_size)
     saved = getattr(args, "padded_vocab_size", None)
     if args.use_checkpoint_args and saved is not None and saved != padded:

@@ -26,16 +26,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, ConversionError, ModelSource, cast, dtype_and_tokenizer_flags, join_qkv, progress, split_qkv,
+    ConversionError, ModelSource, cast, dtype_and_tokenizer_flags, progress,
 )
 from megatron.training.checkpoint_convert.hf_files import HFWeights, ShardedSafetensorsWriter
 from megatron.training.checkpoint_convert.hf_tokenizer import (
     check_tokenizer_vocab, export_tokenizer, find_tokenizer,
 )
 from megatron.training.checkpoint_convert.verify import Outputs
+from megatron.training.models.hf_names import EMBEDDING, join_qkv, split_qkv
 from megatron.training.sharding import fit_vocab_rows
+from megatron.training.sizes import padded_vocab_size
 
 FINAL_NORM = "encoder.final_layernorm."
 

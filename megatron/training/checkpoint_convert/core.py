@@ -8,12 +8,8 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-from megatron.training.arguments import divisors, tensor_parallel_sizes
 from megatron.training.errors import UserError
-
-EMBEDDING = "embedding.word_embeddings.weight"
-OUTPUT_LAYER = "output_layer.weight"
-FINAL_NORM = "decoder.final_layernorm.weight"
+from megatron.training.sizes import divisors, tensor_parallel_sizes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,21 +67,6 @@ class ModelSource:
     @property
     def tied(self) -> bool:
         return not self.args.get("untie_embeddings_and_output_weights", False)
-
-
-def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
-    """HF q/k/v projections (weights [rows, hidden] or biases [rows]) ->
-    megatron-core's linear_qkv rows: per query group g, [its query heads; k_g; v_g]."""
-    parts = [x.reshape(groups, -1, *x.shape[1:]) for x in (q, k, v)]
-    return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
-
-
-def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
-    """Inverse of join_qkv: (q, k, v)."""
-    rest = qkv.shape[1:]
-    per_group = heads // groups * head_dim
-    q, k, v = torch.split(qkv.reshape(groups, per_group + 2 * head_dim, *rest), [per_group, head_dim, head_dim], 1)
-    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
 def dtype_and_tokenizer_flags(config: dict, tokenizer=None) -> list:

@@ -1,13 +1,6 @@
 """The Llama family (`LlamaForCausalLM`: Llama 1/2/3, Code Llama, TinyLlama, ...):
-HF config.json <-> Megatron flags, and HF <-> megatron-core names as tables.
-
-Layouts (checked against the GPTModel the driver builds):
-- linear_qkv.weight rows are grouped per query group g: [the g-th group's
-  heads/groups query heads; k_g; v_g], head_dim rows each; HF keeps q, k, v
-  as three matrices. Both apply RoPE as rotate-half: no row permutation.
-- linear_fc1.weight = [gate_proj; up_proj].
-- embedding / output rows may carry Megatron's vocabulary padding; the HF
-  side has exactly config.vocab_size rows.
+HF config.json <-> Megatron flags, and HF <-> megatron-core tensors by the
+name tables of models/hf_names.py (where the layouts are described).
 """
 
 import json
@@ -16,32 +9,21 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, ConversionError, ModelSource, cast, dtype_and_tokenizer_flags, join_qkv,
-    progress, split_qkv,
+    ConversionError, ModelSource, cast, dtype_and_tokenizer_flags, progress,
 )
 from megatron.training.checkpoint_convert.hf_files import HFWeights, ShardedSafetensorsWriter
 from megatron.training.checkpoint_convert.hf_tokenizer import (
     check_tokenizer_vocab, export_tokenizer, find_tokenizer,
 )
+from megatron.training.models.hf_names import (
+    EMBEDDING, FINAL_NORM, LLAMA_GLOBALS, LLAMA_LAYERS, OUTPUT_LAYER, join_qkv, split_qkv,
+)
 from megatron.training.sharding import fit_vocab_rows
+from megatron.training.sizes import padded_vocab_size
 
 HF_MODEL_TYPES = ("llama",)
-
-# (megatron-core name inside decoder.layers.<i>., HF names inside model.layers.<i>., how the HF tensors combine)
-LAYER_TABLE = (
-    ("input_layernorm.weight", ("input_layernorm.weight",), "copy"),
-    ("self_attention.linear_qkv.weight",
-     ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
-    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "copy"),
-    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "copy"),
-    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "cat"),
-    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy"),
-)
-GLOBAL_TABLE = ((EMBEDDING, "model.embed_tokens.weight"), (FINAL_NORM, "model.norm.weight"),
-                (OUTPUT_LAYER, "lm_head.weight"))
-_HF_OF = dict(GLOBAL_TABLE)
+_HF_OF = dict(LLAMA_GLOBALS)
 
 
 # ------------------------------------------------------------------ configs
@@ -169,7 +151,7 @@ class LlamaHFSource(ModelSource):
         return {EMBEDDING: self.weights.read([_HF_OF[EMBEDDING]])[_HF_OF[EMBEDDING]]}
 
     def layer(self, index):
-        hf = self.weights.read(f"model.layers.{index}.{n}" for _, names, _ in LAYER_TABLE for n in names)
+        hf = self.weights.read(f"model.layers.{index}.{n}" for _, names, _ in LLAMA_LAYERS for n in names)
         return megatron_layer(hf, index, self.args)
 
     def final(self):
@@ -184,7 +166,7 @@ def megatron_layer(hf: Dict[str, torch.Tensor], index: int, args: dict) -> Dict[
     """One layer's HF tensors (model.layers.<index>.*) under megatron-core's names."""
     groups = args.get("num_query_groups") or args["num_attention_heads"]
     out = {}
-    for mg_name, hf_names, how in LAYER_TABLE:
+    for mg_name, hf_names, how in LLAMA_LAYERS:
         parts = [hf[f"model.layers.{index}.{n}"] for n in hf_names]
         if how == "qkv":
             value = join_qkv(*parts, groups=groups)
@@ -200,7 +182,7 @@ def hf_layer(tensors: Dict[str, torch.Tensor], index: int, args: dict) -> Dict[s
     groups = args.get("num_query_groups") or heads
     head_dim = args.get("kv_channels") or args["hidden_size"] // heads
     out = {}
-    for mg_name, hf_names, how in LAYER_TABLE:
+    for mg_name, hf_names, how in LLAMA_LAYERS:
         value = tensors[f"decoder.layers.{index}.{mg_name}"]
         if how == "qkv":
             parts = split_qkv(value, heads, groups, head_dim)

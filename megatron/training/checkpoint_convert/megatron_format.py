@@ -21,10 +21,11 @@ import torch
 from megatron.training import checkpointing, sharding
 from megatron.training.checkpoint_convert import families
 from megatron.training.fileio import atomic_write_text
-from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, OUTPUT_LAYER, ConversionError, ModelSource, cast, check_target_layout, progress,
+    ConversionError, ModelSource, cast, check_target_layout, progress,
 )
+from megatron.training.models.hf_names import EMBEDDING, OUTPUT_LAYER
+from megatron.training.sizes import padded_vocab_size
 
 # Module names of megatron-core's linear layers: each carries an `_extra_state`
 # entry (None outside FP8) that a strict load_state_dict expects.

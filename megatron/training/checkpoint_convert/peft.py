@@ -16,7 +16,7 @@ merged over TP, with global layer indices:
 
 Which megatron-core module carries which HF module is the adapters' TARGETS
 table (megatron/training/peft/targets.py); the HF module paths come from the
-converter's table (llama.LAYER_TABLE). Nothing here imports megatron.core or peft.
+shared table (models/hf_names.py LLAMA_LAYERS). Nothing here imports megatron.core or peft.
 """
 
 import json
@@ -28,7 +28,7 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 import torch
 
 from megatron.training.checkpoint_convert.core import ConversionError
-from megatron.training.checkpoint_convert.llama import LAYER_TABLE
+from megatron.training.models.hf_names import LLAMA_LAYERS
 from megatron.training.peft.targets import ALL_LINEAR, TARGETS, LayerDims, TargetError, expand_targets
 
 CONFIG_FILE = "adapter_config.json"
@@ -43,7 +43,7 @@ DORA_TENSOR = "lora_magnitude_vector"
 def _hf_paths() -> Dict[str, str]:
     """HF module name -> its path inside model.layers.<i>. (self_attn.q_proj), from the converter's table."""
     paths = {}
-    for _, hf_names, _ in LAYER_TABLE:
+    for _, hf_names, _ in LLAMA_LAYERS:
         for hf_name in hf_names:
             path = hf_name.rsplit(".", 1)[0]
             paths[path.rsplit(".", 1)[-1]] = path

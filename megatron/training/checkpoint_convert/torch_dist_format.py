@@ -28,14 +28,13 @@ from typing import Dict, Optional
 import torch
 
 from megatron.training import checkpointing, sharding
-from megatron.training.arguments import padded_vocab_size
 from megatron.training.checkpoint_convert import families
-from megatron.training.checkpoint_convert.core import (
-    EMBEDDING, OUTPUT_LAYER, ConversionError, ModelSource, cast, progress,
-)
+from megatron.training.checkpoint_convert.core import ConversionError, ModelSource, cast, progress
 from megatron.training.checkpoint_convert.megatron_format import LINEAR_MODULES, read_vocab_size
 from megatron.training.dist_ckpt.full_tensors import GlobalTensors, global_key
 from megatron.training.fileio import atomic_write_text
+from megatron.training.models.hf_names import EMBEDDING, OUTPUT_LAYER
+from megatron.training.sizes import padded_vocab_size
 
 
 @contextlib.contextmanager

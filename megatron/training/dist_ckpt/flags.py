@@ -34,7 +34,7 @@ def add_dist_ckpt_flags(parser) -> None:
 def validate_dist_ckpt_args(args) -> None:
     """Resolve the default --ckpt-format; raise ArgumentError for flag
     combinations that cannot work."""
-    from megatron.training.arguments import ArgumentError
+    from megatron.training.errors import ArgumentError
     from megatron.training.peft.arguments import adapters_enabled
 
     adapters = adapters_enabled(args)

@@ -19,7 +19,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from megatron.training.arguments import ArgumentError
+from megatron.training.errors import ArgumentError
 from megatron.training.kernels.capabilities import CPU_KERNELS_ENV, INTERPRETER_ENV, Capabilities
 
 OFF = "off"

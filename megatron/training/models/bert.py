@@ -40,7 +40,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, get_linear_layer
 from megatron.core.utils import make_viewless_tensor
 
-from megatron.training.arguments import ArgumentError
+from megatron.training.errors import ArgumentError
 from megatron.training.models.norms import LocalNorm
 from megatron.training.models.padded_vocab import exclude_padded_vocab
 from megatron.training.models.sdpa_attention import SDPAttention

@@ -6,8 +6,8 @@ megatron-core fuses Llama's q/k/v projections into one column-parallel
 v_g]) and gate/up into `linear_fc1` ([gate; up] within each TP shard). peft
 adapts each HF module on its own, so an adapted fused module carries one
 adapter per HF module; this file says where each one's rows go. The
-HF <-> Megatron weight layouts themselves come from the converter's Llama
-table (checkpoint_convert/llama.py), so there is one description of them.
+HF <-> Megatron weight layouts themselves come from the table the converters
+use too (models/hf_names.py), so there is one description of them.
 """
 
 import dataclasses
@@ -15,8 +15,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from megatron.training.checkpoint_convert.llama import LAYER_TABLE, join_qkv, split_qkv
 from megatron.training.errors import UserError
+from megatron.training.models.hf_names import LLAMA_LAYERS, join_qkv, split_qkv
 
 COLUMN, ROW = "column", "row"
 ALL_LINEAR = "all-linear"
@@ -36,7 +36,7 @@ TARGETS: Dict[str, Tuple[str, str]] = {
 # megatron-core module -> (its HF modules in row order, how they combine: "qkv", "cat" or "copy").
 LAYOUT: Dict[str, Tuple[Tuple[str, ...], str]] = {
     mg_name[: -len(".weight")]: (tuple(n.split(".")[-2] for n in hf_names), how)
-    for mg_name, hf_names, how in LAYER_TABLE if mg_name[: -len(".weight")] in {m for m, _ in TARGETS.values()}
+    for mg_name, hf_names, how in LLAMA_LAYERS if mg_name[: -len(".weight")] in {m for m, _ in TARGETS.values()}
 }
 MODULES: Dict[str, str] = {module: kind for module, kind in TARGETS.values()}  # module -> kind
 

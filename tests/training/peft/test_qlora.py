@@ -35,7 +35,7 @@ def _qlora_worker(rank, world_size, base, bits_list):
     from megatron.core import parallel_state
 
     from megatron.training import inference, sharding
-    from megatron.training.checkpoint_convert.llama import LAYER_TABLE
+    from megatron.training.models.hf_names import LLAMA_LAYERS as LAYER_TABLE
     from megatron.training.peft.quantized import QuantizedLinear
     from megatron.training.peft.targets import LayerDims, split_to_hf
 
