@@ -188,6 +188,10 @@ def build_parser(extra_args_provider=None) -> Parser:
                 _add_checkpoint_flags, add_dist_ckpt_flags, _add_logging_flags, add_checkpoint_integrity_args,
                 add_exit_signal_args, add_adapter_flags):
         add(p)
+    # Sequences of --seq-length each sample carries (not a flag): the pipeline schedule's micro-batch is
+    # --micro-batch-size x this many sequences (preference tuning: a chosen and a rejected one, and their
+    # reference pass; preference/arguments.py sets it).
+    p.set_defaults(sequences_per_sample=1)
     if extra_args_provider is not None:
         extra_args_provider(p)
     return p

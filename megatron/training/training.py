@@ -244,7 +244,7 @@ def train_step(args, forward_step_func, data_iterator, model: list, optimizer, s
         model=model if len(model) > 1 else model[0],
         num_microbatches=args.num_microbatches,
         seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
+        micro_batch_size=args.micro_batch_size * args.sequences_per_sample,
         forward_only=False,
     )
     update_successful, grad_norm, _ = optimizer.step()
@@ -357,7 +357,8 @@ def evaluate(args, forward_step_func, model: list, data_iterator) -> Dict[str, f
         losses = get_forward_backward_func()(
             forward_step_func=forward_step_func, data_iterator=data_iterator,
             model=model if len(model) > 1 else model[0], num_microbatches=args.num_microbatches,
-            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, forward_only=True)
+            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size * args.sequences_per_sample,
+            forward_only=True)
         for key, value in average_losses_across_data_parallel(losses).items():
             sums[key] = sums.get(key, 0.0) + value
     for chunk in model:

@@ -95,6 +95,7 @@ class ParallelAdapter(nn.Module):
         self.rank, self.scaling, self.dropout, self.dora = rank, scaling, dropout, dora
         self.sequence_parallel, self.tp = sequence_parallel, tp
         self.dims = dims
+        self.disabled = False  # peft/model.py adapters_disabled: the base output alone
         for name in self.targeted:
             in_local, out_local = self.local_shape(name)
             self.add_module(name, LoraWeights(in_local, out_local, rank, dora, dtype))

@@ -3,6 +3,7 @@ model provider and before Float16Module / DDP.
 
     apply_adapters(args, config, chunks)   freeze the base, attach adapters, print the trainable share
     init_magnitudes(chunks)                DoRA's m = ||W + s B A||_row, once the base weights are in
+    adapters_disabled(chunks)              a context in which the chunks compute the frozen base alone
 
 The base parameters get requires_grad=False, so megatron-core's DDP buffers
 and optimizer (distributed or not) hold the adapter parameters only, and its
@@ -12,6 +13,7 @@ generator seeded from --seed, the global layer index and the module, then
 sliced to this rank's shard: every TP/PP layout starts from the same adapter.
 """
 
+import contextlib
 import math
 import re
 from typing import Iterator, List, Tuple
@@ -40,7 +42,24 @@ def adapted_modules(chunk: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
 
 
 def _add_adapter_output(module: nn.Module, inputs, output):
+    if module.adapter.disabled:
+        return output
     return module.adapter(inputs[0], output, module)
+
+
+@contextlib.contextmanager
+def adapters_disabled(chunks: List[nn.Module]):
+    """Within the block the chunks compute their frozen base alone (peft's
+    `disable_adapter()`): the reference model of preference tuning, with no
+    second copy of the weights."""
+    adapters = [module.adapter for chunk in chunks for _, module in adapted_modules(chunk)]
+    for adapter in adapters:
+        adapter.disabled = True
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.disabled = False
 
 
 def _require_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
