@@ -5,10 +5,12 @@
     python finetune.py my_run --dry-run                      # preprocess, then print the commands
 
 Steps, each skipped when its output exists: preprocess the jsonl files
-(tools/preprocess_sft_data.py), convert an HF base model to a Megatron
-checkpoint (tools/checkpoint/util.py), train with finetune_gpt.py (torchrun
-with the layout's process count; --finetune from the base, or resume from
-{save_dir}/checkpoints), export to HF ({save_dir}/hf). With FinLoRA's
+(tools/preprocess_sft_data.py; with "stage": "dpo" the preference pairs,
+tools/preprocess_preference_data.py), convert an HF base model to a Megatron
+checkpoint (tools/checkpoint/util.py), train with finetune_gpt.py (stage
+dpo: finetune_dpo.py, with LLaMA-Factory's pref_loss, pref_beta, pref_ftx;
+torchrun with the layout's process count; --finetune from the base, or
+resume from {save_dir}/checkpoints), export to HF ({save_dir}/hf). With FinLoRA's
 adapter keys (lora_r, quant_bits, peft_use_dora, peft_use_rslora, ...) only
 adapters are trained and the export writes the peft directory
 {save_dir}/adapter, and {save_dir}/hf merged. The keys and their defaults:
@@ -62,7 +64,6 @@ def run_steps(steps, dry_run: bool) -> int:
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron.training import finetune_config as fc
-    from megatron.training.data.sft_preprocess import preprocess_sft, sft_report_text
 
     plan = fc.make_plan(fc.load_config(args.configs, args.config_name))
     finished = fc.finished_iteration(plan)
@@ -74,7 +75,7 @@ def run(argv=None) -> int:
     else:
         for split in plan.to_preprocess:
             print(f"+ preprocess {plan.to_preprocess[split]} -> {plan.data[split]}", flush=True)
-            print(sft_report_text(preprocess_sft(fc.preprocess_config(plan, split))), file=sys.stderr)
+            print(fc.preprocess(plan, split), file=sys.stderr)
         train = fc.samples_per_epoch(plan, "train")
         valid = fc.samples_per_epoch(plan, "valid") if "valid" in plan.data else None
         steps = [(fc.convert_command(plan, REPO), None),

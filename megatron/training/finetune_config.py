@@ -68,11 +68,29 @@ FIELDS = {
                          "absent or 16: not quantized"),
     "peft_use_dora": (False, "DoRA: magnitude and direction (--lora-use-dora)"),
     "peft_use_rslora": (False, "RSLoRA: scale alpha / sqrt(r) (--lora-use-rslora)"),
+    # LLaMA-Factory's preference keys: stage dpo trains on {prompt, chosen, rejected} pairs with finetune_dpo.py.
+    "stage": ("sft", "sft (finetune_gpt.py) or dpo: preference tuning on chosen/rejected pairs (finetune_dpo.py)"),
+    "pref_loss": ("sigmoid", "dpo: sigmoid (DPO), hinge, ipo or simpo (--pref-loss)"),
+    "pref_beta": (0.1, "dpo: beta (--pref-beta)"),
+    "pref_ftx": (0.0, "dpo: weight of an SFT term on the chosen responses (--pref-ftx)"),
+    "dpo_label_smoothing": (0.0, "dpo: conservative DPO / SimPO label smoothing (--dpo-label-smoothing)"),
+    "simpo_gamma": (0.5, "dpo: SimPO's target margin (--simpo-gamma)"),
+    "pref_reference": ("auto", "dpo: the reference model: auto (adapters off with lora_r, else a frozen copy of the "
+                               "base), copy, or precomputed log-probs stored beside the data (--pref-reference)"),
 }
 LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "data_parallel")
 # The adapter keys that mean nothing without lora_r.
 ADAPTER_KEYS = ("lora_alpha", "lora_dropout", "lora_target_modules", "quant_bits", "peft_use_dora", "peft_use_rslora")
 QUANT_BITS = {None: None, 16: None, 4: 4, 8: 8}  # quant_bits -> --lora-quant-bits
+STAGES = ("sft", "dpo")
+# The preference keys (stage dpo) -> their driver flags.
+PREFERENCE_FLAGS = {"pref_loss": "--pref-loss", "pref_beta": "--pref-beta", "pref_ftx": "--pref-ftx",
+                    "dpo_label_smoothing": "--dpo-label-smoothing", "simpo_gamma": "--simpo-gamma",
+                    "pref_reference": "--pref-reference"}
+# What each stage's preprocessed data is called ({prefix}<suffix>.idx) and which script trains on it.
+REFERENCE_FREE = ("simpo",)  # preference losses without a reference model
+STAGE_DATA_SUFFIX = {"sft": "_text_document", "dpo": "_pair_text_document"}
+STAGE_SCRIPT = {"sft": "finetune_gpt.py", "dpo": "finetune_dpo.py"}
 
 
 class ConfigError(UserError, ValueError):
@@ -113,6 +131,7 @@ def load_config(path: str, name: str) -> dict:
     if cfg["optimizer"] not in ("adam", "sgd"):
         raise ConfigError(f"{name}: optimizer must be adam or sgd, not {cfg['optimizer']!r}")
     _check_adapter_keys(name, entry, cfg)
+    _check_stage_keys(name, entry, cfg)
     base = os.path.dirname(os.path.abspath(path))
     for key in ("base_model", "dataset_path", "valid_dataset_path", "save_dir", "tokenizer_model"):
         if cfg[key] is not None:
@@ -145,6 +164,26 @@ def _check_adapter_keys(name: str, entry: dict, cfg: dict) -> None:
         canonical_targets(cfg["lora_target_modules"], f"{name}: lora_target_modules")
     except ConversionError as e:
         raise ConfigError(str(e))
+
+
+def _check_stage_keys(name: str, entry: dict, cfg: dict) -> None:
+    if cfg["stage"] not in STAGES:
+        raise ConfigError(f"{name}: stage must be {' or '.join(STAGES)}, not {cfg['stage']!r}")
+    if cfg["stage"] != "dpo":
+        given = [k for k in PREFERENCE_FLAGS if k in entry]
+        if given:
+            raise ConfigError(f"{name}: {given[0]!r} configures preference tuning: add \"stage\": \"dpo\" (and "
+                              "chosen/rejected records), or remove the key")
+        return
+    if cfg["packing"]:
+        raise ConfigError(f"{name}: packing applies to SFT; stage dpo keeps one pair per sample: remove \"packing\"")
+
+
+def preference_flags(cfg: dict) -> List[str]:
+    """The driver's --pref-* flags of a stage dpo configuration (none for SFT)."""
+    if cfg["stage"] != "dpo":
+        return []
+    return [a for key, flag in PREFERENCE_FLAGS.items() for a in (flag, str(cfg[key]))]
 
 
 def adapter_flags(cfg: dict) -> List[str]:
@@ -195,11 +234,12 @@ def make_plan(cfg: dict) -> Plan:
         src = cfg[key]
         if src is None:
             continue
-        if os.path.exists(src + "_text_document.idx"):
+        suffix = STAGE_DATA_SUFFIX[cfg["stage"]]
+        if os.path.exists(src + suffix + ".idx"):
             plan.data[split] = src  # already preprocessed
         else:
             plan.data[split] = os.path.join(cfg["save_dir"], "data", split)
-            if not os.path.exists(plan.data[split] + "_text_document.idx"):
+            if not os.path.exists(plan.data[split] + suffix + ".idx"):
                 plan.to_preprocess[split] = src
     return plan
 
@@ -219,13 +259,28 @@ def _tokenizer_flags(cfg: dict, base_is_hf: bool) -> List[str]:
 
 
 def preprocess_config(plan: Plan, split: str):
+    tok = dict(zip(plan.tokenizer[::2], plan.tokenizer[1::2]))
+    common = dict(input=plan.to_preprocess[split], output_prefix=plan.data[split],
+                  tokenizer_type=tok["--tokenizer-type"], tokenizer_model=tok.get("--tokenizer-model"),
+                  chat_template=plan.cfg["chat_template"], workers=plan.cfg["workers"])
+    if plan.cfg["stage"] == "dpo":  # pairs longer than the sequence are refused here, with their line
+        from megatron.training.data.preference_preprocess import PreferencePreprocessConfig
+
+        return PreferencePreprocessConfig(seq_length=plan.cfg["seq_length"], **common)
     from megatron.training.data.sft_preprocess import SFTPreprocessConfig
 
-    tok = dict(zip(plan.tokenizer[::2], plan.tokenizer[1::2]))
-    return SFTPreprocessConfig(input=plan.to_preprocess[split], output_prefix=plan.data[split],
-                               tokenizer_type=tok["--tokenizer-type"], tokenizer_model=tok.get("--tokenizer-model"),
-                               sft_format=plan.cfg["format"], chat_template=plan.cfg["chat_template"],
-                               workers=plan.cfg["workers"])
+    return SFTPreprocessConfig(sft_format=plan.cfg["format"], **common)
+
+
+def preprocess(plan: Plan, split: str) -> str:
+    """Preprocess one split of the plan; the report's text."""
+    if plan.cfg["stage"] == "dpo":
+        from megatron.training.data.preference_preprocess import preference_report_text, preprocess_preference
+
+        return preference_report_text(preprocess_preference(preprocess_config(plan, split)))
+    from megatron.training.data.sft_preprocess import preprocess_sft, sft_report_text
+
+    return sft_report_text(preprocess_sft(preprocess_config(plan, split)))
 
 
 def convert_command(plan: Plan, repo: str) -> Optional[List[str]]:
@@ -238,10 +293,14 @@ def convert_command(plan: Plan, repo: str) -> Optional[List[str]]:
 
 
 def samples_per_epoch(plan: Plan, split: str) -> int:
-    """Samples one pass over the preprocessed split makes (epoch 0's packing)."""
+    """Samples one pass over the preprocessed split makes (epoch 0's packing; pairs for stage dpo)."""
+    cfg = plan.cfg
+    if cfg["stage"] == "dpo":
+        from megatron.training.data.preference_dataset import PreferenceDataset
+
+        return PreferenceDataset(plan.data[split], cfg["seq_length"], shuffle=False).pairs
     from megatron.training.data.sft_dataset import SFTDataset
 
-    cfg = plan.cfg
     ds = SFTDataset(plan.data[split], cfg["seq_length"], None, cfg["packing"], cfg["truncation"],
                     shuffle=split == "train", seed=cfg["seed"])
     return ds.samples_in_epoch(0)
@@ -273,10 +332,15 @@ def train_command(plan: Plan, repo: str, train_samples: int, valid_samples: Opti
         "--optimizer", cfg["optimizer"], *(["--sgd-momentum", str(cfg["sgd_momentum"])]
                                             if cfg["optimizer"] == "sgd" else []),
         "--attention-dropout", str(cfg["dropout"]), "--hidden-dropout", str(cfg["dropout"]),
-        "--data-path", plan.data["train"], "--sft-truncation", cfg["truncation"],
-        *(["--sft-packing"] if cfg["packing"] else []), *(["--bf16"] if cfg["bf16"] else []),
+        "--data-path", plan.data["train"], *(["--bf16"] if cfg["bf16"] else []),
         "--seed", str(cfg["seed"]), "--log-interval", str(cfg["log_interval"]), *adapter_flags(cfg),
     ]
+    if cfg["stage"] == "dpo":
+        # The reference is named, so a resumed run (--load checkpoints) still finds it.
+        named = cfg["lora_r"] is None and cfg["pref_loss"] not in REFERENCE_FREE and cfg["pref_reference"] != "adapters"
+        flags += preference_flags(cfg) + (["--ref-load", plan.base_checkpoint] if named else [])
+    else:
+        flags += ["--sft-truncation", cfg["truncation"], *(["--sft-packing"] if cfg["packing"] else [])]
     if cfg["save_interval"]:
         flags += ["--save-interval", str(cfg["save_interval"])]
     if valid_samples:
@@ -284,7 +348,7 @@ def train_command(plan: Plan, repo: str, train_samples: int, valid_samples: Opti
                   "--eval-iters", str(max(1, math.ceil(valid_samples / gbs)))]
     else:
         flags += ["--eval-iters", "0"]
-    script = os.path.join(repo, "finetune_gpt.py")
+    script = os.path.join(repo, STAGE_SCRIPT[cfg["stage"]])
     launcher = [sys.executable] if plan.world_size == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(plan.world_size)]
     return launcher + [script] + flags + [str(a) for a in cfg["extra_args"]]

@@ -57,7 +57,7 @@ def _convert(hf_dir, out):
 
     assert util.main(["--model-type", "GPT", "--loader", "llama2_hf", "--saver", "megatron", "--load-dir", hf_dir,
                       "--save-dir", out, "--target-tensor-parallel-size", "1",
-                      "--target-pipeline-parallel-size", "1"]) == 0
+                      "--target-pipeline-parallel-size", "1", "--make-vocab-size-divisible-by", "32"]) == 0
     return out
 
 

@@ -75,8 +75,8 @@ def read_ref_logps(prefix: str, pairs: int, load: Optional[str] = None) -> np.nd
     (and, when given, the checkpoint `load` they must come from)."""
     path = ref_logps_path(prefix)
     if not os.path.exists(path):
-        raise PreferenceDataError(f"{path} not found: --pref-reference precomputed computes it at the start of a "
-                                  "--finetune run (finetune_dpo.py); start from the reference checkpoint again")
+        raise PreferenceDataError(f"{path} not found: finetune_dpo.py --pref-reference precomputed computes it first "
+                                  "when it knows the reference: --finetune from it, or --ref-load DIR")
     try:
         with np.load(path) as saved:
             logps, fingerprint, source = saved["logps"], str(saved["fingerprint"]), str(saved["load"])
@@ -86,8 +86,8 @@ def read_ref_logps(prefix: str, pairs: int, load: Optional[str] = None) -> np.nd
         raise PreferenceDataError(f"{path} was computed for other data than {prefix}: delete it, and it is computed "
                                   "again")
     if load is not None and source and source != os.path.abspath(load):
-        raise PreferenceDataError(f"{path} holds the log-probs of {source}, not of --load {load}: delete it to "
-                                  "compute them with this reference")
+        raise PreferenceDataError(f"{path} holds the log-probs of {source}, not of the reference {load}: delete it "
+                                  "to compute them with this one")
     return logps
 
 
@@ -186,7 +186,7 @@ def build_preference_datasets(args, tokenizer):
         ref = None
         if args.pref_reference == "precomputed":
             pairs = PreferenceDataset(prefix, args.seq_length).pairs
-            ref = read_ref_logps(prefix, pairs, args.load if args.finetune else None)
+            ref = read_ref_logps(prefix, pairs, args.ref_load)
         return PreferenceDataset(prefix, args.seq_length, num_samples, shuffle, args.seed, ref)
 
     train = dataset(args.data_path[0], train_valid_test_num_samples(args)[0], True)

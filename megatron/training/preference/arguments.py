@@ -8,10 +8,10 @@ with the driver's parser by finetune_dpo.py.
     --simpo-gamma 0.5                     SimPO's target margin
     --pref-reference auto|adapters|copy|precomputed
         adapters     the base with the adapters switched off, in the same forward pass (needs --lora-rank)
-        copy         a frozen copy of the starting weights (--ref-load, default --load with --finetune)
-        precomputed  reference log-probs computed once, stored beside the data ({prefix}_ref_logps.npz)
+        copy         a frozen copy of the reference weights (--ref-load, default --load with --finetune)
+        precomputed  reference log-probs computed once with them, stored beside the data ({prefix}_ref_logps.npz)
         auto         adapters with --lora-rank, else copy; SimPO has no reference
-    --ref-load DIR                        the reference checkpoint of --pref-reference copy
+    --ref-load DIR                        the reference checkpoint (copy, precomputed); default --load with --finetune
     --valid-data-path PREFIX              held-out pairs: loss and metrics over --eval-iters batches
 
 This module imports neither megatron.core nor arguments.py.
@@ -45,8 +45,8 @@ def add_preference_args(parser):
                         "starting weights), precomputed (log-probs stored beside the data, computed first when "
                         "missing); auto: adapters with --lora-rank, else copy")
     g.add_argument("--ref-load", type=str, default=None,
-                   help="--pref-reference copy: the reference checkpoint; default the --load checkpoint a "
-                        "--finetune run starts from")
+                   help="--pref-reference copy or precomputed: the reference checkpoint; default the --load "
+                        "checkpoint a --finetune run starts from")
     return parser
 
 
@@ -89,8 +89,10 @@ def validate_preference_args(args) -> PreferenceSettings:
         _check(args.finetune, "--pref-reference copy needs the reference weights: add --ref-load DIR (the checkpoint "
                               "the run started from); without it only a --finetune start takes them from --load")
         args.ref_load = args.load
-    _check(args.ref_load is None or mode == "copy",
-           f"--ref-load names the reference copy's checkpoint, which --pref-reference {mode} does not use: drop it")
+    if mode == "precomputed" and args.ref_load is None and args.finetune:
+        args.ref_load = args.load
+    _check(args.ref_load is None or mode in ("copy", "precomputed"),
+           f"--ref-load names the reference checkpoint, which --pref-reference {mode} does not use: drop it")
     args.pref_reference = mode
     args.sequences_per_sample = 4 if mode in LIVE_REFERENCES else 2
     return settings_from_args(args)

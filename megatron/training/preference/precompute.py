@@ -4,13 +4,14 @@
 
 finetune_dpo.py calls `precompute_missing` before training with
 --pref-reference precomputed: for the training (and validation) prefix
-without a file, the model the run starts from (--load, --finetune; with
-adapters the base, adapters off) makes one forward-only pass over the pairs
+without a file, the reference (--ref-load, by default the --load checkpoint a
+--finetune run starts from; with adapters the base, adapters off) makes one forward-only pass over the pairs
 in file order through megatron-core's pipeline schedule, in the run's own
 layout (TP, PP, DP; each data-parallel replica takes its share of every
 step), and the last stage writes the file (temporary name, then rename).
 """
 
+import copy
 import os
 from functools import partial
 from typing import List
@@ -98,18 +99,20 @@ def precompute_missing(argv, run, extra_args_provider) -> None:
     args = training.setup_args(argv, extra_args_provider)
     run.configure(args)
     prefixes = missing_prefixes(args)
-    if not args.finetune:
-        raise PreferenceDataError(f"{ref_logps_path(prefixes[0])} not found: reference log-probs are computed from "
-                                  "the checkpoint a run starts from (--load REFERENCE --finetune), not on resume")
+    if args.ref_load is None:
+        raise PreferenceDataError(f"{ref_logps_path(prefixes[0])} not found: a resumed run computes no reference "
+                                  "log-probs; give the reference checkpoint with --ref-load DIR")
     training.build_tokenizer_from_args(args)
     model = training.build_model(args, run.model_provider)
-    checkpointing.load_checkpoint(args, model, None, None)
+    ref_args = copy.copy(args)
+    ref_args.load, ref_args.finetune, ref_args.ckpt_step = args.ref_load, True, None
+    checkpointing.load_checkpoint(ref_args, model, None, None)
     writer = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
               and parallel_state.get_data_parallel_rank() == 0)
     for prefix in prefixes:
         logps = reference_logps(args, model, PreferenceDataset(prefix, args.seq_length, shuffle=False))
         if writer:
-            path = write_ref_logps(prefix, logps, args.load)
-            print(f"> reference log-probs of {len(logps):,} pairs ({args.load}) written to {path}", flush=True)
+            path = write_ref_logps(prefix, logps, args.ref_load)
+            print(f"> reference log-probs of {len(logps):,} pairs ({args.ref_load}) written to {path}", flush=True)
         torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
