@@ -29,6 +29,12 @@ Memory model (bytes; e = bytes per element of --bf16/--fp16/fp32):
   the memory model of that is planner_adapters.py. Stage i of a 1F1B pipeline holds min(PP - i, M) micro-batches;
   the interleaved schedule holds megatron-core's warm-up count of
   (virtual) micro-batches plus one.
+- Preference tuning (--dpo, with finetune_dpo.py's flags): a sample is a pair,
+  so activations are those of 2 x --micro-batch-size sequences; with
+  --pref-reference copy (the default without adapters) every GPU also holds
+  the frozen reference copy of its stage's weights (e bytes per parameter, no
+  gradients or optimizer state). The reference's own forward runs under
+  no_grad and keeps no activations (its transient working set is in the headroom).
 What the model leaves out is covered by a headroom: CUDA context, NCCL
 buffers, allocator fragmentation, transient buffers (all-gathers, logits
 before the fp32 cross-entropy).
@@ -42,6 +48,7 @@ from typing import Dict, List
 
 from megatron.training import arguments
 from megatron.training import planner_adapters as adapters
+from megatron.training.preference.arguments import add_preference_args, reference_mode
 from megatron.training.flops import PEAK_BF16_TFLOPS, ModelShape, flops_per_iteration, throughput
 from megatron.training.sizes import padded_vocab_size
 
@@ -67,6 +74,8 @@ def add_planner_flags(parser) -> None:
     g.add_argument("--gpu-memory-gib", type=float, default=None, help="default: the --gpu's memory")
     g.add_argument("--memory-headroom-gib", type=float, default=DEFAULT_HEADROOM_GIB,
                    help="kept free for what the plan does not model (CUDA context, NCCL, fragmentation)")
+    g.add_argument("--dpo", action="store_true",
+                   help="plan preference tuning (finetune_dpo.py and its --pref-* flags): pairs, and the reference copy")
 
 
 @dataclass
@@ -83,10 +92,11 @@ class StageMemory:
     optimizer_distributed: float
     activations: float
     activation_options: Dict[str, float] = field(default_factory=dict)
+    reference: float = 0.0  # preference tuning's frozen reference copy (--dpo, --pref-reference copy)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.reference
 
 
 @dataclass
@@ -115,14 +125,19 @@ class Plan:
 
 # ---------------------------------------------------------------- entry points
 
+def _planner_flags(parser) -> None:
+    add_planner_flags(parser)
+    add_preference_args(parser)
+
+
 def build_planner_parser():
-    """pretrain_gpt.py's parser plus the planner's own flags."""
-    return arguments.build_parser(add_planner_flags)
+    """pretrain_gpt.py's parser plus the planner's own flags (and finetune_dpo.py's, for --dpo)."""
+    return arguments.build_parser(_planner_flags)
 
 
 def plan_from_argv(argv: List[str]) -> Plan:
     """Parse and validate the flags as the driver does, then plan."""
-    args = arguments.parse_args(argv, extra_args_provider=add_planner_flags)
+    args = arguments.parse_args(argv, extra_args_provider=_planner_flags)
     if args.world_size is None:
         raise arguments.ArgumentError("--world-size is required: the number of GPUs (nodes x GPUs per node)")
     arguments.validate_args(args, args.world_size)
@@ -130,6 +145,8 @@ def plan_from_argv(argv: List[str]) -> Plan:
         raise arguments.ArgumentError(f"--mfu {args.mfu} is a fraction of the peak: give e.g. 0.5 for 50%")
     args.padded_vocab_size = padded_vocab_size(
         _vocab_size(args), args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    args.reference_mode = reference_mode(args) if args.dpo else None
+    args.sequences_per_micro_batch = args.micro_batch_size * (2 if args.dpo else 1)  # a pair per sample
     return plan(args)
 
 
@@ -251,6 +268,7 @@ def stage_memory(args, stage: int) -> StageMemory:
             label = f"{granularity or 'no'} recompute, {'SP' if with_sp else 'no SP'}"
             options[label] = stage_activation_bytes(args, stage, with_sp, granularity)
     return StageMemory(
+        reference=n * _element_bytes(args) if args.reference_mode == "copy" else 0.0,
         stage=stage, layers=layers, parameters=n, trainable=trainable,
         weights=weights, gradients=trainable * _grad_bytes(args),
         optimizer=distributed if args.use_distributed_optimizer else replicated,
@@ -262,7 +280,7 @@ def stage_memory(args, stage: int) -> StageMemory:
 
 def layer_activation_bytes(args, sequence_parallel: bool, selective: bool = False) -> float:
     """Bytes one transformer layer keeps for its backward pass, per micro-batch, on one GPU."""
-    s, b, h = args.seq_length, args.micro_batch_size, args.hidden_size
+    s, b, h = args.seq_length, args.sequences_per_micro_batch, args.hidden_size
     t, e = args.tensor_model_parallel_size, _element_bytes(args)
     r = t if sequence_parallel else 1  # what only sequence parallelism splits over TP
     q, kv = args.num_attention_heads * args.kv_channels, args.num_query_groups * args.kv_channels
@@ -306,7 +324,7 @@ def stage_activation_bytes(args, stage: int, sequence_parallel: bool, recompute)
     layers = args.num_layers // (pp * vp)  # per model chunk
     per_layer = layer_activation_bytes(args, sequence_parallel, selective=recompute == "selective")
     r = args.tensor_model_parallel_size if sequence_parallel else 1
-    hidden = args.seq_length * args.micro_batch_size * args.hidden_size * _element_bytes(args) / r
+    hidden = args.seq_length * args.sequences_per_micro_batch * args.hidden_size * _element_bytes(args) / r
     if recompute == "full":
         n = min(args.recompute_num_layers or 1, layers)
         if (args.recompute_method or "uniform") == "uniform":
@@ -323,7 +341,7 @@ def stage_activation_bytes(args, stage: int, sequence_parallel: bool, recompute)
             args, stage, hidden, micro_batches_in_flight(args, stage))
     if stage == pp - 1:
         # Final norm and output projection inputs, and the fp32 softmax of the cross-entropy (one micro-batch).
-        tokens = args.seq_length * args.micro_batch_size
+        tokens = args.seq_length * args.sequences_per_micro_batch
         total += 2 * hidden + 4 * tokens * args.padded_vocab_size / args.tensor_model_parallel_size
     if stage == 0 and args.hidden_dropout > 0:
         total += min(pp - stage, args.num_microbatches) * hidden / _element_bytes(args)  # embedding dropout mask
@@ -361,6 +379,9 @@ def format_plan(p: Plan) -> str:
             f"| {s.stage} | {s.layers} | {s.parameters / 1e9:.2f}B | {_gib(s.weights)} | {_gib(s.gradients)} | "
             f"{_gib(s.optimizer)} | {_gib(s.optimizer_distributed)} / {_gib(s.optimizer_replicated)} | "
             f"{_gib(s.activations)} | **{_gib(s.total)}** |")
+    if any(s.reference for s in p.stages):
+        lines += ["", "totals include the frozen reference copy of preference tuning (--pref-reference copy): "
+                  + ", ".join(f"stage {s.stage} {_gib(s.reference)}" for s in p.stages) + " GiB per GPU"]
     labels = list(p.stages[0].activation_options)
     lines += ["", "activations per GPU (GiB) for other choices:", "",
               "| recompute, SP | " + " | ".join(f"stage {s.stage}" for s in p.stages) + " |",

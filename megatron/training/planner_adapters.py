@@ -131,7 +131,7 @@ def activation_delta_bytes(args, sequence_parallel: bool, element_bytes: int) ->
     t = args.tensor_model_parallel_size
     r = t if sequence_parallel else 1
     e, rank = element_bytes, args.lora_rank
-    tokens = args.seq_length * args.micro_batch_size
+    tokens = args.seq_length * args.sequences_per_micro_batch
     dims = layer_dims(vars(args))
     query, key_value = dims.heads * dims.head_dim, dims.groups * dims.head_dim
     fc1_rows = dims.ffn * (2 if args.swiglu else 1)

@@ -60,6 +60,15 @@ def _check(cond: bool, message: str) -> None:
         raise ArgumentError(message)
 
 
+def reference_mode(args):
+    """The reference --pref-reference selects: None (SimPO), adapters, copy or precomputed."""
+    if not uses_reference(args.pref_loss):
+        return None
+    if args.pref_reference == "auto":
+        return "adapters" if adapters_enabled(args) else "copy"
+    return args.pref_reference
+
+
 def validate_preference_args(args) -> PreferenceSettings:
     """Check the flags, resolve --pref-reference (None: no reference, SimPO)
     and --ref-load, and set how many sequences a sample carries through the
@@ -73,12 +82,9 @@ def validate_preference_args(args) -> PreferenceSettings:
     _check(not args.mock_data,
            "preference tuning reads preprocessed pairs: give --data-path PREFIX of "
            "tools/preprocess_preference_data.py instead of --mock-data")
-    mode = args.pref_reference
-    if not uses_reference(args.pref_loss):
-        _check(mode in ("auto", None), f"--pref-loss {args.pref_loss} has no reference model: drop --pref-reference")
-        mode = None
-    elif mode == "auto":
-        mode = "adapters" if adapters_enabled(args) else "copy"
+    _check(uses_reference(args.pref_loss) or args.pref_reference in ("auto", None),
+           f"--pref-loss {args.pref_loss} has no reference model: drop --pref-reference")
+    mode = reference_mode(args)
     _check(mode != "adapters" or adapters_enabled(args),
            "--pref-reference adapters is the base with the adapters switched off: add --lora-rank R, or choose "
            "copy or precomputed for full fine-tuning")
