@@ -37,6 +37,14 @@ from megatron.training.preference.loss import PairLogps, preference_loss, sequen
 from megatron.training.preference.precompute import precompute_missing  # noqa: E402
 from megatron.training.preference.reference import Reference, policy_and_reference  # noqa: E402
 from megatron.training.training import pretrain  # noqa: E402
+from megatron.training.training_log import print_rank_0  # noqa: E402
+
+REFERENCE_DESCRIPTIONS = {
+    "adapters": "the base with the adapters switched off, in the same forward pass",
+    "copy": "a frozen copy of {ref_load}, in the same forward pass",
+    "precomputed": "log-probs of {ref_load} stored beside the data",
+    None: "none (reference-free loss)",
+}
 
 
 def loss_func(settings, loss_mask: torch.Tensor, ref_logps, output_tensor: torch.Tensor):
@@ -73,6 +81,8 @@ class PreferenceRun:
         self.settings = validate_preference_args(args)
         if self.reference is None:
             self.reference = Reference(args.pref_reference)
+            print_rank_0(f"> preference tuning: --pref-loss {args.pref_loss}, beta {args.pref_beta:g}; reference: "
+                         + REFERENCE_DESCRIPTIONS[args.pref_reference].format(ref_load=args.ref_load))
         return self.settings
 
     def model_provider(self, args, config, pre_process=None, post_process=None, vp_stage=None):
