@@ -16,7 +16,9 @@ from typing import Optional
 
 import torch
 
-from megatron.training import checkpointing, inference, initialize
+from megatron.training import inference, initialize
+from megatron.training.checkpoint.iterations import is_torch_dist, iteration_dir, read_tracker
+from megatron.training.checkpoint.save_load import read_checkpoint_args
 from megatron.training.bert_arguments import add_bert_and_classification_args
 from megatron.training.models.bert import build_bert_model
 
@@ -25,7 +27,7 @@ def load_bert_model(load_dir: str, tensor_model_parallel_size: int = 1, pipeline
                     extra_argv=()):
     """(args, [model chunk]) of a checkpoint written by pretrain_bert.py,
     finetune_classification.py or the converter."""
-    saved = checkpointing.read_checkpoint_args(load_dir)
+    saved = read_checkpoint_args(load_dir)
     argv = [] if not saved.get("num_classes") else ["--num-classes", str(saved["num_classes"])]
     return inference.load_model(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size,
                                 argv + list(extra_argv), build_bert_model, add_bert_and_classification_args)
@@ -33,10 +35,10 @@ def load_bert_model(load_dir: str, tensor_model_parallel_size: int = 1, pipeline
 
 def output_kind(load_dir: str) -> str:
     """What a checkpoint's heads compute: "classes", "lm", or "hidden" (an encoder without heads)."""
-    iteration, release = checkpointing.read_tracker(load_dir)
-    iter_dir = checkpointing.iteration_dir(load_dir, iteration, release)
-    if checkpointing.is_torch_dist(iter_dir):  # global tensor names in the format's index
-        from megatron.training.dist_ckpt.safe_load import SafeShardedLoadStrategy
+    iteration, release = read_tracker(load_dir)
+    iter_dir = iteration_dir(load_dir, iteration, release)
+    if is_torch_dist(iter_dir):  # global tensor names in the format's index
+        from megatron.training.checkpoint.torch_dist.safe_load import SafeShardedLoadStrategy
 
         names = set(SafeShardedLoadStrategy().load_tensors_metadata(iter_dir))
     else:

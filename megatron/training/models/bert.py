@@ -46,7 +46,7 @@ from megatron.training.models.padded_vocab import exclude_padded_vocab
 from megatron.training.models.sdpa_attention import SDPAttention
 
 # Modules a model may start afresh, or drop, when it is initialised from a
-# checkpoint with other heads (checkpointing.load_checkpoint on --finetune or a
+# checkpoint with other heads (checkpoint loading on --finetune or a
 # release): pretraining from an HF BertModel, classifying with a pretrained model.
 HEAD_PREFIXES = ("lm_head.", "output_layer.", "binary_head.", "pooler.", "classification_head.")
 

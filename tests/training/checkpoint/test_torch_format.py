@@ -1,6 +1,6 @@
 """Checkpoints in the per-rank torch format (--ckpt-format torch): exact resume,
 crash safety, weights_only loading, layout checks. The torch_dist format has
-its own tests in tests/training/dist_ckpt/."""
+its own tests in tests/training/checkpoint/torch_dist/."""
 
 import os
 import pickle
@@ -43,9 +43,9 @@ def _crash_during_second_save(rank, world_size, argv):
     the checkpoint of iteration 4."""
     sys.path.insert(0, ROOT)
     import pretrain_gpt
-    from megatron.training import checkpointing
+    from megatron.training.checkpoint import torch_format
 
-    real_save = checkpointing.atomic_torch_save
+    real_save = torch_format.atomic_torch_save
 
     def crashing_save(obj, path, *rest):
         if "iter_0000004" in path:
@@ -54,7 +54,7 @@ def _crash_during_second_save(rank, world_size, argv):
             os._exit(17)
         return real_save(obj, path, *rest)
 
-    checkpointing.atomic_torch_save = crashing_save
+    torch_format.atomic_torch_save = crashing_save
     pretrain_gpt.main(list(argv))
 
 

@@ -1,7 +1,13 @@
-"""Flags of distributed checkpoints, under Megatron-LM's names (`--ckpt-format`
-itself is with the other checkpoint flags in arguments.py)."""
+"""The checkpoint package's own flags, under Megatron-LM's names, and their
+checks (`--save`, `--load`, `--ckpt-format` and the other basic checkpoint
+flags are with the driver's flags in arguments.py). Imports nothing above it:
+arguments.py composes these groups.
+"""
 
 import torch
+
+from megatron.training.errors import ArgumentError
+from megatron.training.peft.arguments import adapters_enabled
 
 
 def add_dist_ckpt_flags(parser) -> None:
@@ -31,12 +37,18 @@ def add_dist_ckpt_flags(parser) -> None:
     parser.set_defaults(ckpt_fully_parallel_save=True)
 
 
+def add_checkpoint_integrity_args(parser) -> None:
+    g = parser.add_argument_group("checkpoint integrity")
+    g.add_argument("--ckpt-checksum", action="store_true",
+                   help="write the SHA-256 of every checkpoint file (checksums.sha256 in each rank directory, "
+                        "`sha256sum -c` format); checkpoints that have them are verified on load")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load this iteration of --load instead of the one its tracker file names")
+
+
 def validate_dist_ckpt_args(args) -> None:
     """Resolve the default --ckpt-format; raise ArgumentError for flag
     combinations that cannot work."""
-    from megatron.training.errors import ArgumentError
-    from megatron.training.peft.arguments import adapters_enabled
-
     adapters = adapters_enabled(args)
     if args.ckpt_format is None:
         # Adapter checkpoints (adapter tensors only, naming their base) exist in the torch format only.

@@ -11,11 +11,13 @@ Tensors are stored under global names and shapes (every layer of a key
 stacked on a leading axis), so a checkpoint loads into any TP / PP / VP / DP
 layout, with the optimizer state.
 
-    flags.py       --async-save, --ckpt-fully-parallel-save/-load, ... and their checks
     state.py       the sharded state dict of model, optimizer, scheduler, RNG and counters
     save.py        staged, fsynced saves; synchronous or asynchronous; the tracker moves last
     load.py        loads under any layout, says which layout the checkpoint came from
-    safe_load.py   what each file is read with: nothing unpickles code
+    safe_load.py   megatron-core's load strategies reading through checkpoint/files.py: nothing unpickles code
+    full_tensors.py  whole (unsharded) tensors of a checkpoint, layer by layer, for conversion and resharding
+
+Its flags (--async-save, --ckpt-fully-parallel-save/-load, ...) are in checkpoint/flags.py.
 """
 
 import os

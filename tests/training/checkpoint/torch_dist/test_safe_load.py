@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_distributed
-from tests.training.dist_ckpt.conftest import tiny_argv
+from tests.training.checkpoint.torch_dist.conftest import tiny_argv
 
 ENTRY = "decoder.layers.self_attention.linear_qkv._extra_state/shard_0_4"  # a ShardedObject: a byte entry
 TENSOR = "decoder.final_layernorm.weight"
@@ -109,30 +109,32 @@ def _load_each(rank, world_size, roots, markers, argv):
     unprotected readers on the same copies."""
     # With this set, torch.load calls that leave weights_only unset unpickle anything.
     os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
-    from megatron.training import checkpointing, training
+    from megatron.training import training
+    from megatron.training.checkpoint import save_load
+    from megatron.training.errors import CheckpointError
     from megatron.training.models.llama import build_gpt_model
 
     args = training.setup_args(list(argv) + ["--load", roots["clean"]])
     training.build_tokenizer_from_args(args)
     model = training.build_model(args, build_gpt_model)
     optimizer, scheduler = training.build_optimizer(args, model)
-    errors = {"clean": checkpointing.load_checkpoint(args, model, optimizer, scheduler)}
+    errors = {"clean": save_load.load_checkpoint(args, model, optimizer, scheduler)}
     for place in PLANTS:
         args.load = roots[place]
         try:
-            checkpointing.load_checkpoint(args, model, optimizer, scheduler)
+            save_load.load_checkpoint(args, model, optimizer, scheduler)
             errors[place] = None
-        except checkpointing.CheckpointError as e:
+        except CheckpointError as e:
             errors[place] = str(e)
     # A cut file of the latest iteration: named, with the iteration to resume from instead, which then loads.
     args.load = roots["truncated"]
     try:
-        checkpointing.load_checkpoint(args, model, optimizer, scheduler)
+        save_load.load_checkpoint(args, model, optimizer, scheduler)
         errors["truncated"] = None
-    except checkpointing.CheckpointError as e:
+    except CheckpointError as e:
         errors["truncated"] = str(e)
     args.ckpt_step = 4
-    errors["truncated_step4"] = checkpointing.load_checkpoint(args, model, optimizer, scheduler)
+    errors["truncated_step4"] = save_load.load_checkpoint(args, model, optimizer, scheduler)
     args.ckpt_step = None
     ran_before_unprotected = {place: os.path.exists(m) for place, m in markers.items()}
     for place in PLANTS:
@@ -188,8 +190,8 @@ def test_index_unpickler_takes_index_classes_only(tp2_run, tmp_path, payload):
     """The restricted unpickler reads a real index, and refuses anything else
     (even a plain dict is not an index: read_index returns it, the loader's
     reader then fails on it, but nothing runs)."""
-    from megatron.training.checkpointing import CheckpointError
-    from megatron.training.dist_ckpt.safe_load import read_index
+    from megatron.training.errors import CheckpointError
+    from megatron.training.checkpoint.files import read_index
     from torch.distributed.checkpoint.metadata import Metadata
 
     iter_dir = _iteration_dir(tp2_run[0])

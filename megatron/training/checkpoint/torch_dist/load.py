@@ -24,11 +24,16 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
-from megatron.training import checkpoint_reshard, checkpointing, sharding
-from megatron.training.checkpointing import CheckpointError
-from megatron.training.dist_ckpt import safe_load
-from megatron.training.load_checks import load_scheduler_state
-from megatron.training.dist_ckpt import state as state_module
+from megatron.training import sharding
+from megatron.training.checkpoint.files import load_common, unpickling_reason
+from megatron.training.checkpoint.iterations import with_fallback
+from megatron.training.checkpoint.load_checks import load_scheduler_state
+from megatron.training.checkpoint.torch_dist import safe_load
+from megatron.training.checkpoint.torch_dist import state as state_module
+from megatron.training.checkpoint.training_state import (
+    head_names, model_keys, report_heads, restoring_optimizer_state, unwrap,
+)
+from megatron.training.errors import CheckpointError
 
 # Flags whose values fix the shapes of the tensors in a checkpoint.
 _SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "swiglu",
@@ -47,14 +52,14 @@ def _args_dict(common: dict, iter_dir: str) -> dict:
 
 def checkpoint_args(iter_dir: str) -> dict:
     """The flags a torch_dist checkpoint was saved with (for --use-checkpoint-args)."""
-    return _args_dict(safe_load.load_common(iter_dir), iter_dir)
+    return _args_dict(load_common(iter_dir), iter_dir)
 
 
 def first_state(iter_dir: str) -> dict:
-    """What checkpointing.first_rank_state gives for the per-rank format, from
+    """What torch_format.first_rank_state gives for the per-rank format, from
     a torch_dist directory's common state: `args`, `layout`, `iteration`,
     `consumed_train_samples` (no tensors)."""
-    common = safe_load.load_common(iter_dir)
+    common = load_common(iter_dir)
     saved = _args_dict(common, iter_dir)
     layout = layout_of(saved)
     return {"args": saved, "iteration": common.get("iteration"),
@@ -152,7 +157,7 @@ def _reading_error(error: DcpCheckpointException, iter_dir: str) -> CheckpointEr
         return CheckpointError(str(cause))
     if isinstance(cause, pickle.UnpicklingError):
         return CheckpointError(f"{iter_dir}: a tensor entry holds an object that loading with weights_only=True "
-                               f"refuses ({safe_load.unpickling_reason(cause)}): refusing to load it")
+                               f"refuses ({unpickling_reason(cause)}): refusing to load it")
     return CheckpointError(f"{iter_dir}: {str(cause).strip().splitlines()[0] if str(cause).strip() else cause!r}")
 
 
@@ -164,7 +169,7 @@ def _naming_a_loadable_iteration(iter_dir: str, iteration: int, release: bool):
         yield
     except CheckpointError as e:
         root = os.path.dirname(os.path.abspath(iter_dir))
-        raise CheckpointError(checkpointing.with_fallback(root, None if release else iteration, str(e))) from None
+        raise CheckpointError(with_fallback(root, None if release else iteration, str(e))) from None
 
 
 def _leave_out_fresh_heads(model: list, sharded: dict, ckpt_tensors: dict, iter_dir: str) -> Dict[str, set]:
@@ -174,25 +179,25 @@ def _leave_out_fresh_heads(model: list, sharded: dict, ckpt_tensors: dict, iter_
     only the checkpoint has are not read. Both are reported, as for the
     torch format. Returns {model key: the names left out}."""
     fresh, asked = {}, set()
-    for key, chunk in zip(checkpointing.model_keys(len(model)), model):
-        module = checkpointing._unwrap(chunk)
+    for key, chunk in zip(model_keys(len(model)), model):
+        module = unwrap(chunk)
         tensors = {n: sh for n, sh in sharded[key].items() if isinstance(sh, ShardedTensor)}
         asked |= {sh.key for sh in tensors.values()}
-        lacking = {n for n in checkpoint_reshard.head_names(module, tensors) if tensors[n].key not in ckpt_tensors}
+        lacking = {n for n in head_names(module, tensors) if tensors[n].key not in ckpt_tensors}
         extra = {m.rsplit(".", 1)[0] + "._extra_state" for m in lacking}
         fresh[key] = lacking | (extra & set(sharded[key]))
         for name in fresh[key]:
             del sharded[key][name]
-    last = checkpointing._unwrap(model[-1])
-    dropped = checkpoint_reshard.head_names(last, set(ckpt_tensors) - asked) if getattr(last, "post_process", False) \
+    last = unwrap(model[-1])
+    dropped = head_names(last, set(ckpt_tensors) - asked) if getattr(last, "post_process", False) \
         else set()
-    checkpoint_reshard.report_heads(iter_dir, set().union(*fresh.values()), dropped)
+    report_heads(iter_dir, set().union(*fresh.values()), dropped)
     return fresh
 
 
 def _load_model(model: list, loaded: dict, fresh: Dict[str, set]) -> None:
-    for key, chunk in zip(checkpointing.model_keys(len(model)), model):
-        module = checkpointing._unwrap(chunk)
+    for key, chunk in zip(model_keys(len(model)), model):
+        module = unwrap(chunk)
         own = module.state_dict()
         state = sharding.match_layer_spec(loaded[key], own)
         state.update((n, own[n]) for n in fresh.get(key, ()) if n in own)  # started afresh: its initialisation
@@ -205,7 +210,7 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
     Collective. Returns (iteration, consumed_train_samples); (0, 0) for
     --finetune and released checkpoints."""
     with _naming_a_loadable_iteration(iter_dir, iteration, release):
-        common = safe_load.load_common(iter_dir)
+        common = load_common(iter_dir)
     saved = _args_dict(common, iter_dir)
     _check_model_shape(saved, args, iter_dir)
     saved_layout, this_layout = layout_of(saved), layout_of(vars(args))
@@ -232,7 +237,7 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
 
     _load_model(model, loaded, fresh)
     if with_optimizer:
-        with checkpointing.restoring_optimizer_state(optimizer):
+        with restoring_optimizer_state(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         if scheduler is not None:
             load_scheduler_state(scheduler, loaded["opt_param_scheduler"], iter_dir, args)

@@ -1,4 +1,7 @@
-"""--use-checkpoint-args: the model a checkpoint records, unless the command line says otherwise.
+"""The settings a checkpoint records, and --use-checkpoint-args: the model a
+checkpoint records, unless the command line says otherwise.
+
+    state["args"] = args_to_dict(args)                   # what every checkpoint records (plain values)
 
     given = arguments.flags_given(argv)                  # dests the command line names
     note = take_checkpoint_settings(args, saved, given, path)   # fills args; one line to print, or None
@@ -15,6 +18,8 @@ difference is reported once, in the returned line.
 """
 
 from typing import Dict, Iterable, Optional
+
+import torch
 
 from megatron.training.errors import ArgumentError
 
@@ -44,6 +49,18 @@ FAMILIES = {True: ("a BERT-family encoder", "pretrain_bert.py or finetune_classi
 # Flags that set another setting: giving them counts as giving it.
 SETS = {"use_rotary_position_embeddings": "position_embedding_type",
         "add_position_embedding": "position_embedding_type"}
+
+def args_to_dict(args) -> dict:
+    """The flags as plain Python values (for checkpoints loaded with weights_only=True)."""
+    out = {}
+    for key, value in vars(args).items():
+        if isinstance(value, torch.dtype):
+            value = str(value).replace("torch.", "")
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            out[key] = list(value)
+    return out
 
 
 def flag(dest: str) -> str:

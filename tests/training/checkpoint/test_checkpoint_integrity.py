@@ -16,7 +16,7 @@ from tests.distributed.launcher import ROOT, run_distributed
 from tests.training.pretrain_runner import MOCK_DATA, SCHEDULE, TINY_LLAMA, run_pretrain
 
 BATCH = ["--micro-batch-size", "2", "--global-batch-size", "4", "--attention-dropout", "0.1", "--hidden-dropout", "0.1"]
-# The per-rank torch format's files (torch_dist's integrity: tests/training/dist_ckpt/).
+# The per-rank torch format's files (torch_dist's integrity: tests/training/checkpoint/torch_dist/).
 ARGV = TINY_LLAMA + MOCK_DATA + SCHEDULE + BATCH + ["--train-iters", "4", "--ckpt-format", "torch"]
 RANK_DIR = os.path.join("iter_{:07d}", "mp_rank_00")
 
@@ -30,24 +30,25 @@ def _runs(rank, world_size, runs, fail_save_on_rank=None):
 
     sys.path.insert(0, ROOT)
     import pretrain_gpt
-    from megatron.training import checkpointing
+    from megatron.training.checkpoint import torch_format
+    from megatron.training.errors import CheckpointError
     from megatron.training.initialize import destroy
 
     if rank == fail_save_on_rank:
-        real = checkpointing.atomic_torch_save
+        real = torch_format.atomic_torch_save
 
         def full_disk(obj, path, *rest):
             if "iter_0000004" in path:
                 raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp-1")
             return real(obj, path, *rest)
 
-        checkpointing.atomic_torch_save = full_disk
+        torch_format.atomic_torch_save = full_disk
     out = []
     for argv in runs:
         try:
             state = pretrain_gpt.main(list(argv))
             out.append([(h["iteration"], h["lm loss"]) for h in state.history])
-        except checkpointing.CheckpointError as e:
+        except CheckpointError as e:
             out.append(str(e))
         finally:
             destroy()

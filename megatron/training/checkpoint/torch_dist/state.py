@@ -26,10 +26,9 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject
 
-from megatron.training import checkpointing
-from megatron.training.arguments import args_to_dict
+from megatron.training.checkpoint.settings import args_to_dict
+from megatron.training.checkpoint.training_state import CHECKPOINT_VERSION, model_keys, unwrap
 
-CHECKPOINT_VERSION = 3.0
 FULLY_RESHARDABLE = "fully_reshardable"
 # The distributed optimizer's layouts whose state loads under another TP / PP layout.
 LAYOUT_FREE_OPTIMIZER_SHARDING = ("fully_reshardable", "fully_sharded_model_space")
@@ -58,8 +57,8 @@ def checkpoint_args(args, consumed_train_samples: int) -> argparse.Namespace:
 
 def model_states(model: list, metadata: dict) -> Dict[str, dict]:
     """{"model" | "model<i>": the chunk's sharded state dict}."""
-    return {key: checkpointing._unwrap(chunk).sharded_state_dict(metadata=metadata)
-            for key, chunk in zip(checkpointing.model_keys(len(model)), model)}
+    return {key: unwrap(chunk).sharded_state_dict(metadata=metadata)
+            for key, chunk in zip(model_keys(len(model)), model)}
 
 
 def optimizer_has_state(optimizer) -> bool:

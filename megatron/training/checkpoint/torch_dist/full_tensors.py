@@ -18,7 +18,7 @@ from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 import torch
 
 from megatron.training import sharding
-from megatron.training.checkpointing import CheckpointError
+from megatron.training.errors import CheckpointError
 
 LAYERS = "decoder.layers."
 BLOCKS = (LAYERS, "encoder.layers.")  # GPTModel's, BertModel's
@@ -42,7 +42,7 @@ class GlobalTensors:
     shapes and dtypes, and reads of one layer or of whole tensors."""
 
     def __init__(self, iter_dir: str, num_layers: int):
-        from megatron.training.dist_ckpt.safe_load import SafeShardedLoadStrategy
+        from megatron.training.checkpoint.torch_dist.safe_load import SafeShardedLoadStrategy
 
         self.iter_dir, self.num_layers = iter_dir, num_layers
         metadata = SafeShardedLoadStrategy().load_tensors_metadata(iter_dir)
@@ -64,7 +64,7 @@ class GlobalTensors:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing import ShardedTensor
 
-        from megatron.training.dist_ckpt.safe_load import SafeCommonLoadStrategy, SafeShardedLoadStrategy
+        from megatron.training.checkpoint.torch_dist.safe_load import SafeCommonLoadStrategy, SafeShardedLoadStrategy
 
         # A slice of a key is asked for as a tensor of the key's full rank (a
         # leading 1 for the layer axis): megatron-core reads arbitrary chunks of

@@ -124,7 +124,9 @@ def _resume(root, saved_rng):
     states came back."""
     from megatron.core import parallel_state
 
-    from megatron.training import checkpointing, training
+    from megatron.training import training
+    from megatron.training.checkpoint import save_load
+    from megatron.training.checkpoint.training_state import unwrap
     from megatron.training.models.llama import build_gpt_model
 
     argv = TINY_LLAMA + MOCK_DATA + SCHEDULE + ["--micro-batch-size", "2", "--train-iters", "10", "--load", root,
@@ -134,8 +136,8 @@ def _resume(root, saved_rng):
     ours = training.build_model(args, build_gpt_model)
     optimizer, scheduler = training.build_optimizer(args, ours)
     random.seed(0), np.random.seed(0)  # the load must bring the saved states back
-    loaded_at = checkpointing.load_checkpoint(args, ours, optimizer, scheduler)
-    restored = {k: v for k, v in checkpointing._unwrap(ours[0]).state_dict().items()
+    loaded_at = save_load.load_checkpoint(args, ours, optimizer, scheduler)
+    restored = {k: v for k, v in unwrap(ours[0]).state_dict().items()
                 if isinstance(v, torch.Tensor)}
     rng_back = random.getstate() == saved_rng["random_rng_state"] and all(
         np.array_equal(a, b) for a, b in zip(np.random.get_state(), saved_rng["np_rng_state"]))
@@ -148,7 +150,9 @@ def _refitted_embedding(root):
     vocabulary to 300 rows (--make-vocab-size-divisible-by 100) instead of 256."""
     from megatron.core import parallel_state
 
-    from megatron.training import checkpointing, training
+    from megatron.training import training
+    from megatron.training.checkpoint import save_load
+    from megatron.training.checkpoint.training_state import unwrap
     from megatron.training.models.llama import build_gpt_model
 
     assert TINY_LLAMA[-2:] == ["--make-vocab-size-divisible-by", "64"]
@@ -156,8 +160,8 @@ def _refitted_embedding(root):
         "--micro-batch-size", "2", "--train-iters", "10", "--load", root, "--finetune"])
     training.build_tokenizer_from_args(args)
     ours = training.build_model(args, build_gpt_model)
-    checkpointing.load_checkpoint(args, ours, *training.build_optimizer(args, ours))
-    embedding = checkpointing._unwrap(ours[0]).embedding.word_embeddings.weight.detach().clone()
+    save_load.load_checkpoint(args, ours, *training.build_optimizer(args, ours))
+    embedding = unwrap(ours[0]).embedding.word_embeddings.weight.detach().clone()
     parallel_state.destroy_model_parallel()
     return embedding
 

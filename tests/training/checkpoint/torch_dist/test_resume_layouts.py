@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.training.dist_ckpt.conftest import SAVED_AT, TP2_DISTOPT, tiny_argv
+from tests.training.checkpoint.torch_dist.conftest import SAVED_AT, TP2_DISTOPT, tiny_argv
 from tests.training.pretrain_runner import run_pretrain
 
 # fp32 on CPU: another layout changes only the order of reductions (split

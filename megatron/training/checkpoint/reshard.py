@@ -1,46 +1,19 @@
-"""Loading a checkpoint's weights into another TP / PP / virtual-PP layout
-(the per-rank torch format merged from its rank files, torch_dist through
-full tensors), and the heads a fresh start may change (a classifier from a
-pretrained encoder). checkpointing.py, peft/checkpoint.py and dist_ckpt/
-call it:
+"""Loading a checkpoint's weights into another TP / PP / virtual-PP layout:
+the per-rank torch format merged from its rank files, torch_dist through
+full tensors. torch_format.py and peft/checkpoint.py call it:
 
     load_model_resharded(args, model, iter_dir, saved_layout, select=None, on_full=None, fresh_heads=False)
-    head_names(module, names)   heads_differ(model, state)   report_heads(iter_dir, fresh, dropped)
 """
 
 from megatron.core import parallel_state
 
-from megatron.training import checkpointing, sharding
+from megatron.training import sharding
+from megatron.training.checkpoint.iterations import is_torch_dist, rank_file, read_checkpoint_file
+from megatron.training.checkpoint.load_checks import check_state_fits
+from megatron.training.checkpoint.torch_dist.full_tensors import full_groups
+from megatron.training.checkpoint.training_state import head_names, model_keys, report_heads, unwrap
 from megatron.training.errors import CheckpointError
-from megatron.training.load_checks import check_state_fits
-
-_EMBEDDING = "embedding.word_embeddings.weight"
-_OUTPUT_LAYER = "output_layer.weight"
-
-
-def head_names(module, names) -> set:
-    """The entries of `names` under the modules a model may start afresh
-    (its `fresh_head_prefixes`, e.g. BERT's LM, binary and classification heads)."""
-    prefixes = tuple(getattr(module, "fresh_head_prefixes", ()))
-    return {n for n in names if prefixes and n.startswith(prefixes) and not n.endswith("_extra_state")}
-
-
-def heads_differ(model: list, state: dict) -> bool:
-    for key, chunk in zip(checkpointing.model_keys(len(model)), model):
-        module = checkpointing._unwrap(chunk)
-        if key in state and head_names(module, module.state_dict()) != head_names(module, state[key]):
-            return True
-    return False
-
-
-def report_heads(iter_dir: str, fresh: set, dropped: set) -> None:
-    if parallel_state.get_tensor_model_parallel_rank() or parallel_state.get_data_parallel_rank():
-        return
-    modules = lambda names: ", ".join(sorted({n.rsplit(".", 1)[0] for n in names}))  # noqa: E731
-    if fresh:
-        print(f"starting {modules(fresh)} from initialisation: {iter_dir} has no such weights", flush=True)
-    if dropped:
-        print(f"not loading {modules(dropped)} from {iter_dir}: this model has no such module", flush=True)
+from megatron.training.models.hf_names import EMBEDDING, OUTPUT_LAYER
 
 
 def load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=None, on_full=None,
@@ -68,14 +41,14 @@ def load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=N
     per_chunk = args.num_layers // (args.pipeline_model_parallel_size * len(model))
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    targets = [{n: v for n, v in checkpointing._unwrap(chunk).state_dict().items() if select is None or select(n)}
+    targets = [{n: v for n, v in unwrap(chunk).state_dict().items() if select is None or select(n)}
                for chunk in model]
 
     # What this rank needs, in global names: its layers, and the other entries its chunks hold.
     layer_ranges = [(offsets[(pp_rank, v)], offsets[(pp_rank, v)] + per_chunk) for v in range(len(model))]
     other_names = {n for target in targets for n in target if sharding.layer_index(n) is None}
-    if tied and _OUTPUT_LAYER in other_names:
-        other_names.add(_EMBEDDING)  # the output layer may have to be copied from the embedding (below)
+    if tied and OUTPUT_LAYER in other_names:
+        other_names.add(EMBEDDING)  # the output layer may have to be copied from the embedding (below)
 
     def needed(name: str) -> bool:
         index = sharding.layer_index(name)
@@ -88,7 +61,7 @@ def load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=N
     def load(full: dict) -> None:
         """Cut full tensors (global names) for every chunk holding some of them, and load them."""
         for v, chunk in enumerate(model):
-            module, target = checkpointing._unwrap(chunk), targets[v]
+            module, target = unwrap(chunk), targets[v]
             local = sharding.match_layer_spec(sharding.to_local_names(full, offsets[(pp_rank, v)], per_chunk), target)
             if on_full is not None:
                 on_full(module, local)
@@ -102,9 +75,7 @@ def load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=N
 
     others: dict = {}
     dropped: set = set()  # the checkpoint's non-layer entries this model has no place for
-    if checkpointing.is_torch_dist(iter_dir):  # global tensors, read whole layer by layer
-        from megatron.training.dist_ckpt.full_tensors import full_groups
-
+    if is_torch_dist(iter_dir):  # global tensors, read whole layer by layer
         layers = [i for first, end in layer_ranges for i in range(first, end)]
         groups = full_groups(iter_dir, saved["num_layers"], layers, sorted(other_names))
     else:
@@ -114,21 +85,21 @@ def load_model_resharded(args, model: list, iter_dir: str, saved: dict, select=N
             others.update(merged)
         else:
             load(merged)
-    if _OUTPUT_LAYER not in others and tied and _EMBEDDING in others:
+    if OUTPUT_LAYER not in others and tied and EMBEDDING in others:
         # Tied embeddings saved without pipelining: the last stage's output layer is
         # megatron-core's copy of the word embeddings.
-        others[_OUTPUT_LAYER] = others[_EMBEDDING]
+        others[OUTPUT_LAYER] = others[EMBEDDING]
     load(others)
     fresh = set()
     for v, target in enumerate(targets):
         missing = [n for n in target if n not in loaded[v] and not n.endswith("_extra_state")]
         if fresh_heads:
-            fresh |= head_names(checkpointing._unwrap(model[v]), missing)
+            fresh |= head_names(unwrap(model[v]), missing)
             missing = [n for n in missing if n not in fresh]
         if missing:
             raise CheckpointError(f"{iter_dir} lacks {missing[:3]}: it is not a checkpoint of this model")
     if fresh_heads:
-        last = checkpointing._unwrap(model[-1])  # heads live on the last stage: other stages skip them by design
+        last = unwrap(model[-1])  # heads live on the last stage: other stages skip them by design
         report_heads(iter_dir, fresh, head_names(last, dropped) if getattr(last, "post_process", False) else set())
 
 
@@ -141,9 +112,9 @@ def _rank_file_groups(iter_dir: str, saved: dict, needed, gated: bool, dropped: 
     src_vp = saved["virtual_pipeline_model_parallel_size"]
     src_offsets = sharding.layer_offsets(saved["num_layers"], src_pp, src_vp)
     for p in range(src_pp):
-        states = [checkpointing.read_checkpoint_file(checkpointing.rank_file(iter_dir, t, p, src_pp))
+        states = [read_checkpoint_file(rank_file(iter_dir, t, p, src_pp))
                   for t in range(src_tp)]
-        for v, key in enumerate(checkpointing.model_keys(src_vp or 1)):
+        for v, key in enumerate(model_keys(src_vp or 1)):
             chunks = [sharding.to_global_names(s[key], src_offsets[(p, v)]) for s in states]
             by_layer: dict = {}
             for name in chunks[0]:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.training.dist_ckpt.conftest import tiny_argv
+from tests.training.checkpoint.torch_dist.conftest import tiny_argv
 from tests.training.pretrain_runner import run_pretrain
 
 ITERS = 16
@@ -46,7 +46,7 @@ def _tracker(root):
 def _published(root):
     """The iteration the tracker names, after checking its directory is complete
     (every file the index points into exists and is long enough)."""
-    from megatron.training.dist_ckpt.safe_load import read_index
+    from megatron.training.checkpoint.files import read_index
 
     iteration = _tracker(root)
     iter_dir = os.path.join(root, f"iter_{iteration:07d}")
@@ -118,7 +118,7 @@ def test_forked_ranks_do_not_share_the_parents_writer_queue():
     variable); a process forked from one that has it (ranks from a launcher,
     or from this test session after a conversion) must make its own, or ranks
     would read each other's write results."""
-    import megatron.training.dist_ckpt  # noqa: F401 - registers the after-fork hook
+    import megatron.training.checkpoint.torch_dist  # noqa: F401 - registers the after-fork hook
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     parent_queue = filesystem_async._get_write_results_queue()
@@ -145,7 +145,7 @@ def _save_with_a_full_disk(rank, world_size, argv, full_on_rank):
     sys.path.insert(0, ROOT)
     import pretrain_gpt
     from megatron.core.dist_checkpointing.strategies import filesystem_async
-    from megatron.training import checkpointing
+    from megatron.training.errors import CheckpointError
     from megatron.training.initialize import destroy
 
     if rank == full_on_rank:
@@ -162,7 +162,7 @@ def _save_with_a_full_disk(rank, world_size, argv, full_on_rank):
     try:
         pretrain_gpt.main(list(argv))
         return None
-    except checkpointing.CheckpointError as e:
+    except CheckpointError as e:
         return str(e)
     finally:
         destroy()

@@ -10,7 +10,7 @@ rank, megatron-core's finalization gathers their results and writes the index
 the directory to `iter_XXXXXXX` and only then moves the tracker. A save
 killed at any moment leaves the tracker on the previous complete checkpoint;
 the next save removes what killed attempts left (with the torch format's
-leftovers: checkpoint_integrity.sweep_save_dir). Every attempt has its own
+leftovers: iterations.sweep_save_dir). Every attempt has its own
 directory, so a writer process that outlived a killed job can never write
 into a later attempt's files. A write that fails on any rank (a full disk)
 stops every rank with the same one-line error; the attempt's directory is
@@ -41,10 +41,12 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
-from megatron.training import checkpointing
-from megatron.training.dist_ckpt import serve_writer_results
-from megatron.training.dist_ckpt import state as state_module
-from megatron.training.checkpoint_integrity import PARTIAL_SUFFIX, first_line, sweep_save_dir
+from megatron.training.checkpoint.iterations import (
+    PARTIAL_SUFFIX, agreed_error, iteration_dir, publish_iteration, save_failed, sweep_save_dir,
+)
+from megatron.training.checkpoint.torch_dist import serve_writer_results
+from megatron.training.checkpoint.torch_dist import state as state_module
+from megatron.training.errors import first_line
 from megatron.training.fileio import describe_os_error, fsync_path
 
 _OS_ERROR_TEXT = re.compile(r"\[Errno (\d+)\] ([^:]+): '([^']+)'")
@@ -94,7 +96,7 @@ def start_writer_queue() -> None:
     (megatron-core starts it in the first save otherwise, inside the time that
     save blocks training), as megatron-core does but with an initializer that
     keeps it alive through the termination signal a preemption save runs
-    after (dist_ckpt.serve_writer_results). It is a spawned process, which
+    after (torch_dist.serve_writer_results). It is a spawned process, which
     re-imports the entry point: hence every entry point's `if __name__ ==
     "__main__":` guard."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -116,7 +118,7 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
     under args.save. Collective. Returns the iteration directory it is
     published as."""
     root = args.save
-    final_dir = checkpointing.iteration_dir(root, iteration)
+    final_dir = iteration_dir(root, iteration)
     if _ASYNC.pending:
         # One asynchronous save at a time: megatron-core's forked writers report
         # through one queue per process, which does not say which save a result is for.
@@ -142,7 +144,7 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
 
 
 def _save_error(error: BaseException, root: str, iteration: int) -> BaseException:
-    """A failed write as checkpointing.save_failed's one line, the same on
+    """A failed write as iterations.save_failed's one line, the same on
     every rank; anything else (a bug, an interrupt) as it is.
 
     megatron-core raises torch's CheckpointException on every rank when a
@@ -159,8 +161,8 @@ def _save_error(error: BaseException, root: str, iteration: int) -> BaseExceptio
         detail = (describe_os_error(OSError(int(found.group(1)), found.group(2), found.group(3)), "--save")
                   if found else first_line(failure))
     if isinstance(error, DcpCheckpointException):
-        detail = checkpointing.agreed_error(detail) or "a checkpoint writer failed"
-    return checkpointing.save_failed(root, iteration, detail)
+        detail = agreed_error(detail) or "a checkpoint writer failed"
+    return save_failed(root, iteration, detail)
 
 
 def _save_strategy(args):
@@ -202,7 +204,7 @@ def _publish(root: str, staging: str, final_dir: str, iteration: int, was_async:
     if torch.distributed.get_rank() == 0:
         for name in _UNSYNCED_FILES:
             fsync_path(os.path.join(staging, name))
-        checkpointing.publish_iteration(root, staging, final_dir, iteration)
+        publish_iteration(root, staging, final_dir, iteration)
         if was_async:
             print(f"finished the asynchronous save of {final_dir}", flush=True)
     torch.distributed.barrier()

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
-from megatron.training.checkpointing import CheckpointError
+from megatron.training.errors import CheckpointError
 from tests.distributed.launcher import ROOT
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
@@ -60,20 +60,20 @@ def _run_args(**overrides):
      r"'dp_reshardable', which loads only under the TP and PP it was saved with \(TP=2 PP=1 VP=1\)"),
 ])
 def test_optimizer_state_the_checkpoint_cannot_give(common, saved, same_tp_pp, message):
-    from megatron.training.dist_ckpt.load import _wants_optimizer
+    from megatron.training.checkpoint.torch_dist.load import _wants_optimizer
 
     with pytest.raises(CheckpointError, match=message):
         _wants_optimizer(common, saved, _run_args(), "CKPT", same_tp_pp)
 
 
 def test_an_initial_checkpoint_has_no_optimizer_state_to_load():
-    from megatron.training.dist_ckpt.load import _wants_optimizer
+    from megatron.training.checkpoint.torch_dist.load import _wants_optimizer
 
     assert _wants_optimizer({"iteration": 0}, {}, _run_args(), "CKPT", True) is False
 
 
 def test_another_model_is_named_with_its_flags():
-    from megatron.training.dist_ckpt.load import _check_model_shape
+    from megatron.training.checkpoint.torch_dist.load import _check_model_shape
 
     saved = vars(_run_args(hidden_size=128, num_query_groups=4))
     with pytest.raises(CheckpointError, match=r"--hidden-size 128 \(this run: 64\); 4 query groups \(this run: 2\)"):
