@@ -51,7 +51,7 @@ def load_model(load_dir: str, tensor_model_parallel_size: int = 1, pipeline_mode
                extra_args_provider=None) -> Tuple[object, list]:
     """(args, [model chunk]) for this rank, weights loaded, in eval mode.
     `model_builder(args, config)` and `extra_args_provider` (its flags) are
-    the entry point's: GPT by default, BERT in bert_inference.py."""
+    the entry point's: GPT by default, BERT in bert/inference.py."""
     args = training.setup_args(inference_argv(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size,
                                               extra_argv), extra_args_provider)
     config = arguments.transformer_config_from_args(args)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from megatron.training.arguments import ArgumentError, parse_args
-from megatron.training.bert_arguments import add_bert_args, finalize_bert_args
+from megatron.training.bert.arguments import add_bert_args, finalize_bert_args
 from tests.bert.conftest import convert
 
 

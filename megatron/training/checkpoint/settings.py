@@ -28,13 +28,13 @@ SHAPE = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
     "num_query_groups", "kv_channels", "swiglu", "untie_embeddings_and_output_weights", "add_bias_linear",
     "normalization", "position_embedding_type", "add_position_embedding", "make_vocab_size_divisible_by",
-    "num_tokentypes",  # BERT models (bert_arguments.py)
+    "num_tokentypes",  # BERT models (bert/arguments.py)
 )
 # Settings of the model a run may change on purpose.
 OTHER = (
     "attention_dropout", "hidden_dropout", "norm_epsilon", "init_method_std", "apply_query_key_layer_scaling",
     "seq_length", "max_position_embeddings", "rotary_base", "rotary_percent", "rotary_seq_len_interpolation_factor",
-    # BERT models (bert_arguments.py): the layer order and positions a converted model needs, its heads
+    # BERT models (bert/arguments.py): the layer order and positions a converted model needs, its heads
     "apply_residual_connection_post_layernorm", "position_ids_offset", "bert_binary_head",
 )
 # The tokenizer, taken as a group: a command line naming another --tokenizer-type takes none of the rest.

@@ -26,7 +26,7 @@ Memory model (bytes; e = bytes per element of --bf16/--fp16/fp32):
   left out.
 - Adapters (--lora-rank, --lora-quant-bits): the base is frozen (no
   gradients, no optimizer state), QLoRA stores its linear weights quantized;
-  the memory model of that is planner_adapters.py. Stage i of a 1F1B pipeline holds min(PP - i, M) micro-batches;
+  the memory model of that is planner/adapters.py. Stage i of a 1F1B pipeline holds min(PP - i, M) micro-batches;
   the interleaved schedule holds megatron-core's warm-up count of
   (virtual) micro-batches plus one.
 What the model leaves out is covered by a headroom: CUDA context, NCCL
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 from megatron.training import arguments
-from megatron.training import planner_adapters as adapters
+from megatron.training.planner import adapters
 from megatron.training.flops import PEAK_BF16_TFLOPS, ModelShape, flops_per_iteration, throughput
 from megatron.training.sizes import padded_vocab_size
 

@@ -270,7 +270,7 @@ def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def build_bert_model(args, config, pre_process=None, post_process=None, vp_stage=None) -> BertFamilyModel:
     """One model chunk for this rank's pipeline stage (or virtual stage)."""
-    from megatron.training.bert_arguments import finalize_bert_args
+    from megatron.training.bert.arguments import finalize_bert_args
 
     finalize_bert_args(args)
     if config.bias_activation_fusion:

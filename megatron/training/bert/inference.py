@@ -19,8 +19,8 @@ import torch
 from megatron.training import inference, initialize
 from megatron.training.checkpoint.iterations import is_torch_dist, iteration_dir, read_tracker
 from megatron.training.checkpoint.save_load import read_checkpoint_args
-from megatron.training.bert_arguments import add_bert_and_classification_args
-from megatron.training.models.bert import build_bert_model
+from megatron.training.bert.arguments import add_bert_and_classification_args
+from megatron.training.bert.model import build_bert_model
 
 
 def load_bert_model(load_dir: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
