@@ -102,6 +102,27 @@ def test_no_import_cycle():
     assert not cycles, "imports must run one way; move the shared piece below both:\n" + "\n".join(described)
 
 
+T = "megatron.training."
+LEAVES = (T + "sizes", T + "fileio", T + "sharding", T + "models.hf_names")  # import nothing of ours
+FLAG_MODULES = (T + "checkpoint.flags", T + "peft.arguments", T + "kernels.flags", T + "exit_signal",
+                T + "bert.arguments")
+# (modules whose name starts with this, may not import modules whose name starts with this, why)
+FORBIDDEN = (
+    [(leaf, "megatron.", "a leaf imports nothing of this project") for leaf in LEAVES]
+    + [(flags, T + "arguments", "feature flags sit below the parser, which composes them") for flags in FLAG_MODULES]
+    + [(T + "checkpoint.", T + "peft.checkpoint", "adapter checkpoints are a client of the checkpoint package"),
+       (T + "checkpoint.", T + "checkpoint_convert", "the converters are a client of the checkpoint package"),
+       (T + "peft.", T + "checkpoint_convert", "adapters take HF names from models/hf_names.py, not a converter")]
+)
+
+
+def test_imports_follow_the_layers():
+    edges = import_edges(ROOT)
+    wrong = [f"{m} imports {n}: {why}" for m, targets in sorted(edges.items()) for n in sorted(targets)
+             for importer, imported, why in FORBIDDEN if m.startswith(importer) and n.startswith(imported)]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_cycle_check_finds_a_cycle(tmp_path):
     """The check itself: a two-module cycle through a function-level import is found."""
     pkg = tmp_path / "megatron" / "training"
