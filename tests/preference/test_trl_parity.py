@@ -38,7 +38,7 @@ def _ours(rank, world_size, tiny, cases):
     from megatron.core import parallel_state
 
     import finetune_dpo
-    from megatron.training import checkpointing, training
+    from megatron.training import training
     from megatron.training.data.preference_dataset import split_pair_batch
     from megatron.training.initialize import destroy
     from megatron.training.preference.arguments import add_preference_args
@@ -58,7 +58,7 @@ def _ours(rank, world_size, tiny, cases):
             tokenizer = training.build_tokenizer_from_args(args)
             model = training.build_model(args, run.model_provider)
             optimizer, scheduler = training.build_optimizer(args, model)
-            checkpointing.load_checkpoint(args, model, optimizer, scheduler)
+            training.load_checkpoint(args, model, optimizer, scheduler)
             lora = {}
             if mode == "adapters":  # B is 0 at the start (policy = reference): draw both A and B
                 g = torch.Generator().manual_seed(7)

@@ -92,7 +92,7 @@ def precompute_missing(argv, run, extra_args_provider) -> None:
     PreferenceRun (its model provider builds the model)."""
     from megatron.core import parallel_state
 
-    from megatron.training import arguments, checkpointing, training
+    from megatron.training import arguments, training
 
     if not missing_prefixes(arguments.parse_args(argv, extra_args_provider)):
         return
@@ -106,7 +106,7 @@ def precompute_missing(argv, run, extra_args_provider) -> None:
     model = training.build_model(args, run.model_provider)
     ref_args = copy.copy(args)
     ref_args.load, ref_args.finetune, ref_args.ckpt_step = args.ref_load, True, None
-    checkpointing.load_checkpoint(ref_args, model, None, None)
+    training.load_checkpoint(ref_args, model, None, None)
     writer = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
               and parallel_state.get_data_parallel_rank() == 0)
     for prefix in prefixes:

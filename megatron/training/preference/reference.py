@@ -79,12 +79,12 @@ class Reference:
     def _load(self, args, config) -> None:
         from megatron.core.transformer.module import Float16Module
 
-        from megatron.training import checkpointing, initialize
+        from megatron.training import initialize, training
 
         chunks = [self.copies[k] for k in sorted(self.copies, key=lambda k: -1 if k is None else k)]
         ref_args = copy.copy(args)
         ref_args.load, ref_args.finetune, ref_args.ckpt_step = args.ref_load, True, None
-        checkpointing.load_checkpoint(ref_args, chunks, None, None)
+        training.load_checkpoint(ref_args, chunks, None, None)
         for key, chunk in zip(sorted(self.copies, key=lambda k: -1 if k is None else k), chunks):
             chunk.to(initialize.device())
             chunk = Float16Module(config, chunk) if args.fp16 or args.bf16 else chunk
