@@ -1,4 +1,4 @@
-"""The planner (tools/plan.py --dpo with finetune_dpo.py's flags) counts what
+"""The planner (megatron/training/planner/plan.py, tools/plan.py --dpo with finetune_dpo.py's flags) counts what
 preference tuning adds: activations of two sequences (a pair) per micro-batch
 element, and with a full-model reference (--pref-reference copy, the default
 without adapters) the frozen copy of each stage's weights; adapters (reference
@@ -6,7 +6,7 @@ without adapters) the frozen copy of each stage's weights; adapters (reference
 
 import pytest
 
-from megatron.training.planner import format_plan, plan_from_argv, stage_parameters
+from megatron.training.planner.plan import format_plan, plan_from_argv, stage_parameters
 
 LLAMA_7B = [
     "--num-layers", "32", "--hidden-size", "4096", "--ffn-hidden-size", "11008", "--num-attention-heads", "32",
