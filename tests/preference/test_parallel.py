@@ -12,7 +12,8 @@ stages), the adapter run at TP=2 x DP=2, and the precomputed run at PP=2 x
 DP=2 on a fresh copy of the data, so the precomputing pass itself runs
 pipelined and data-parallel. Tolerance: 1e-5 relative on every iteration's
 loss and reward margin (only the order of reductions differs); the
-precomputed log-probs equal the single-process ones to 1e-6 relative.
+precomputed log-probs equal the single-process ones to 1e-6 relative. The
+single-process copy run also writes TensorBoard: TRL's metric names are its tags.
 """
 
 import os
@@ -68,15 +69,16 @@ def runs(tiny, tmp_path_factory):
     for name in os.listdir(os.path.dirname(tiny["train"])):
         if name.startswith("train_pair"):
             shutil.copy(os.path.join(os.path.dirname(tiny["train"]), name), os.path.dirname(fresh))
-    single = run_distributed(_runs, 1, args=([_flags(tiny, k, tiny["train"]) for k in
-                                              ("copy", "precomputed", "adapters")],))[0]
+    board = str(tmp_path_factory.mktemp("tensorboard"))
+    single = run_distributed(_runs, 1, args=([_flags(tiny, k, tiny["train"], ["--tensorboard-dir", board] if k == "copy"
+                                                     else []) for k in ("copy", "precomputed", "adapters")],))[0]
     parallel = run_distributed(_runs, 4, args=([
         _flags(tiny, "copy", tiny["train"], TP2 + PP2 + ["--sequence-parallel"]),
         _flags(tiny, "adapters", tiny["train"], TP2 + ["--sequence-parallel"]),
         _flags(tiny, "precomputed", fresh, PP2),
     ],))[-1]
     return dict(zip(("copy", "precomputed", "adapters"), single)), dict(zip(("copy", "adapters", "precomputed"),
-                                                                             parallel)), fresh
+                                                                             parallel)), fresh, board
 
 
 def _same(got, want, what, rtol=RTOL):
@@ -88,26 +90,38 @@ def _same(got, want, what, rtol=RTOL):
 
 
 def test_precomputed_reference_gives_the_live_reference_loss(runs):
-    single, _, _ = runs
+    single, *_ = runs
     _same(single["precomputed"], single["copy"], "precomputed vs live copy")
     assert single["copy"][0][2] != 0.0  # the policy differs from the reference from the first step on
     assert single["copy"][-1][1] < single["copy"][0][1]  # and training lowers the loss
 
 
 def test_tp2_pp2_with_sequence_parallel_reproduces_one_process(runs):
-    single, parallel, _ = runs
+    single, parallel, *_ = runs
     _same(parallel["copy"], single["copy"], "TP=2 x PP=2 (SP), frozen copy")
 
 
 def test_dp2_with_adapters_reproduces_one_process(runs):
-    single, parallel, _ = runs
+    single, parallel, *_ = runs
     _same(parallel["adapters"], single["adapters"], "TP=2 x DP=2 (SP), adapters off as the reference")
     assert single["adapters"][-1][2] > 0  # the adapters learn: chosen rewards move above rejected ones
 
 
 def test_precomputing_under_pp2_dp2_gives_the_same_log_probs(runs, tiny):
-    single, parallel, fresh = runs
+    single, parallel, fresh, _ = runs
     _same(parallel["precomputed"], single["precomputed"], "PP=2 x DP=2, precomputed")
     with np.load(fresh + "_ref_logps.npz") as got, np.load(tiny["train"] + "_ref_logps.npz") as want:
         np.testing.assert_allclose(got["logps"], want["logps"], rtol=1e-6)
         assert str(got["fingerprint"]) == str(want["fingerprint"])
+
+
+def test_trl_named_metrics_reach_tensorboard(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    single, *_, board = runs
+    events = EventAccumulator(board)
+    events.Reload()
+    for tag in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(1, ITERS + 1)), tag
+    assert [e.value for e in events.Scalars("rewards/margins")] == pytest.approx([m for _, _, m, _ in single["copy"]])
