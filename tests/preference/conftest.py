@@ -95,3 +95,20 @@ def driver_flags(load, data, extra=()):
 
 def records_json(records):
     return "\n".join(json.dumps(r) for r in records)
+
+
+@pytest.fixture(scope="session")
+def ours(tiny):
+    """test_trl_parity.py: our side of one DPO step per case."""
+    from tests.preference.test_trl_parity import run_ours
+
+    return run_ours(tiny)
+
+
+@pytest.fixture(scope="session")
+def theirs(tiny, ours, tmp_path_factory):
+    """TRL's side (DPOTrainer per case, and CPOTrainer.cpo_loss for test_preference_loss.py), in one process."""
+    from tests.preference.test_preference_loss import cpo_calls
+    from tests.preference.test_trl_parity import run_theirs
+
+    return run_theirs(tiny, ours, str(tmp_path_factory.mktemp("trl")), cpo_calls())

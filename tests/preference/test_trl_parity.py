@@ -110,7 +110,7 @@ def _hf_logps(model, inputs):
     return (token * inputs["completion_mask"][:, 1:]).sum(-1)
 
 
-def _trl(tiny, mode, loss, beta, examples, lora, tmp_path):
+def _trl(tiny, mode, loss, beta, examples, lora, out_dir):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -123,7 +123,7 @@ def _trl(tiny, mode, loss, beta, examples, lora, tmp_path):
     policy = load(tiny["policy_hf"] if mode == "copy" else tiny["reference_hf"])
     ref = load(tiny["reference_hf"]) if mode == "copy" else None
     peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS) if mode == "adapters" else None
-    config = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss], bf16=False, use_cpu=True,
+    config = DPOConfig(output_dir=out_dir, beta=beta, loss_type=[loss], bf16=False, use_cpu=True,
                        report_to="none", max_length=None, per_device_train_batch_size=len(examples), seed=1234)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=config, peft_config=peft_config, processing_class=tok,
                          train_dataset=Dataset.from_list([{"prompt": "w1", "chosen": "w2", "rejected": "w3"}]))
@@ -147,8 +147,34 @@ def _trl(tiny, mode, loss, beta, examples, lora, tmp_path):
     value.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     metrics["loss"] = float(value)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return metrics, policy_logps, ref_logps, grads
+
+
+def _cpo(calls):
+    """TRL's CPOTrainer.cpo_loss (experimental/cpo) on given per-sequence log-probs: (losses, chosen rewards,
+    rejected rewards) per call (loss type, beta, label smoothing, SimPO gamma, chosen, rejected)."""
+    import types
+
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    out = {}
+    for loss_type, beta, smoothing, gamma, chosen, rejected in calls:
+        fake = types.SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta, label_smoothing=smoothing,
+                                     simpo_gamma=gamma, accelerator=types.SimpleNamespace(device="cpu"))
+        out[(loss_type, smoothing)] = CPOTrainer.cpo_loss(fake, chosen, rejected)
+    return out
+
+
+def _theirs(rank, world_size, tiny, cases, examples, loras, out_dir, cpo_calls):
+    """TRL's side of every case, in a process of its own: TRL imports pyarrow, whose allocator thread would
+    make later forks of the test process (multiprocessing pools in other tests) hang."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    out = {(mode, loss): _trl(tiny, mode, loss, beta, examples, loras[(mode, loss)], out_dir)
+           for mode, loss, beta in cases}
+    out["cpo"] = _cpo(cpo_calls)
+    return out
 
 
 def _hf_grads_of(ours, tiny, vocab_size):
@@ -163,9 +189,16 @@ def _hf_grads_of(ours, tiny, vocab_size):
     return out
 
 
-@pytest.fixture(scope="module")
-def ours(tiny):
+def run_ours(tiny):
     return run_distributed(_ours, 1, args=(tiny, CASES))[0]
+
+
+def run_theirs(tiny, ours, out_dir, cpo_calls):
+    from tests.preference.conftest import SEQ_LENGTH
+
+    loras = {key: value["lora"] for key, value in ours.items()}
+    return run_distributed(_theirs, 1, args=(tiny, CASES, _pairs(tiny, SEQ_LENGTH, 1234, 4), loras, out_dir,
+                                             cpo_calls))[0]
 
 
 def _close(got, want, what):
@@ -173,12 +206,9 @@ def _close(got, want, what):
 
 
 @pytest.mark.parametrize("mode,loss,beta", CASES)
-def test_one_step_equals_trl(tiny, ours, mode, loss, beta, tmp_path):
-    from tests.preference.conftest import SEQ_LENGTH
-
+def test_one_step_equals_trl(tiny, ours, theirs, mode, loss, beta):
     got = ours[(mode, loss)]
-    examples = _pairs(tiny, SEQ_LENGTH, 1234, 4)
-    metrics, policy_logps, ref_logps, trl_grads = _trl(tiny, mode, loss, beta, examples, got["lora"], tmp_path)
+    metrics, policy_logps, ref_logps, trl_grads = theirs[(mode, loss)]
 
     # log-probs of the first micro-batch (pairs 0 and 1; rows chosen, chosen, rejected, rejected) vs transformers
     hf_rows = torch.cat([policy_logps[[0, 1, 4, 5]], ref_logps[[0, 1, 4, 5]]])
@@ -203,3 +233,9 @@ def test_one_step_equals_trl(tiny, ours, mode, loss, beta, tmp_path):
         bound = GRAD_RTOL * want.abs().max() + 1e-7
         err = (ours_grads[name] - want).abs().max()
         assert err <= bound, f"{mode} {loss}: gradient of {name} differs by {err:.3g} (bound {bound:.3g})"
+
+
+def test_trl_ran_outside_the_test_process(theirs):
+    """TRL imports pyarrow, whose jemalloc thread makes a forked child of this process hang on its first
+    allocation (the multiprocessing pools of the data-tool tests that run later): TRL stays in its own process."""
+    assert not {"trl", "datasets", "pyarrow"} & set(sys.modules)
