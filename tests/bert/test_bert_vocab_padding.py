@@ -18,6 +18,7 @@ import pytest
 
 import finetune_classification  # noqa: F401 - imported here, so the forked ranks inherit megatron-core
 import pretrain_bert  # noqa: F401
+from megatron.training.checkpoint.save_load import read_checkpoint_args
 from megatron.training.data.sample_corpus import planted_classification_records
 from megatron.training.sizes import padded_vocab_size
 from tests.bert.conftest import TINY_BERT
@@ -125,6 +126,9 @@ def test_checkpoints_continue_under_another_vocabulary_padding(wordpiece_data, w
         ("cls tp1 resumes c2", C, cls + TP1 + ["--load", ck["c2"]] + resume),
         ("c2t", C, cls + TP2 + ["--load", ck["c1"]] + start + [ck["c2t"]] + TORCH),
     ], world_size=2)
+
+    rows = {name: read_checkpoint_args(path)["padded_vocab_size"] for name, path in ck.items()}
+    assert rows == {name: 1152 if "2" in name else 1056 for name in ck}, rows  # each layout's own padding
 
     other_vocab = tmp_path / "other_vocab.txt"  # another tokenizer: the same pieces but the last 40
     other_vocab.write_text("".join(open(wordpiece_vocab).readlines()[:-40]))
