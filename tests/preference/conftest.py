@@ -39,8 +39,9 @@ def _hf_model(path, tokenizer_dir, vocab, seed, noise=0.0, base=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), bos_token_id=vocab["<s>"], eos_token_id=vocab["<|end|>"],
-                                         pad_token_id=vocab["<unk>"], **MODEL))
+    config = LlamaConfig(vocab_size=len(vocab), bos_token_id=vocab["<s>"], eos_token_id=vocab["<|end|>"],
+                         pad_token_id=vocab["<unk>"], **MODEL)
+    model = LlamaForCausalLM(config)
     if base is not None:
         model.load_state_dict(base.state_dict())
     with torch.no_grad():

@@ -17,7 +17,8 @@ def base(tmp_path):
 
 
 def test_stage_dpo_trains_with_finetune_dpo_and_the_pref_keys(tmp_path, base):
-    plan = fc.make_plan(fc.load_config(write(tmp_path, dict(base, pref_loss="ipo", pref_beta=0.5, pref_ftx=0.2)), "run"))
+    entry = dict(base, pref_loss="ipo", pref_beta=0.5, pref_ftx=0.2)
+    plan = fc.make_plan(fc.load_config(write(tmp_path, entry), "run"))
     cmd = fc.train_command(plan, REPO, 100, None)
     assert cmd[1].endswith("finetune_dpo.py")
     assert flag(cmd, "--pref-loss") == "ipo" and flag(cmd, "--pref-beta") == "0.5" and flag(cmd, "--pref-ftx") == "0.2"

@@ -11,7 +11,6 @@ base(r)), prefers the chosen reply in nearly every pair, as the driver's own
 validation metric says."""
 
 import json
-import os
 import random
 import re
 

@@ -122,7 +122,8 @@ def _trl(tiny, mode, loss, beta, examples, lora, out_dir):
     load = lambda d: LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)  # noqa: E731
     policy = load(tiny["policy_hf"] if mode == "copy" else tiny["reference_hf"])
     ref = load(tiny["reference_hf"]) if mode == "copy" else None
-    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS) if mode == "adapters" else None
+    adapters = mode == "adapters"
+    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS) if adapters else None
     config = DPOConfig(output_dir=out_dir, beta=beta, loss_type=[loss], bf16=False, use_cpu=True,
                        report_to="none", max_length=None, per_device_train_batch_size=len(examples), seed=1234)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=config, peft_config=peft_config, processing_class=tok,

@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 from megatron.training import arguments
+from megatron.training.flops import PEAK_BF16_TFLOPS, ModelShape, flops_per_iteration, throughput
 from megatron.training.planner import adapters
 from megatron.training.preference.arguments import add_preference_args, reference_mode
-from megatron.training.flops import PEAK_BF16_TFLOPS, ModelShape, flops_per_iteration, throughput
 from megatron.training.sizes import padded_vocab_size
 
 GIB = float(1 << 30)
@@ -75,7 +75,7 @@ def add_planner_flags(parser) -> None:
     g.add_argument("--memory-headroom-gib", type=float, default=DEFAULT_HEADROOM_GIB,
                    help="kept free for what the plan does not model (CUDA context, NCCL, fragmentation)")
     g.add_argument("--dpo", action="store_true",
-                   help="plan preference tuning (finetune_dpo.py and its --pref-* flags): pairs, and the reference copy")
+                   help="plan preference tuning (finetune_dpo.py, its --pref-* flags): pairs, and the reference copy")
 
 
 @dataclass

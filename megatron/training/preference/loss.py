@@ -9,7 +9,7 @@ With d = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)), per pair:
     sigmoid  -(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d)     DPO; eps = --dpo-label-smoothing
                                                                          (conservative DPO; TRL 0.x's "sigmoid")
     hinge    relu(1 - beta d)                                              SLiC
-    ipo      (d_c / |c| - d_r / |r| - 1 / (2 beta))^2                      IPO on per-token log-ratios (TRL, LLaMA-Factory)
+    ipo      (d_c / |c| - d_r / |r| - 1 / (2 beta))^2                      IPO, per-token log-ratios (TRL)
     simpo    -(1 - eps) log sigmoid(m) - eps log sigmoid(-m),              reference-free, length-normalised;
              m = beta (log pi(c) / |c| - log pi(r) / |r|) - gamma          TRL's CPO "simpo", LLaMA-Factory
     + pref_ftx x (-log pi(c) / |c|)                                        LLaMA-Factory's SFT term on chosen
