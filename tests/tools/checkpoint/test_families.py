@@ -12,8 +12,9 @@ One 4-process launch, for each family:
   with --use-checkpoint-args at TP=2 x PP=2: the driver restores the family's
   settings from the checkpoint, trains, saves torch_dist, and that checkpoint
   exports to the family's own HF class with the driver's logits;
-- adapters trained at TP=2 x PP=2 (LoRA, RSLoRA, DoRA on Qwen2's biased
-  linear_qkv, QLoRA 4-bit on it, LoRA with Qwen3's norms) export to a peft
+- adapters trained at TP=2 x PP=2 (RSLoRA on Llama 3, 4-bit QLoRA with DoRA
+  on every linear of Qwen2, whose biased linear_qkv keeps its bias frozen and
+  unquantised, LoRA with Qwen3's norms, LoRA on Mistral) export to a peft
   directory that `PeftModel.from_pretrained` loads with no missing or
   unexpected key and the driver's logits within 1e-4, and the merged HF export
   gives the same logits within 1e-4.
@@ -47,10 +48,8 @@ RUN = LAYOUT + ["--use-checkpoint-args", "--finetune", "--mock-data", "--vocab-s
 ADAPTERS = {  # name: (family, --lora-* flags)
     "llama3_rslora": ("llama3", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-use-rslora", "--lora-target-modules",
                                  "q_proj", "k_proj", "v_proj", "o_proj"]),
-    "qwen2_dora": ("qwen2", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-use-dora", "--lora-target-modules",
-                             "all-linear"]),
-    "qwen2_qlora4": ("qwen2", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-quant-bits", "4",
-                               "--lora-target-modules", "q_proj", "k_proj", "v_proj"]),
+    "qwen2_qlora4_dora": ("qwen2", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-quant-bits", "4",
+                                    "--lora-use-dora", "--lora-target-modules", "all-linear"]),
     "qwen3_lora": ("qwen3", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-target-modules", "all-linear"]),
     "mistral_lora": ("mistral", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-target-modules", "q_proj",
                                  "v_proj"]),
@@ -193,6 +192,75 @@ def test_adapters_on_every_family_load_in_peft_and_match_the_merged_export(runs,
     diff = (theirs - ours).abs().max().item()
     assert diff <= ADAPTER_ATOL, f"{name}: PeftModel vs our TP2xPP2 logits differ by {diff}"
     merged = convert("megatron", "hf", run["adapter"], tmp_path / "merged")
+    base_tensors, merged_tensors = read_safetensors(hf_base), read_safetensors(merged)
+    biases = [k for k in base_tensors if k.endswith(".bias")]
+    assert biases == [] if run["family"] != "qwen2" else len(biases) == 3 * 4  # q/k/v of each layer
+    assert all(torch.equal(base_tensors[k], merged_tensors[k]) for k in biases)  # frozen, never quantised
     merged_diff = (hf_logits(merged, SHORT) - theirs).abs().max().item()
     print(f"{name}: PeftModel vs ours {diff:.2e}, vs the merged export {merged_diff:.2e}")
     assert merged_diff <= ADAPTER_ATOL, f"{name}: merged export vs PeftModel differ by {merged_diff}"
+
+
+# ------------------------------------------------------------------ bad input
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+REFUSED = {  # name: (family whose directory it starts from, config.json changes, what the one line says)
+    "unknown_model_type": ("llama3", {"model_type": "gpt_neox"}, "model_type 'gpt_neox', which no converter family "
+                                                                   "reads (llama, mistral, qwen2, qwen3, bert"),
+    "yarn": ("qwen2", {"rope_scaling": YARN}, "rope scaling of type 'yarn' is not supported: megatron-core's GPTModel "
+                                               "implements linear position interpolation (rope_type 'linear') and "
+                                               "Llama 3.x frequency scaling (rope_type 'llama3') only"),
+    "dynamic": ("llama3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+                "rope scaling of type 'dynamic' is not supported"),
+    "longrope": ("mistral", {"rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}},
+                 "rope scaling of type 'longrope' is not supported"),
+    "llama3_constants": ("llama3", {"rope_parameters": dict(FAMILIES["llama3"]["rope_parameters"],
+                                                            original_max_position_embeddings=4096)},
+                         "rope_type 'llama3' with original_max_position_embeddings 4096 (megatron-core: 8192)"),
+    "mistral_window": ("mistral", {"sliding_window": 256}, "uses sliding-window attention (sliding_window 256 on 4 of "
+                                                           "4 layers, max_position_embeddings 1024), which is not "
+                                                           "supported"),
+    "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 512, "max_window_layers": 2,
+                               "layer_types": None}, "sliding_window 512 on 2 of 4 layers"),
+    "mixtral": ("mistral", {"model_type": "mixtral", "num_local_experts": 8},
+                "model_type 'mixtral': Mixtral is a mixture-of-experts model, which"),
+    "qwen2_moe": ("qwen2", {"model_type": "qwen2_moe", "num_experts": 4},
+                  "model_type 'qwen2_moe': Qwen2-MoE is a mixture-of-experts model, which"),
+    "experts_in_a_llama": ("llama3", {"num_local_experts": 8}, "it configures mixture-of-experts layers "
+                                                               "(num_local_experts 8), which this converter does not "
+                                                               "read; it reads dense decoders"),
+    "o_proj_bias": ("qwen3", {"attention_bias": True}, "biases on o_proj or the MLP are not supported"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+@pytest.mark.parametrize("loader", ["hf", "llama2_hf"])
+def test_unsupported_configs_are_one_line_errors(family_dirs, tmp_path, capsys, name, loader):
+    import shutil
+
+    from tools.checkpoint import util
+
+    family, changes, message = REFUSED[name]
+    if loader == "llama2_hf" and name == "unknown_model_type":
+        message = "model_type 'gpt_neox' (architectures ['LlamaForCausalLM']), not a family this converter knows"
+    model = tmp_path / "model"
+    shutil.copytree(family_dirs[family], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(config, **changes)))
+    out = tmp_path / "out"
+    assert util.main(["--model-type", "GPT", "--loader", loader, "--saver", "megatron", "--load-dir", str(model),
+                      "--save-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
+
+
+def test_what_looks_like_a_window_but_is_not_one_converts():
+    """Hub Qwen2.5 configs carry sliding_window 131072 with use_sliding_window false (full attention), and a
+    window no shorter than the context restricts nothing: both convert, to full causal attention."""
+    from megatron.training.checkpoint_convert.decoder_configs import megatron_flags_from_hf
+
+    qwen25 = dict(FAMILIES["qwen2"], num_hidden_layers=4, sliding_window=131072, use_sliding_window=False,
+                  max_window_layers=28)
+    assert "--add-qkv-bias" in megatron_flags_from_hf(qwen25)
+    assert "--swiglu" in megatron_flags_from_hf(dict(FAMILIES["mistral"], sliding_window=1024))
