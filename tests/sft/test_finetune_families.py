@@ -46,9 +46,24 @@ def make_base(path, model_type, config):
     return str(path)
 
 
+def dequantized_base(base):
+    """The base as the 8-bit training saw it: bitsandbytes' int8 format, dequantised (its equality with
+    bitsandbytes is tests/training/peft/test_qlora.py's)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(HF_LINEARS):
+                module.weight.copy_(dequantized_as_trained(module.weight, 8, torch.float32))
+    return model
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BASES))
 def test_shipped_family_configuration_runs_end_to_end(tmp_path, capfd, name):
+    """The Qwen2 run exports the merged model too (the Llama run only the adapter, to save a process:
+    the merged Llama 3 export is test_families.py's), which equals peft over the base it trained on."""
     import finetune
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -59,29 +74,27 @@ def test_shipped_family_configuration_runs_end_to_end(tmp_path, capfd, name):
     base = make_base(tmp_path / "base", model_type, config)
     entry = dict(shipped, base_model=base, dataset_path=write_jsonl(tmp_path / "train.jsonl", RECORDS),
                  save_dir=str(tmp_path / "out"), num_epochs=1, batch_size=4, gradient_accumulation_steps=1,
-                 seq_length=32, bf16=False, layout={}, log_interval=1)  # the same keys, sized for this machine
+                 seq_length=32, bf16=False, layout={}, log_interval=1,  # the same keys, sized for this machine
+                 export_hf=model_type == "qwen2")
     configs = tmp_path / "configs.json"
     configs.write_text(json.dumps({name: entry}))
     assert finetune.main([name, "--configs", str(configs)]) == 0
     log = capfd.readouterr().out
     assert "--lora-rank 8" in log and "--lora-quant-bits 8" in log and "--use-checkpoint-args" in log
-    merged_dir = tmp_path / "out" / "hf"
-    with open(merged_dir / "config.json") as f:
-        exported = json.load(f)
-    assert exported["architectures"] == [architecture]
-    if model_type == "llama":
-        assert exported["rope_scaling"]["rope_type"] == "llama3" and exported["rope_scaling"]["factor"] == 8.0
+    out = tmp_path / "out"
+    with open(out / "base" / "release" / "mp_rank_00" / "model_optim_rng.pt", "rb") as f:
+        recorded = torch.load(f, weights_only=True)["args"]
+    assert recorded["hf_model_type"] == model_type and recorded["add_qkv_bias"] == (model_type == "qwen2")
+    assert recorded["use_rope_scaling"] == (model_type == "llama") and recorded["rope_scaling_factor"] == 8.0
+
     tokens = torch.randint(0, 12, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)(tokens).logits
         plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(tokens).logits
-    assert (merged - plain).abs().max() > 1e-3, "training should have moved the model"
-    # peft over the base as the 8-bit training saw it (bitsandbytes' int8 format, dequantised; its
-    # equality with bitsandbytes is tests/training/peft/test_qlora.py's) gives the merged export's logits
-    quantised = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    with torch.no_grad():
-        for module_name, module in quantised.named_modules():
-            if module_name.endswith(HF_LINEARS):
-                module.weight.copy_(dequantized_as_trained(module.weight, 8, torch.float32))
-        adapted = PeftModel.from_pretrained(quantised, str(tmp_path / "out" / "adapter"))(tokens).logits
-    assert (adapted - merged).abs().max().item() <= 1e-4
+        adapted = PeftModel.from_pretrained(dequantized_base(base), str(out / "adapter"))(tokens).logits
+    assert (adapted - plain).abs().max() > 1e-3, "training should have moved the model"
+    if entry["export_hf"]:
+        with open(out / "hf" / "config.json") as f:
+            assert json.load(f)["architectures"] == [architecture]
+        with torch.no_grad():
+            merged = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)(tokens).logits
+        assert (adapted - merged).abs().max().item() <= 1e-4
