@@ -149,7 +149,7 @@ def test_converted_family_gives_transformers_logits_where_its_feature_matters(ru
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_continued_training_keeps_the_family_and_exports_its_class(runs, name, tmp_path):
-    from megatron.training.checkpointing import read_checkpoint_args
+    from megatron.training.checkpoint.save_load import read_checkpoint_args
 
     run = runs[name]
     # the tool's torch_dist checkpoint goes back to HF bit for bit
