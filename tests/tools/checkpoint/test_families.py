@@ -255,10 +255,17 @@ def test_unsupported_configs_are_one_line_errors(family_dirs, tmp_path, capsys, 
     assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
 
 
-def test_what_looks_like_a_window_but_is_not_one_converts():
-    """Hub Qwen2.5 configs carry sliding_window 131072 with use_sliding_window false (full attention), and a
-    window no shorter than the context restricts nothing: both convert, to full causal attention."""
+def test_hub_configs_of_transformers_4_convert():
+    """The hub's config.json files (transformers 4: rope_theta + rope_scaling) of Llama 3.1 and Qwen2.5; Qwen2.5
+    carries sliding_window 131072 with use_sliding_window false (full attention), and a window no shorter than
+    the context restricts nothing: both convert, to full causal attention."""
     from megatron.training.checkpoint_convert.decoder_configs import megatron_flags_from_hf
+
+    llama31 = {k: v for k, v in FAMILIES["llama3"].items() if k != "rope_parameters"}
+    llama31.update(rope_theta=500000.0, rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+    flags = " ".join(megatron_flags_from_hf(llama31))
+    assert "--rotary-base 500000 --use-rope-scaling --rope-scaling-factor 8.0" in flags
 
     qwen25 = dict(FAMILIES["qwen2"], num_hidden_layers=4, sliding_window=131072, use_sliding_window=False,
                   max_window_layers=28)
