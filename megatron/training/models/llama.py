@@ -3,9 +3,10 @@
 Llama = RMSNorm + SwiGLU + RoPE + no biases (+ GQA, tied or untied
 embeddings, Llama 3.x rope scaling); Qwen2 adds q/k/v biases
 (--add-qkv-bias), Qwen3 a per-head RMSNorm of q and k (--qk-layernorm). All
-of it is megatron-core's own modules, selected by a layer spec. Transformer Engine's spec is used when `--transformer-impl
-transformer_engine` (the default when it imports); otherwise the local spec,
-whose core attention is swapped for `SDPAttention` with `--use-flash-attn`.
+of it is megatron-core's own modules, selected by a layer spec. Transformer
+Engine's spec is used when `--transformer-impl transformer_engine` (the
+default when it imports); otherwise the local spec, whose core attention is
+swapped for `SDPAttention` with `--use-flash-attn`.
 """
 
 import copy

@@ -11,7 +11,9 @@ One 4-process launch, for each family:
 - the HF model converted to torch_dist (bitwise back to HF) continues training
   with --use-checkpoint-args at TP=2 x PP=2: the driver restores the family's
   settings from the checkpoint, trains, saves torch_dist, and that checkpoint
-  exports to the family's own HF class with the driver's logits;
+  exports to the family's own HF class with the driver's logits; for Qwen2 and
+  Qwen3 the same SGD steps at DP=4 reach the same weights (q/k norm gradients
+  summed over the TP ranks, q/k/v biases split with their rows);
 - adapters trained at TP=2 x PP=2 (RSLoRA on Llama 3, 4-bit QLoRA with DoRA
   on every linear of Qwen2, whose biased linear_qkv keeps its bias frozen and
   unquantised, LoRA with Qwen3's norms, LoRA on Mistral) export to a peft
@@ -45,6 +47,12 @@ LAYOUT = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
 RUN = LAYOUT + ["--use-checkpoint-args", "--finetune", "--mock-data", "--vocab-size", "256", "--seq-length", "64",
                 "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-2",
                 "--lr-decay-style", "constant", "--weight-decay", "0", "--eval-iters", "0", "--log-interval", "1"]
+# Continued training by plain SGD, whose update is the gradient itself: the same run at TP=1 x PP=1 x DP=4
+# (Qwen2, Qwen3) must reach the same weights, which a q/k norm gradient not summed over the TP ranks (each
+# holds half the heads) or a q/k/v bias split the wrong way would not.
+CONTINUE = RUN + ["--optimizer", "sgd", "--sgd-momentum", "0", "--lr", "0.1"]
+DATA_PARALLEL = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "1"]
+PARITY = ("qwen2", "qwen3")
 ADAPTERS = {  # name: (family, --lora-* flags)
     "llama3_rslora": ("llama3", ["--lora-rank", "4", "--lora-alpha", "8", "--lora-use-rslora", "--lora-target-modules",
                                  "q_proj", "k_proj", "v_proj", "o_proj"]),
@@ -91,11 +99,14 @@ def runs(family_dirs, tmp_path_factory):
     for name, hf in family_dirs.items():
         paths = {"hf": hf, "torch": to_megatron(hf, root / f"{name}_tp2pp2", 2, 2),
                  "dist": convert("hf", "torch_dist", hf, root / f"{name}_dist", "--make-vocab-size-divisible-by", 64),
-                 "continued": str(root / f"{name}_continued")}
+                 "continued": str(root / f"{name}_continued"), "continued_dp": str(root / f"{name}_continued_dp")}
         steps += [("logits", paths["torch"], LONG),
-                  ("train", RUN + ["--load", paths["dist"], "--save", paths["continued"]]),
+                  ("train", CONTINUE + ["--load", paths["dist"], "--save", paths["continued"]]),
                   ("logits", paths["continued"], SHORT)]
         out[name] = dict(paths, base_logits=len(steps) - 3, continued_logits=len(steps) - 1)
+        if name in PARITY:
+            steps.append(("train", CONTINUE + DATA_PARALLEL + ["--load", paths["dist"], "--save",
+                                                               paths["continued_dp"]]))
     for name, (family, flags) in ADAPTERS.items():
         out[name] = {"family": family, "adapter": str(root / name)}
         steps += [("train", RUN + ["--load", out[family]["torch"], "--save", out[name]["adapter"],
@@ -167,6 +178,16 @@ def test_continued_training_keeps_the_family_and_exports_its_class(runs, name, t
     assert (hf_logits(run["hf"], SHORT) - theirs).abs().max() > 100 * LOGITS_ATOL, "two steps should move the model"
     diff = (run["continued_logits"] - theirs).abs().max().item()
     assert diff <= LOGITS_ATOL, f"{name}: continued checkpoint vs its HF export {diff}"
+    if name in PARITY:  # TP=2 x PP=2 and DP=4 took the same two SGD steps
+        start, tp_pp = read_safetensors(run["hf"]), read_safetensors(exported)
+        dp = read_safetensors(convert("megatron", "hf", run["continued_dp"], tmp_path / "hf_dp"))
+        for key in start:
+            moved = (tp_pp[key] - start[key]).abs().max().item()
+            differ = (tp_pp[key] - dp[key]).abs().max().item()
+            assert differ <= 1e-6 + 1e-3 * moved, f"{name} {key}: moved {moved:.2e}, TP2xPP2 vs DP4 {differ:.2e}"
+        # the tensors the TP layout could get wrong took real steps (not k_proj's bias: softmax ignores it)
+        feature = [k for k in start if k.endswith(("q_norm.weight", "k_norm.weight", "v_proj.bias"))]
+        assert feature and min((tp_pp[k] - start[k]).abs().max().item() for k in feature) > 2e-5
 
 
 @pytest.mark.slow
