@@ -130,8 +130,8 @@ def linear_rope_factor(config) -> Optional[float]:
     """The position interpolation factor of an HF config: its linear rope scaling factor, else None."""
     from megatron.training.checkpoint_convert.llama import rope_scaling
 
-    _, kind, factor = rope_scaling(config.to_dict())
-    return float(factor) if kind == "linear" else None
+    _, kind, scaling = rope_scaling(config.to_dict())
+    return float(scaling["factor"]) if kind == "linear" else None
 
 
 def set_hf_linear_rope_factor(config, factor: float) -> None:

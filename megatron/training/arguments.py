@@ -44,6 +44,13 @@ def _add_model_flags(p):
     g.add_argument("--rotary-percent", type=float, default=1.0)
     g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
                    help="linear position interpolation: rotary positions are divided by this factor")
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.x rope frequency scaling (low_freq_factor 1, high_freq_factor 4, original context "
+                        "8192), by --rope-scaling-factor")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="with --use-rope-scaling (Llama 3.1: 8)")
+    g.add_argument("--add-qkv-bias", action="store_true", help="biases on the q/k/v projections only (Qwen2)")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="normalise queries and keys per head before rotary embedding (Qwen3)")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--layernorm-epsilon", type=float, dest="norm_epsilon")
@@ -328,6 +335,11 @@ def validate_args(args, world_size: int) -> None:
                "--rotary-seq-len-interpolation-factor needs rotary embeddings: add --use-rotary-position-embeddings")
         _check(args.rotary_seq_len_interpolation_factor >= 1.0,
                "--rotary-seq-len-interpolation-factor must be >= 1 (positions are divided by it)")
+    if args.use_rope_scaling:
+        _check(args.position_embedding_type == "rope",
+               "--use-rope-scaling needs rotary embeddings: add --use-rotary-position-embeddings")
+        _check(args.rope_scaling_factor >= 1.0, "--rope-scaling-factor must be >= 1 (low frequencies are divided "
+               "by it; Llama 3.1 uses 8)")
 
     mbs = args.micro_batch_size
     if args.global_batch_size is None:
@@ -425,6 +437,8 @@ def _transformer_config(args):
         gated_linear_unit=args.swiglu,
         activation_func=swiglu_or_gelu,
         add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm,
         init_method_std=args.init_method_std,
         apply_query_key_layer_scaling=args.apply_query_key_layer_scaling,
         attention_softmax_in_fp32=args.attention_softmax_in_fp32,

@@ -24,8 +24,8 @@ from megatron.training.fileio import atomic_write_text
 REQUIRED = object()
 
 FIELDS = {
-    "base_model": (REQUIRED, "Megatron checkpoint directory, or Hugging Face Llama directory (config.json): "
-                             "converted once into {save_dir}/base"),
+    "base_model": (REQUIRED, "Megatron checkpoint directory, or Hugging Face model directory (config.json: Llama, "
+                             "Mistral, Qwen2, Qwen3): converted once into {save_dir}/base"),
     "dataset_path": (REQUIRED, "training jsonl (file, folder or glob), preprocessed once into "
                                "{save_dir}/data/train; or the prefix of already preprocessed data"),
     "valid_dataset_path": (None, "held-out jsonl or prefix: validation loss over all of it, once per epoch"),
@@ -228,7 +228,7 @@ def make_plan(cfg: dict) -> Plan:
     base_is_hf = os.path.isfile(os.path.join(cfg["base_model"], "config.json"))
     if not base_is_hf and not os.path.isdir(cfg["base_model"]):
         raise ConfigError(f"base_model {cfg['base_model']} does not exist: give a Megatron checkpoint directory "
-                          "or a Hugging Face Llama directory")
+                          "or a Hugging Face model directory")
     plan = Plan(cfg, world, gbs, base_is_hf, _tokenizer_flags(cfg, base_is_hf))
     for split, key in (("train", "dataset_path"), ("valid", "valid_dataset_path")):
         src = cfg[key]

@@ -23,6 +23,7 @@ def bert_flags(*extra):
      "--max-position-embeddings 32 is smaller than --seq-length 32 + --position-ids-offset 2: raise it to at least 34"),
     (["--use-rotary-position-embeddings"], "BERT models use learned absolute positions"),
     (["--untie-embeddings-and-output-weights"], "BERT ties its LM output layer to the word embeddings"),
+    (["--qk-layernorm"], "--qk-layernorm: BERT's layer spec has no query/key norm"),
     (["--mask-prob", "1.5"], "--mask-prob 1.5 must be between 0 and 1"),
 ])
 def test_flag_errors(flags, message):

@@ -28,7 +28,8 @@ MEGATRON_FLAGS = """--tensor-model-parallel-size --pipeline-model-parallel-size 
 --no-persist-layer-norm --no-gradient-accumulation-fusion --cross-entropy-loss-fusion
 --cross-entropy-fusion-impl --ckpt-format --async-save --use-persistent-ckpt-worker --ckpt-fully-parallel-save
 --no-ckpt-fully-parallel-save --ckpt-fully-parallel-load --dist-ckpt-optim-fully-reshardable
---distrib-optim-fully-reshardable-mem-efficient --auto-detect-ckpt-format""".split()
+--distrib-optim-fully-reshardable-mem-efficient --auto-detect-ckpt-format --use-rope-scaling --rope-scaling-factor
+--add-qkv-bias --qk-layernorm --kv-channels""".split()
 
 
 def check(argv, world_size=1):
@@ -62,6 +63,9 @@ def test_derived_defaults():
     assert args.data_parallel_size == 4 and args.global_batch_size == 8 and args.num_microbatches == 1
     config = transformer_config_from_args(args)
     assert config.num_query_groups == 2 and config.gated_linear_unit
+    assert not (config.add_qkv_bias or config.qk_layernorm or args.use_rope_scaling) and args.rope_scaling_factor == 8
+    config = transformer_config_from_args(check(["--add-qkv-bias", "--qk-layernorm", "--disable-bias-linear"]))
+    assert config.add_qkv_bias and config.qk_layernorm and not config.add_bias_linear
 
 
 @pytest.mark.parametrize("argv, world_size, message", [
@@ -87,6 +91,9 @@ def test_derived_defaults():
     (["--sequence-parallel"], 1, r"--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--seq-length", "64"], 1, r"--seq-length 64 exceeds --max-position-embeddings 32"),
     (["--rotary-seq-len-interpolation-factor", "2"], 1, r"needs rotary embeddings: add --use-rotary-position"),
+    (["--use-rope-scaling"], 1, r"--use-rope-scaling needs rotary embeddings: add --use-rotary-position"),
+    (["--use-rope-scaling", "--rope-scaling-factor", "0.5", "--use-rotary-position-embeddings"], 1,
+     r"--rope-scaling-factor must be >= 1"),
     (["--bf16", "--fp16"], 1, r"--bf16 and --fp16 are exclusive"),
     (["--lr-warmup-iters", "10"], 1,
      r"the LR warm-up \(20 samples\) is not shorter than the LR decay \(20 samples\): shorten --lr-warmup-iters"),

@@ -193,3 +193,20 @@ def test_mfu_given_as_a_percentage_is_rejected_with_the_fix():
 
     with pytest.raises(ArgumentError, match=r"--mfu 50.0 is a fraction of the peak: give e.g. 0.5"):
         _plan(LLAMA_65B, 8, micro_batch_size=1, mfu=50)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_parameters_count_qkv_biases_and_qk_norms_as_transformers_does(family):
+    """The planner's count for the flags the converter gives an HF Qwen2 (q/k/v biases, tied) or Qwen3
+    (q/k norms, head_dim 32 of hidden 64 / 4 heads) model equals transformers' own parameter count."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron.training.checkpoint_convert.decoder_configs import megatron_flags_from_hf
+    from tests.tools.checkpoint.test_conversion import FAMILIES
+
+    config = dict(FAMILIES[family])
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    flags = megatron_flags_from_hf(config) + ["--lr", "1e-4", "--train-iters", "1", "--mock-data",
+                                              "--micro-batch-size", "1", "--make-vocab-size-divisible-by", "128"]
+    plan = plan_from_argv(flags + ["--world-size", "2", "--tensor-model-parallel-size", "2"])
+    assert plan.parameters == sum(p.numel() for p in hf.parameters())  # tied embeddings counted once

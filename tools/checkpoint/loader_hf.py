@@ -1,6 +1,6 @@
 """Loader plugin: a Hugging Face model directory, its family read from
-config.json (llama -> --model-type GPT; bert, roberta, megatron-bert ->
---model-type BERT). The tokenizer is --tokenizer-model, else the one in the
+config.json (llama, mistral, qwen2, qwen3 -> --model-type GPT; bert, roberta,
+megatron-bert -> --model-type BERT). The tokenizer is --tokenizer-model, else the one in the
 directory."""
 
 FORMAT = "hf"

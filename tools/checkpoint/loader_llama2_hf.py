@@ -1,6 +1,7 @@
-"""Loader plugin: a Hugging Face `LlamaForCausalLM` directory (Llama 1/2/3,
-GQA, tied or untied embeddings, rope_theta, rope_scaling of type linear ->
---rotary-seq-len-interpolation-factor). The tokenizer is --tokenizer-model,
+"""Loader plugin: a Hugging Face Llama-architecture decoder directory
+(`LlamaForCausalLM` Llama 1/2/3.x, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+`Qwen3ForCausalLM`; GQA, tied or untied embeddings, rope_theta, rope_scaling
+linear or llama3: checkpoint_convert/decoder_configs.py). The tokenizer is --tokenizer-model,
 else the one in the directory."""
 
 FORMAT = "hf"

@@ -1,8 +1,11 @@
 """Saver plugin: a Hugging Face directory of the --model-type's family, with
 safetensors shards + index, config.json and the tokenizer files
 (--tokenizer-model, else the tokenizer recorded in the checkpoint).
-GPT: `LlamaForCausalLM`, loadable by `transformers.AutoModelForCausalLM` and
-vLLM (rope_scaling linear from --rotary-seq-len-interpolation-factor,
+GPT: the family the model was converted from (`LlamaForCausalLM`,
+`MistralForCausalLM`) or its settings make (`Qwen2ForCausalLM` with
+--add-qkv-bias, `Qwen3ForCausalLM` with --qk-layernorm), loadable by
+`transformers.AutoModelForCausalLM` and vLLM (rope_scaling linear from
+--rotary-seq-len-interpolation-factor, llama3 from --use-rope-scaling;
 generation_config.json). BERT: BERT / RoBERTa / Megatron-BERT as the
 checkpoint's layers say, the class by its heads (*ForSequenceClassification,
 BertForPreTraining, *ForMaskedLM or *Model). An adapter source (a checkpoint

@@ -1,6 +1,6 @@
 """Convert a checkpoint between formats and parallel layouts, on CPU.
 
-    # Hugging Face Llama -> Megatron, TP=2 x PP=2
+    # Hugging Face Llama (also Llama 3.x, Mistral, Qwen2/2.5, Qwen3: --loader hf) -> Megatron, TP=2 x PP=2
     python tools/checkpoint/util.py --model-type GPT --loader llama2_hf --saver megatron \\
         --load-dir Llama-2-7b-hf --save-dir llama2-7b-tp2-pp2 \\
         --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2 --verify
@@ -76,7 +76,8 @@ def build_parser(loader=None, saver=None) -> Parser:
     """The flags, with those of the `loader` and `saver` plugins (modules) when given."""
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-type", choices=["GPT", "BERT"], required=True,
-                   help="GPT: Llama-family models; BERT: BERT, RoBERTa, DistilRoBERTa, Megatron-BERT")
+                   help="GPT: Llama-architecture decoders (Llama 1/2/3.x, Mistral, Qwen2/2.5, Qwen3); BERT: BERT, "
+                        "RoBERTa, DistilRoBERTa, Megatron-BERT")
     p.add_argument("--loader", default="megatron",
                    help="loader plugin: megatron (either checkpoint format, detected), hf (the family from "
                         "config.json), llama2_hf (alias llama_hf), peft (a LoRA adapter directory)")

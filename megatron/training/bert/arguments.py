@@ -62,6 +62,8 @@ def finalize_bert_args(args) -> None:
     _check(args.position_embedding_type == "learned_absolute",
            f"--position-embedding-type {args.position_embedding_type}: BERT models use learned absolute positions; "
            "drop the flag")
+    _check(not args.qk_layernorm, "--qk-layernorm: BERT's layer spec has no query/key norm (it is a decoder "
+           "setting, Qwen3's); drop the flag")
     _check(not args.untie_embeddings_and_output_weights,
            "--untie-embeddings-and-output-weights: BERT ties its LM output layer to the word embeddings; drop the flag")
     needed = args.seq_length + args.position_ids_offset

@@ -36,12 +36,14 @@ SHAPE = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
     "num_query_groups", "kv_channels", "swiglu", "untie_embeddings_and_output_weights", "add_bias_linear",
     "normalization", "position_embedding_type", "add_position_embedding",
+    "add_qkv_bias", "qk_layernorm",  # Qwen2, Qwen3
     "num_tokentypes",  # BERT models (bert/arguments.py)
 )
 # Settings of the model a run may change on purpose.
 OTHER = (
     "attention_dropout", "hidden_dropout", "norm_epsilon", "init_method_std", "apply_query_key_layer_scaling",
     "seq_length", "max_position_embeddings", "rotary_base", "rotary_percent", "rotary_seq_len_interpolation_factor",
+    "use_rope_scaling", "rope_scaling_factor",  # Llama 3.x
     # the vocabulary's padding (x TP): the loaders refit the padding rows, which no token id reaches
     "make_vocab_size_divisible_by",
     # BERT models (bert/arguments.py): the layer order and positions a converted model needs, its heads
@@ -49,8 +51,9 @@ OTHER = (
 )
 # The tokenizer, taken as a group: a command line naming another --tokenizer-type takes none of the rest.
 TOKENIZER = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
-# Recorded values that are not flags: always the checkpoint's.
-RECORDED = ("padded_vocab_size", "unpadded_vocab_size")
+# Recorded values that are not flags: always the checkpoint's (hf_model_type: the Hugging Face family a
+# converted model came from, which the HF export writes back; checkpoint_convert/decoder_configs.py).
+RECORDED = ("padded_vocab_size", "unpadded_vocab_size", "hf_model_type")
 # {is a BERT-family model: (what to call it, the entry points that load it)}. The saved args tell the
 # family one way each: every BERT checkpoint records bert_binary_head (Megatron-LM records it for GPT
 # models too), and only this project's BERT checkpoints record position_ids_offset.

@@ -1,4 +1,4 @@
-"""Conversion sources and targets for LoRA adapters (Llama family).
+"""Conversion sources and targets for LoRA adapters (the Llama-architecture decoder families).
 
 - `PeftSource`: a peft adapter directory over a base model (ours or HF),
   checked key by key against the base; its layers are the adapter tensors

@@ -3,8 +3,10 @@
 Each family module provides HF_MODEL_TYPES (config.json model_type values),
 hf_source(model_dir, tokenizer_model) -> ModelSource, save_hf(source, out_dir,
 dtype, divisible_by, max_shard_bytes, tokenizer_model) and VERIFY_OUTPUTS
-(what --verify compares; None: next-token logits). A new family is a new row
-here and a new module; the converter core knows none of them.
+(what --verify compares; None: next-token logits), and may name relatives it
+refuses, REFUSED_MODEL_TYPES {model_type: why}. A new family is a new row
+here and a new module; the converter core knows none of them. "GPT" reads
+Llama, Mistral, Qwen2 and Qwen3 (checkpoint_convert/decoder_configs.py).
 """
 
 import importlib
@@ -36,6 +38,12 @@ def model_type_of_hf_dir(model_dir: str) -> str:
     for model_type in FAMILIES:
         if kind in family(model_type).HF_MODEL_TYPES:
             return model_type
+    for model_type in FAMILIES:
+        why = getattr(family(model_type), "REFUSED_MODEL_TYPES", {}).get(kind)
+        if why:
+            known = ", ".join(t for m in FAMILIES for t in family(m).HF_MODEL_TYPES)
+            raise ConversionError(f"{path} has model_type {kind!r}: {why}, which no converter family reads (they "
+                                  f"read the dense models {known})")
     known = ", ".join(t for m in FAMILIES for t in family(m).HF_MODEL_TYPES)
     raise ConversionError(f"{path} has model_type {kind!r}, which no converter family reads ({known}): add a "
                           "family to megatron/training/checkpoint_convert/families.py, or a loader plugin "

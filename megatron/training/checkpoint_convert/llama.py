@@ -1,132 +1,41 @@
-"""The Llama family (`LlamaForCausalLM`: Llama 1/2/3, Code Llama, TinyLlama, ...):
-HF config.json <-> Megatron flags, and HF <-> megatron-core tensors by the
-name tables of models/hf_names.py (where the layouts are described).
+"""The Llama-architecture decoder families (`LlamaForCausalLM`: Llama 1/2/3.x,
+Code Llama, TinyLlama, ...; `MistralForCausalLM`; `Qwen2ForCausalLM`;
+`Qwen3ForCausalLM`): HF <-> megatron-core tensors by the name tables of
+models/hf_names.py (where the layouts are described; a family's extra tensors,
+Qwen2's q/k/v biases and Qwen3's q/k norms, are rows chosen by the model's
+settings), config.json <-> Megatron flags in decoder_configs.py.
 """
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
 from megatron.training.checkpoint_convert.core import (
-    ConversionError, ModelSource, cast, dtype_and_tokenizer_flags, progress,
+    ConversionError, ModelSource, cast, progress,
 )
 from megatron.training.checkpoint_convert.hf_files import HFWeights, ShardedSafetensorsWriter
 from megatron.training.checkpoint_convert.hf_tokenizer import (
     check_tokenizer_vocab, export_tokenizer, find_tokenizer,
 )
+from megatron.training.checkpoint_convert.decoder_configs import (  # noqa: F401 - the family interface, tasks/
+    HF_MODEL_TYPES, REFUSED_MODEL_TYPES, check_llama_architecture, hf_config_from_megatron, megatron_flags_from_hf,
+    rope_scaling,
+)
 from megatron.training.models.hf_names import (
-    EMBEDDING, FINAL_NORM, LLAMA_GLOBALS, LLAMA_LAYERS, OUTPUT_LAYER, join_qkv, split_qkv,
+    EMBEDDING, FINAL_NORM, LLAMA_GLOBALS, OUTPUT_LAYER, decoder_layers, join_qkv, split_qkv,
 )
 from megatron.training.sharding import fit_vocab_rows
 from megatron.training.sizes import padded_vocab_size
 
-HF_MODEL_TYPES = ("llama",)
 _HF_OF = dict(LLAMA_GLOBALS)
-
-
-# ------------------------------------------------------------------ configs
-
-def rope_scaling(config: dict):
-    """(theta, scaling type or None, factor or None) from a config.json of transformers 4.x or 5.x."""
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    if not scaling:
-        return theta, None, None
-    return theta, scaling.get("rope_type", scaling.get("type")), scaling.get("factor")
-
-
-def _rope(config: dict):
-    """(theta, linear factor or None) from a config.json of transformers 4.x or 5.x."""
-    theta, kind, factor = rope_scaling(config)
-    if kind is None:
-        return theta, None
-    if kind != "linear":
-        raise ConversionError(
-            f"config.json rope scaling of type {kind!r} is not supported: megatron-core's GPTModel here implements "
-            "linear position interpolation only (rope_scaling type 'linear' -> --rotary-seq-len-interpolation-factor)")
-    return theta, float(factor)
-
-
-def megatron_flags_from_hf(config: dict, tokenizer: Optional[Sequence[str]] = None) -> List[str]:
-    """The Megatron flags that build the model described by an HF Llama config.json."""
-    kind = config.get("model_type")
-    if kind not in HF_MODEL_TYPES:
-        raise ConversionError(
-            f"config.json has model_type {kind!r} (architectures {config.get('architectures')}), not a family this "
-            f"converter knows ({', '.join(HF_MODEL_TYPES)}): add a loader plugin tools/checkpoint/loader_<family>.py")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"hidden_act {config['hidden_act']!r}: Llama models use silu (SwiGLU)")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ConversionError("attention_bias / mlp_bias are set in config.json: biased Llama variants are not "
-                              "supported by this converter")
-    heads = config["num_attention_heads"]
-    groups = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    theta, factor = _rope(config)
-    if float(theta) != int(theta):
-        raise ConversionError(f"rope_theta {theta} is not an integer, which --rotary-base needs")
-    positions = str(config.get("max_position_embeddings", 4096))
-    flags = [
-        "--num-layers", str(config["num_hidden_layers"]), "--hidden-size", str(config["hidden_size"]),
-        "--ffn-hidden-size", str(config["intermediate_size"]), "--num-attention-heads", str(heads),
-        "--kv-channels", str(head_dim), "--max-position-embeddings", positions, "--seq-length", positions,
-        "--position-embedding-type", "rope", "--rotary-base", str(int(theta)),
-        "--normalization", "RMSNorm", "--norm-epsilon", str(config.get("rms_norm_eps", 1e-6)), "--swiglu",
-        "--disable-bias-linear", "--vocab-size", str(config["vocab_size"]),
-        "--init-method-std", str(config.get("initializer_range", 0.02)),
-        "--attention-dropout", str(config.get("attention_dropout", 0.0)), "--hidden-dropout", "0",
-    ]
-    if groups != heads:
-        flags += ["--group-query-attention", "--num-query-groups", str(groups)]
-    if factor is not None:
-        flags += ["--rotary-seq-len-interpolation-factor", str(factor)]
-    if not config.get("tie_word_embeddings", False):
-        flags.append("--untie-embeddings-and-output-weights")
-    return flags + dtype_and_tokenizer_flags(config, tokenizer)
-
-
-def check_llama_architecture(args: dict) -> None:
-    wrong = {k: args.get(k) for k, want in (("normalization", "RMSNorm"), ("swiglu", True),
-                                            ("position_embedding_type", "rope"), ("add_bias_linear", False),
-                                            ("rotary_percent", 1.0)) if args.get(k) != want}
-    if wrong:
-        raise ConversionError(
-            f"the checkpoint is not a Llama-architecture model ({', '.join(f'{k}={v}' for k, v in wrong.items())}): "
-            "the hf saver writes LlamaForCausalLM, which needs --normalization RMSNorm --swiglu "
-            "--use-rotary-position-embeddings --disable-bias-linear and --rotary-percent 1.0")
-
-
-def hf_config_from_megatron(args: dict, vocab_rows: int, dtype: torch.dtype, special_ids: dict) -> dict:
-    """The config.json of a Llama-architecture model (check_llama_architecture) with these Megatron flags."""
-    heads = args["num_attention_heads"]
-    factor = args.get("rotary_seq_len_interpolation_factor")
-    dtype_name = str(dtype).replace("torch.", "")
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": vocab_rows, "hidden_size": args["hidden_size"], "intermediate_size": args["ffn_hidden_size"],
-        "num_hidden_layers": args["num_layers"], "num_attention_heads": heads,
-        "num_key_value_heads": args.get("num_query_groups") or heads,
-        "head_dim": args.get("kv_channels") or args["hidden_size"] // heads,
-        "hidden_act": "silu", "max_position_embeddings": args.get("max_position_embeddings") or args["seq_length"],
-        "rms_norm_eps": args["norm_epsilon"], "rope_theta": float(args.get("rotary_base", 10000)),
-        "rope_scaling": {"rope_type": "linear", "factor": float(factor)} if factor else None,
-        "tie_word_embeddings": not args.get("untie_embeddings_and_output_weights", False),
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
-        "initializer_range": args.get("init_method_std", 0.02), "use_cache": True,
-        "torch_dtype": dtype_name, "dtype": dtype_name,
-    }
-    config.update((k, v) for k, v in special_ids.items()
-                  if v is not None and k in ("bos_token_id", "eos_token_id", "pad_token_id"))
-    return config
 
 
 # ------------------------------------------------------------------ HF -> Megatron
 
 class LlamaHFSource(ModelSource):
-    """An HF `LlamaForCausalLM` directory (config.json + weights [+ tokenizer])."""
+    """An HF decoder directory of one of the families (config.json + weights [+ tokenizer])."""
 
     format = "hf"
 
@@ -144,6 +53,8 @@ class LlamaHFSource(ModelSource):
         tokenizer = find_tokenizer(self.path, tokenizer_model)
         self.flags = megatron_flags_from_hf(self.config, tokenizer) + list(extra_flags)
         self.args = args_to_dict(parse_args(self.flags))
+        # not a flag: which HF class the export writes back (Mistral and Llama share a layout)
+        self.args["hf_model_type"] = self.config["model_type"]
         self.vocab_size = self.config["vocab_size"]
         check_tokenizer_vocab(tokenizer, self.vocab_size, "its tokenizer.model or HF directory")
         self.weights = HFWeights(self.path)
@@ -152,7 +63,7 @@ class LlamaHFSource(ModelSource):
         return {EMBEDDING: self.weights.read([_HF_OF[EMBEDDING]])[_HF_OF[EMBEDDING]]}
 
     def layer(self, index):
-        hf = self.weights.read(f"model.layers.{index}.{n}" for _, names, _ in LLAMA_LAYERS for n in names)
+        hf = self.weights.read(f"model.layers.{index}.{n}" for _, names, _ in decoder_layers(self.args) for n in names)
         return megatron_layer(hf, index, self.args)
 
     def final(self):
@@ -167,7 +78,7 @@ def megatron_layer(hf: Dict[str, torch.Tensor], index: int, args: dict) -> Dict[
     """One layer's HF tensors (model.layers.<index>.*) under megatron-core's names."""
     groups = args.get("num_query_groups") or args["num_attention_heads"]
     out = {}
-    for mg_name, hf_names, how in LLAMA_LAYERS:
+    for mg_name, hf_names, how in decoder_layers(args):
         parts = [hf[f"model.layers.{index}.{n}"] for n in hf_names]
         if how == "qkv":
             value = join_qkv(*parts, groups=groups)
@@ -183,7 +94,7 @@ def hf_layer(tensors: Dict[str, torch.Tensor], index: int, args: dict) -> Dict[s
     groups = args.get("num_query_groups") or heads
     head_dim = args.get("kv_channels") or args["hidden_size"] // heads
     out = {}
-    for mg_name, hf_names, how in LLAMA_LAYERS:
+    for mg_name, hf_names, how in decoder_layers(args):
         value = tensors[f"decoder.layers.{index}.{mg_name}"]
         if how == "qkv":
             parts = split_qkv(value, heads, groups, head_dim)
@@ -197,7 +108,7 @@ def hf_layer(tensors: Dict[str, torch.Tensor], index: int, args: dict) -> Dict[s
 
 def save_llama_hf(source: ModelSource, out_dir: str, dtype: Optional[torch.dtype] = None, divisible_by: int = 1,
                   max_shard_bytes: int = 5 * 10 ** 9, tokenizer_model: Optional[str] = None) -> dict:
-    """Write `source` as an HF LlamaForCausalLM directory: safetensors shards
+    """Write `source` as an HF directory of its family's class (decoder_configs.hf_family): safetensors shards
     (+ index), config.json, generation_config.json and the tokenizer files.
     Returns the config written."""
     args = source.args

@@ -1,4 +1,5 @@
-"""LoRA / RSLoRA / DoRA adapters <-> peft directories, for the Llama family.
+"""LoRA / RSLoRA / DoRA adapters <-> peft directories, for the Llama-architecture decoders (Llama,
+Mistral, Qwen2, Qwen3: the same adapted modules; Qwen2's q/k/v biases stay in the base, as peft leaves them).
 
 A peft directory (what `PeftModel.save_pretrained` writes and
 `PeftModel.from_pretrained(base, dir)` reads, peft 0.21):

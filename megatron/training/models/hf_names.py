@@ -11,6 +11,9 @@ Layouts (checked against the GPTModel the driver builds):
 - linear_fc1.weight = [gate_proj; up_proj].
 - embedding / output rows may carry Megatron's vocabulary padding; the HF
   side has exactly config.vocab_size rows.
+- Qwen2's q/k/v biases (--add-qkv-bias) join like the weights' rows; Qwen3's
+  per-head RMSNorm weights of q and k (--qk-layernorm, [head_dim] each) are
+  megatron-core's q_layernorm / k_layernorm, the same on every TP rank.
 """
 
 import torch
@@ -31,6 +34,32 @@ LLAMA_LAYERS = (
     ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "cat"),
     ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "copy"),
 )
+# Rows some families add to LLAMA_LAYERS, by the megatron-core setting that creates the tensors.
+QKV_BIAS_LAYERS = (
+    ("self_attention.linear_qkv.bias",
+     ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv"),
+)
+QK_NORM_LAYERS = (
+    ("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), "copy"),
+    ("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), "copy"),
+)
+# The HF decoder families that are Llama's layer plus some of those rows: model_type ->
+# (the transformers class, the megatron-core settings (flag dests) the family always has).
+DECODER_FAMILIES = {
+    "llama": ("LlamaForCausalLM", ()),
+    "mistral": ("MistralForCausalLM", ()),
+    "qwen2": ("Qwen2ForCausalLM", ("add_qkv_bias",)),
+    "qwen3": ("Qwen3ForCausalLM", ("qk_layernorm",)),
+}
+_EXTRA_LAYERS = {"add_qkv_bias": QKV_BIAS_LAYERS, "qk_layernorm": QK_NORM_LAYERS}
+
+
+def decoder_layers(args: dict) -> tuple:
+    """The layer table of a decoder with these Megatron settings (flag dests):
+    LLAMA_LAYERS plus the rows of each extra tensor the settings create."""
+    return LLAMA_LAYERS + tuple(row for setting, rows in _EXTRA_LAYERS.items() if args.get(setting) for row in rows)
+
+
 # (megatron-core name, HF name) of the tensors outside the layers.
 LLAMA_GLOBALS = ((EMBEDDING, "model.embed_tokens.weight"), (FINAL_NORM, "model.norm.weight"),
                  (OUTPUT_LAYER, "lm_head.weight"))

@@ -1,10 +1,12 @@
 """Llama-family GPT models on megatron-core's `GPTModel`.
 
 Llama = RMSNorm + SwiGLU + RoPE + no biases (+ GQA, tied or untied
-embeddings); all of it is megatron-core's own modules, selected by a layer
-spec. Transformer Engine's spec is used when `--transformer-impl
-transformer_engine` (the default when it imports); otherwise the local spec,
-whose core attention is swapped for `SDPAttention` with `--use-flash-attn`.
+embeddings, Llama 3.x rope scaling); Qwen2 adds q/k/v biases
+(--add-qkv-bias), Qwen3 a per-head RMSNorm of q and k (--qk-layernorm). All
+of it is megatron-core's own modules, selected by a layer spec. Transformer
+Engine's spec is used when `--transformer-impl transformer_engine` (the
+default when it imports); otherwise the local spec, whose core attention is
+swapped for `SDPAttention` with `--use-flash-attn`.
 """
 
 import copy
@@ -26,10 +28,14 @@ def build_llama_layer_spec(args, num_layers_in_chunk: int):
     (`LocalNorm`) support sequence parallelism."""
     if args.transformer_impl == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            qk_layernorm=False, normalization=args.normalization)
-    layer = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization=args.normalization))
+            qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+    layer = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm,
+                                                                   normalization=args.normalization))
     layer.submodules.input_layernorm = LocalNorm
     layer.submodules.pre_mlp_layernorm = LocalNorm
+    if args.qk_layernorm:  # megatron-core's finalize_model_grads sums their gradients over TP (by name)
+        layer.submodules.self_attention.submodules.q_layernorm = LocalNorm
+        layer.submodules.self_attention.submodules.k_layernorm = LocalNorm
     if args.use_flash_attn:
         layer.submodules.self_attention.submodules.core_attention = SDPAttention
     if getattr(args, "lora_quant_bits", None):  # QLoRA: the dense linears keep their weights quantised
@@ -64,6 +70,8 @@ def build_gpt_model(args, config, pre_process=None, post_process=None, vp_stage=
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
         seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
         vp_stage=vp_stage,
     )
     exclude_padded_vocab(model, getattr(args, "unpadded_vocab_size", None), args.padded_vocab_size,

@@ -199,9 +199,13 @@ def _layer_parameters(args, tp: int) -> int:
     fc1 = args.ffn_hidden_size * (2 if args.swiglu else 1)
     split = h * (q + 2 * kv) + q * h + h * fc1 + args.ffn_hidden_size * h
     whole = 2 * _norm_parameters(args)
+    if args.add_bias_linear or args.add_qkv_bias:  # --add-qkv-bias (Qwen2): the q/k/v biases alone
+        split += q + 2 * kv
     if args.add_bias_linear:
-        split += q + 2 * kv + fc1
+        split += fc1
         whole += 2 * h  # row-parallel biases are not split
+    if args.qk_layernorm:  # (Qwen3) one norm of q and one of k, over a head
+        whole += 2 * args.kv_channels * (1 if args.normalization == "RMSNorm" else 2)
     return split // tp + whole
 
 

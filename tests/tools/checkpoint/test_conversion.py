@@ -38,15 +38,42 @@ MODELS = {
 }
 
 
-def make_hf_model(path, seed=0, **config):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# The decoder families beside Llama 2, from transformers' own config classes (model_type), each with what
+# sets it apart: Llama 3.x rope scaling (factor 8 and the fixed constants megatron-core has), Qwen2's q/k/v
+# biases (tied embeddings, like the small Qwen2.5 models), Qwen3's per-head q/k RMSNorm with a head_dim of 32
+# where hidden / heads is 16, Mistral without sliding window. hidden 64 and FFN 128 for the QLoRA
+# reference (bitsandbytes dequantises right on CPU for widths that are multiples of 64).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_FAMILY_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+FAMILIES = {
+    "llama3": dict(_FAMILY_BASE, model_type="llama", max_position_embeddings=16384, rope_parameters=LLAMA3_ROPE),
+    "qwen2": dict(_FAMILY_BASE, model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen3": dict(_FAMILY_BASE, model_type="qwen3", head_dim=32),
+    "mistral": dict(_FAMILY_BASE, model_type="mistral", sliding_window=None),
+}
+# q_proj and k_proj weights x this in the family models: attention sharp enough that positions far apart
+# (Llama 3 scaling) and the q/k scale (Qwen3's norm) move the logits visibly; not sharper, as fp32 itself
+# then drifts: Llama 3 x 12 stays 2.6e-6 from a float64 forward (x 16: 1.2e-5), its scaling moves the logits by 0.3
+SHARPEN = {"llama3": 12.0, "qwen2": 1.0, "qwen3": 16.0, "mistral": 1.0}
+
+
+def make_hf_model(path, seed=0, model_type="llama", sharpen=1.0, **config):
+    """A random HF model of `model_type` (transformers' own class) saved at `path`: norm weights random
+    in [0.5, 1.5], biases N(0, 0.5), so a swapped norm or a lost bias shows in the logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config))
-    with torch.no_grad():  # random norm weights, so a swapped norm shows in the logits
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(sharpen)
     model.save_pretrained(path)
     return str(path)
 
@@ -185,16 +212,20 @@ def assert_same_tensors(a, b):
             assert a[key] == b[key], key
 
 
-@pytest.mark.parametrize("name,tp,pp", [("gqa", 2, 2), ("mha_tied", 2, 2)])
-def test_hf_to_megatron_to_hf_is_bitwise(hf_dirs, tmp_path, name, tp, pp):
-    mg = to_megatron(hf_dirs[name], tmp_path / "mg", tp, pp)
+@pytest.mark.parametrize("name,tp,pp", [("gqa", 2, 2), ("mha_tied", 2, 2)] + [(f, 2, 2) for f in FAMILIES])
+def test_hf_to_megatron_to_hf_is_bitwise(hf_dirs, family_dirs, tmp_path, name, tp, pp):
+    source = {**hf_dirs, **family_dirs}[name]
+    mg = to_megatron(source, tmp_path / "mg", tp, pp)
     back = convert("megatron", "hf", mg, tmp_path / "hf", "--max-shard-size", "30KB")
     assert os.path.isfile(os.path.join(back, "model.safetensors.index.json"))  # several shards
-    assert_same_tensors(read_safetensors(hf_dirs[name]), read_safetensors(back))
-    keys = ("vocab_size", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_parameters", "rms_norm_eps")
+    assert_same_tensors(read_safetensors(source), read_safetensors(back))
+    keys = ("vocab_size", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_parameters", "rms_norm_eps",
+            "model_type", "architectures")
     from transformers import AutoConfig
 
-    a, b = AutoConfig.from_pretrained(hf_dirs[name]).to_dict(), AutoConfig.from_pretrained(back).to_dict()
+    a, b = AutoConfig.from_pretrained(source).to_dict(), AutoConfig.from_pretrained(back).to_dict()
+    for config in (a, b):  # Qwen2Config has no head_dim: its attention takes hidden / heads
+        config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
     assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
 
 
