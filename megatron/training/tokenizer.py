@@ -24,9 +24,10 @@ table keyed by Megatron-LM's `--tokenizer-type` names.
 import json
 import os
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron.training.errors import UserError
+from megatron.training.sizes import padded_vocab_size
 
 
 class TokenizerError(UserError, ValueError):
@@ -464,6 +465,29 @@ def tokenizer_and_vocab_size(args):
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
                                 args.vocab_size)
     return tokenizer, tokenizer.vocab_size
+
+
+def checkpoint_vocabulary(vocab_size: int, divisible_by: int, tp: int, saved: Dict) -> Optional[Tuple[int, int]]:
+    """(embedding rows, vocabulary in the softmax) of a checkpoint's model
+    for a tokenizer of `vocab_size` tokens, or None when it does not fit.
+    `saved`: the checkpoint's recorded padded_vocab_size and the model's own
+    vocabulary, unpadded_vocab_size (or the --vocab-size an HF conversion
+    records from config.json when that is missing).
+
+    A model may have more rows than its tokenizer has tokens: Qwen2.5-7B has
+    152,064 for a tokenizer of 151,665 (Llama 3's 128,256 are its tokenizer's).
+    Then the checkpoint's rows and vocabulary are kept, as transformers keeps
+    them (its softmax spans config.vocab_size), and only Megatron's padding
+    beyond them is left out. Otherwise the rows are Megatron's padding of the
+    tokenizer's vocabulary, as when the checkpoint was trained."""
+    rows = saved.get("padded_vocab_size")
+    model = saved.get("unpadded_vocab_size") or saved.get("vocab_size")
+    padded = padded_vocab_size(vocab_size, divisible_by, tp)
+    if rows is None:
+        return padded, vocab_size
+    if model is not None and vocab_size <= model <= rows and rows % tp == 0:
+        return rows, model
+    return (padded, vocab_size) if rows == padded else None
 
 
 def _require_path(path: Optional[str], flag: str, what: str) -> None:

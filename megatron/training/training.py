@@ -21,7 +21,7 @@ from megatron.training.exit_signal import ExitSignalHandler
 from megatron.training.flops import ModelShape, flops_per_iteration
 from megatron.training.peft.arguments import adapters_enabled
 from megatron.training.sizes import padded_vocab_size
-from megatron.training.tokenizer import TokenizerError, tokenizer_and_vocab_size
+from megatron.training.tokenizer import TokenizerError, checkpoint_vocabulary, tokenizer_and_vocab_size
 from megatron.training.training_log import TrainingLogger, print_rank_0
 
 
@@ -127,10 +127,16 @@ def build_tokenizer_from_args(args):
     padded = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                 args.tensor_model_parallel_size)
     saved = getattr(args, "padded_vocab_size", None)
-    if args.use_checkpoint_args and saved is not None and saved != padded:
-        raise arguments_module.ArgumentError(
-            f"the checkpoint's vocabulary ({saved} rows) does not match the tokenizer's padded vocabulary ({padded}): "
-            "use the tokenizer the checkpoint was trained with")
+    if args.use_checkpoint_args and saved is not None:
+        # a converted Qwen model has more rows than its tokenizer has tokens: keep the model's (tokenizer.py)
+        fits = checkpoint_vocabulary(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size,
+                                     {"padded_vocab_size": saved, "vocab_size": args.vocab_size,
+                                      "unpadded_vocab_size": getattr(args, "unpadded_vocab_size", None)})
+        if fits is None:
+            raise arguments_module.ArgumentError(
+                f"the checkpoint's vocabulary ({saved} rows) does not match the tokenizer's padded vocabulary "
+                f"({padded}): use the tokenizer the checkpoint was trained with")
+        padded, vocab = fits
     args.padded_vocab_size = padded
     args.unpadded_vocab_size = vocab
     return tokenizer
