@@ -115,14 +115,24 @@ class Plan:
 
 # ---------------------------------------------------------------- entry points
 
-def build_planner_parser():
-    """pretrain_gpt.py's parser plus the planner's own flags."""
-    return arguments.build_parser(add_planner_flags)
+def _flags(extra_args_provider):
+    """add_planner_flags, plus an entry point's own flags (finetune_gpt.py's SFT flags)."""
+    def add(parser):
+        add_planner_flags(parser)
+        if extra_args_provider is not None:
+            extra_args_provider(parser)
+    return add
 
 
-def plan_from_argv(argv: List[str]) -> Plan:
-    """Parse and validate the flags as the driver does, then plan."""
-    args = arguments.parse_args(argv, extra_args_provider=add_planner_flags)
+def build_planner_parser(extra_args_provider=None):
+    """pretrain_gpt.py's parser plus the planner's own flags (and `extra_args_provider`'s)."""
+    return arguments.build_parser(_flags(extra_args_provider))
+
+
+def plan_from_argv(argv: List[str], extra_args_provider=None) -> Plan:
+    """Parse and validate the flags as the driver does, then plan; `extra_args_provider`
+    adds an entry point's own flags, which do not change the plan (finetune_gpt.py's)."""
+    args = arguments.parse_args(argv, extra_args_provider=_flags(extra_args_provider))
     if args.world_size is None:
         raise arguments.ArgumentError("--world-size is required: the number of GPUs (nodes x GPUs per node)")
     arguments.validate_args(args, args.world_size)
@@ -185,6 +195,10 @@ def _layer_parameters(args, tp: int) -> int:
     if args.add_bias_linear:
         split += q + 2 * kv + fc1
         whole += 2 * h  # row-parallel biases are not split
+    elif getattr(args, "add_qkv_bias", False):  # Qwen2: biases on q, k and v only
+        split += q + 2 * kv
+    if getattr(args, "qk_layernorm", False):  # Qwen3: one norm weight per head dimension for q and for k
+        whole += 2 * args.kv_channels
     return split // tp + whole
 
 
