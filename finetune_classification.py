@@ -32,10 +32,10 @@ import torch  # noqa: E402
 
 from megatron.training.arguments import ArgumentError, env_world_size, parse_args  # noqa: E402
 from megatron.training.arguments import build_parser as build_driver_parser  # noqa: E402
-from megatron.training.bert_arguments import add_bert_and_classification_args  # noqa: E402
+from megatron.training.bert.arguments import add_bert_and_classification_args  # noqa: E402
 from megatron.training.errors import run_main  # noqa: E402
 from megatron.training.initialize import device  # noqa: E402
-from megatron.training.models.bert import build_bert_model  # noqa: E402
+from megatron.training.bert.model import build_bert_model  # noqa: E402
 from megatron.training.training import pretrain  # noqa: E402
 from megatron.training.training_log import print_rank_0  # noqa: E402
 from tasks import sequence_classification as sc  # noqa: E402

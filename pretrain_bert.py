@@ -8,7 +8,7 @@ with masked-LM (and optionally sentence-order prediction) on megatron-core.
         --apply-residual-connection-post-layernorm [--bert-no-binary-head]
 
 The same driver, flags, layouts and checkpoints as pretrain_gpt.py; the model
-is megatron-core's BertModel (megatron/training/models/bert.py), the data its
+is megatron-core's BertModel (megatron/training/bert/model.py), the data its
 masked WordPiece dataset (megatron/training/data/bert_dataset.py). Logged:
 "lm loss" (mean cross-entropy over the masked tokens, as run_mlm.py's loss;
 the validation line adds its perplexity), "mlm accuracy" and, with the binary
@@ -26,11 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from megatron.training.arguments import build_parser as build_driver_parser  # noqa: E402
-from megatron.training.bert_arguments import add_bert_args  # noqa: E402
+from megatron.training.bert.arguments import add_bert_args  # noqa: E402
 from megatron.training.data.bert_dataset import build_bert_datasets  # noqa: E402
 from megatron.training.errors import run_main  # noqa: E402
 from megatron.training.initialize import device  # noqa: E402
-from megatron.training.models.bert import build_bert_model  # noqa: E402
+from megatron.training.bert.model import build_bert_model  # noqa: E402
 from megatron.training.training import pretrain  # noqa: E402
 
 

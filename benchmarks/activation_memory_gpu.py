@@ -90,7 +90,7 @@ def measure(argv) -> dict:
 
 
 def planned(argv) -> float:
-    from megatron.training.planner import plan_from_argv
+    from megatron.training.planner.plan import plan_from_argv
 
     return plan_from_argv(list(argv) + ["--world-size", "1"]).stages[0].activations
 

@@ -155,7 +155,7 @@ def planner_argv(model: str, world: int, tp: int, pp: int, recompute: bool, meth
 
 
 def planner_table() -> str:
-    from megatron.training.planner import GIB, plan_from_argv
+    from megatron.training.planner.plan import GIB, plan_from_argv
 
     rows = ["| model | GPUs (TP x PP x DP) | method | trainable | weights | grads | optimizer | activations | "
             "total / GPU (GiB) | fits 80 GB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]

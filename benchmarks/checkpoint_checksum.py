@@ -42,8 +42,8 @@ def make_state(size_mb: int) -> dict:
 
 def time_round(state: dict, rank_dir: str, checksum: bool) -> tuple:
     """(save s, load s) of one round."""
-    from megatron.training.checkpoint_integrity import CHECKSUM_FILE, write_checksums
-    from megatron.training.checkpointing import atomic_torch_save, read_checkpoint_file
+    from megatron.training.checkpoint.files import CHECKSUM_FILE, atomic_torch_save, write_checksums
+    from megatron.training.checkpoint.iterations import read_checkpoint_file
 
     path = os.path.join(rank_dir, "model_optim_rng.pt")
     manifest = os.path.join(rank_dir, CHECKSUM_FILE)

@@ -98,11 +98,11 @@ def phase_save(args, work: str) -> dict:
     import torch
 
     from driver_harness import DriverHarness
-    from megatron.training import checkpointing
+    from megatron.training.checkpoint import save_load
 
     harness = DriverHarness(driver_argv(args, args.save_layout))
     run, state = harness.args, harness.state
-    checkpointing.prepare_saves(argparse.Namespace(save=work, ckpt_format="torch_dist"))  # as pretrain() does
+    save_load.prepare_saves(argparse.Namespace(save=work, ckpt_format="torch_dist"))  # as pretrain() does
     harness.train_block(1)
     n_params = sum(p.numel() for chunk in harness.model for p in chunk.parameters())
     t = torch.tensor([n_params], dtype=torch.float64)
@@ -115,10 +115,10 @@ def phase_save(args, work: str) -> dict:
             run.save = os.path.join(work, f"{fmt}{'_async' if asynchronous else ''}_{r}")
             torch.distributed.barrier()
             start = time.perf_counter()
-            checkpointing.save_checkpoint(run, state.iteration, harness.model, harness.optimizer, harness.scheduler,
+            save_load.save_checkpoint(run, state.iteration, harness.model, harness.optimizer, harness.scheduler,
                                           state.consumed_train_samples)
             blocked = time.perf_counter() - start
-            checkpointing.finalize_async_saves(run, blocking=True)
+            save_load.finalize_async_saves(run, blocking=True)
             published = time.perf_counter() - start
             blocked, published = _slowest(blocked), _slowest(published)
             if r < 0:
@@ -144,7 +144,7 @@ def phase_load(args, work: str) -> dict:
     from megatron.core import parallel_state
 
     from driver_harness import DriverHarness
-    from megatron.training import checkpointing
+    from megatron.training.checkpoint import save_load
 
     candidates = {
         "torch_dist, loaded directly (model + optimizer state)": ("saved_torch_dist", []),
@@ -157,7 +157,7 @@ def phase_load(args, work: str) -> dict:
         harness = DriverHarness(driver_argv(args, args.load_layout) + ["--load", os.path.join(work, name)] + flags)
         torch.distributed.barrier()
         start = time.perf_counter()
-        checkpointing.load_checkpoint(harness.args, harness.model, harness.optimizer, harness.scheduler)
+        save_load.load_checkpoint(harness.args, harness.model, harness.optimizer, harness.scheduler)
         out[label] = _slowest(time.perf_counter() - start)
         del harness
         gc.collect()

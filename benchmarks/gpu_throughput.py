@@ -16,7 +16,7 @@ time. `--kernels off` adds the flags that turn this repo's kernels off
 (KERNELS_OFF); the start-up line of each run ("kernels: ...") is in the report.
 
 `largest` is the preset with the most parameters that the planner
-(megatron/training/planner.py) fits in this GPU's memory.
+(megatron/training/planner/plan.py) fits in this GPU's memory.
 
 `--compare-megatron-lm PATH` runs PATH/pretrain_gpt.py (Megatron-LM
 core_v0.16.1, its megatron/training beside it) under torchrun with the same
@@ -107,7 +107,7 @@ def driver_argv(config: str, iterations: int, kernels: str) -> list:
 
 def largest_config(memory_gib: float) -> str:
     """The preset with the most parameters that the planner fits in `memory_gib`."""
-    from megatron.training.planner import plan_from_argv
+    from megatron.training.planner.plan import plan_from_argv
 
     for name in LARGEST_FIRST:
         flags, mbs, gbs = CONFIGS[name]

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron.training.sizes import default_ffn_hidden_size  # noqa: E402
-from megatron.training.planner import plan_from_argv  # noqa: E402
+from megatron.training.planner.plan import plan_from_argv  # noqa: E402
 
 # name, our script, its nodes, DongwuLLM's (layers, hidden, heads), TFLOP/s per A100, tokens/day per 8xA100
 DONGWU = [

@@ -71,9 +71,10 @@ class MegatronLanguageModel(LanguageModel):
     """A Megatron checkpoint through the training driver's own model and loader."""
 
     def __init__(self, args):
-        from megatron.training import checkpointing, inference
+        from megatron.training import inference
+        from megatron.training.checkpoint.save_load import read_checkpoint_args
 
-        saved = checkpointing.read_checkpoint_args(args.load)
+        saved = read_checkpoint_args(args.load)
         extra = []
         if args.rotary_seq_len_interpolation_factor is not None:
             extra += ["--rotary-seq-len-interpolation-factor", str(args.rotary_seq_len_interpolation_factor)]

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.training.data.sft_dataset import add_sft_args  # noqa: E402
 from megatron.training.errors import run_main  # noqa: E402
-from megatron.training.planner import build_planner_parser, format_plan, plan_from_argv  # noqa: E402
+from megatron.training.planner.plan import build_planner_parser, format_plan, plan_from_argv  # noqa: E402
 
 
 def build_parser():

@@ -20,7 +20,9 @@ import torch
 
 from megatron.training.errors import ArgumentError, Parser
 from megatron.training.sizes import default_ffn_hidden_size, divisors, tensor_parallel_sizes
-from megatron.training.dist_ckpt.flags import add_dist_ckpt_flags, validate_dist_ckpt_args
+from megatron.training.checkpoint.flags import (
+    add_checkpoint_integrity_args, add_dist_ckpt_flags, validate_dist_ckpt_args,
+)
 
 
 def _add_model_flags(p):
@@ -178,7 +180,6 @@ def _add_logging_flags(p):
 
 
 def build_parser(extra_args_provider=None) -> Parser:
-    from megatron.training.checkpoint_integrity import add_checkpoint_integrity_args
     from megatron.training.exit_signal import add_exit_signal_args
     from megatron.training.kernels.flags import add_kernel_flags
     from megatron.training.peft.arguments import add_adapter_flags
@@ -485,18 +486,6 @@ def ddp_config_from_args(args):
         check_for_nan_in_grad=False,
     )
 
-
-def args_to_dict(args) -> dict:
-    """The flags as plain Python values (for checkpoints loaded with weights_only=True)."""
-    out = {}
-    for key, value in vars(args).items():
-        if isinstance(value, torch.dtype):
-            value = str(value).replace("torch.", "")
-        if value is None or isinstance(value, (bool, int, float, str)):
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-            out[key] = list(value)
-    return out
 
 
 def env_world_size() -> int:

@@ -130,6 +130,12 @@ def run_main(main: Callable, *args) -> int:
     return result if isinstance(result, int) else 0
 
 
+def first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message (torch's run on for lines)."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return text.split(". ")[0].rstrip(".")[:160]
+
+
 def error_line(e: BaseException) -> str:
     """`error: <message>` on one line."""
     return "error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip())

@@ -79,7 +79,7 @@ class ConfigError(UserError, ValueError):
     pass
 
 
-TRACKER = "latest_checkpointed_iteration.txt"  # checkpointing.TRACKER_FILENAME, without importing megatron.core
+TRACKER = "latest_checkpointed_iteration.txt"  # checkpoint/iterations.py TRACKER_FILENAME, without importing torch
 FINISHED = "finished.json"  # {save_dir}/finished.json: the configuration whose training ran to its end
 
 
@@ -209,7 +209,7 @@ def _tokenizer_flags(cfg: dict, base_is_hf: bool) -> List[str]:
     if base_is_hf:
         kind, model = kind or "HuggingFaceTokenizer", model or cfg["base_model"]
     elif kind is None:
-        from megatron.training.checkpointing import read_checkpoint_args
+        from megatron.training.checkpoint.save_load import read_checkpoint_args
 
         saved = read_checkpoint_args(cfg["base_model"])
         kind, model = saved.get("tokenizer_type"), model or saved.get("tokenizer_model")

@@ -21,7 +21,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from megatron.training import arguments, checkpointing, initialize, training
+from megatron.training import arguments, initialize, training
+from megatron.training.checkpoint.save_load import read_checkpoint_args
 from megatron.training.models.llama import build_gpt_model
 from megatron.training.peft.arguments import adapter_flags, adapters_enabled
 
@@ -29,7 +30,7 @@ from megatron.training.peft.arguments import adapter_flags, adapters_enabled
 def inference_argv(load_dir: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                    extra_argv: Sequence[str] = ()) -> List[str]:
     """Driver flags that build the checkpoint's model for a forward pass."""
-    saved = checkpointing.read_checkpoint_args(load_dir)
+    saved = read_checkpoint_args(load_dir)
     argv = [
         "--load", load_dir, "--use-checkpoint-args", "--finetune", "--skip-train",
         "--micro-batch-size", "1", "--lr", "0", "--train-iters", "0", "--eval-iters", "0",
@@ -50,7 +51,7 @@ def load_model(load_dir: str, tensor_model_parallel_size: int = 1, pipeline_mode
                extra_args_provider=None) -> Tuple[object, list]:
     """(args, [model chunk]) for this rank, weights loaded, in eval mode.
     `model_builder(args, config)` and `extra_args_provider` (its flags) are
-    the entry point's: GPT by default, BERT in bert_inference.py."""
+    the entry point's: GPT by default, BERT in bert/inference.py."""
     args = training.setup_args(inference_argv(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size,
                                               extra_argv), extra_args_provider)
     config = arguments.transformer_config_from_args(args)
@@ -60,7 +61,7 @@ def load_model(load_dir: str, tensor_model_parallel_size: int = 1, pipeline_mode
 
         apply_adapters(args, config, model)
     model = [chunk.to(initialize.device()) for chunk in model]
-    checkpointing.load_checkpoint(args, model, None, None)
+    training.load_checkpoint(args, model, None, None)
     for chunk in model:
         chunk.eval()
     return args, model

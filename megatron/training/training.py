@@ -16,10 +16,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from megatron.training import arguments as arguments_module
-from megatron.training import checkpointing, initialize, kernels
+from megatron.training import initialize, kernels
+from megatron.training.checkpoint import save_load
+from megatron.training.checkpoint.iterations import require_checkpoint
+from megatron.training.checkpoint.settings import take_checkpoint_settings
 from megatron.training.exit_signal import ExitSignalHandler
 from megatron.training.flops import ModelShape, flops_per_iteration
 from megatron.training.peft.arguments import adapters_enabled
+from megatron.training.peft.checkpoint import load_adapter_checkpoint
 from megatron.training.sizes import padded_vocab_size
 from megatron.training.tokenizer import TokenizerError, checkpoint_vocabulary, tokenizer_and_vocab_size
 from megatron.training.training_log import TrainingLogger, print_rank_0
@@ -49,10 +53,10 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     tokenizer = build_tokenizer_from_args(args)
     model = build_model(args, model_provider)
     optimizer, scheduler = build_optimizer(args, model)
-    checkpointing.prepare_saves(args)
+    save_load.prepare_saves(args)
     state = TrainingState()
     if args.load:
-        state.iteration, state.consumed_train_samples = checkpointing.load_checkpoint(args, model, optimizer, scheduler)
+        state.iteration, state.consumed_train_samples = load_checkpoint(args, model, optimizer, scheduler)
     train_iter, valid_iter, test_iter = build_data_iterators(args, tokenizer, train_valid_test_datasets_provider,
                                                              state.consumed_train_samples)
     step = _bind_forward_step(forward_step_func, args, eval_metrics_func)
@@ -60,7 +64,7 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
         train(args, step, model, optimizer, scheduler, train_iter, valid_iter, state)
     elif args.save and args.train_iters == 0:
         save(args, state, model, optimizer, scheduler)  # an initial checkpoint
-        checkpointing.finalize_async_saves(args, blocking=True)
+        save_load.finalize_async_saves(args, blocking=True)
     if state.exited_early:
         return state  # as Megatron-LM: an early exit saves and stops, without the final evaluations
     evaluated_just_now = args.eval_interval and state.iteration % args.eval_interval == 0 and not args.skip_train
@@ -79,7 +83,7 @@ def setup_args(argv=None, extra_args_provider=None):
     args = arguments_module.parse_args(argv, extra_args_provider)
     initialize.initialize_distributed(args.distributed_backend, args.distributed_timeout_minutes)
     if args.finetune or args.use_checkpoint_args:
-        checkpointing.require_checkpoint(args.load, "--finetune" if args.finetune else "--use-checkpoint-args")
+        require_checkpoint(args.load, "--finetune" if args.finetune else "--use-checkpoint-args")
     if args.use_checkpoint_args:
         _take_settings_from_checkpoint(args, arguments_module.flags_given(argv, extra_args_provider))
     arguments_module.validate_args(args, torch.distributed.get_world_size())
@@ -94,9 +98,7 @@ def setup_args(argv=None, extra_args_provider=None):
 
 def _take_settings_from_checkpoint(args, given) -> None:
     """--use-checkpoint-args: the checkpoint's model settings, unless `given` on the command line."""
-    from megatron.training.checkpoint_args import take_checkpoint_settings
-
-    note = take_checkpoint_settings(args, checkpointing.read_checkpoint_args(args.load, args.ckpt_step), given,
+    note = take_checkpoint_settings(args, save_load.read_checkpoint_args(args.load, args.ckpt_step), given,
                                     args.load)
     if note:
         print_rank_0(note)
@@ -120,12 +122,11 @@ def build_tokenizer_from_args(args):
     vocabulary, recorded in checkpoints: its padding rows are excluded from
     the softmax, models/padded_vocab.py)."""
     if (args.use_checkpoint_args and args.tokenizer_model and not os.path.exists(args.tokenizer_model)
-            and checkpointing.read_checkpoint_args(args.load).get("tokenizer_model") == args.tokenizer_model):
+            and save_load.read_checkpoint_args(args.load).get("tokenizer_model") == args.tokenizer_model):
         raise TokenizerError(f"the tokenizer {args.tokenizer_model} that {args.load} records (--use-checkpoint-args) "
                              "is not on this machine: pass --tokenizer-model PATH to a copy of it")
     tokenizer, vocab = tokenizer_and_vocab_size(args)
-    padded = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
-                                                args.tensor_model_parallel_size)
+    padded = padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     saved = getattr(args, "padded_vocab_size", None)
     if args.use_checkpoint_args and saved is not None:
         # a converted Qwen model has more rows than its tokenizer has tokens: keep the model's (tokenizer.py)
@@ -201,6 +202,14 @@ def build_optimizer(args, model: list):
     )
     return optimizer, scheduler
 
+
+
+def load_checkpoint(args, model: list, optimizer, scheduler):
+    """args.load into the run: (iteration, consumed_train_samples). With
+    adapters (--lora-rank) the frozen base and the adapters come from two
+    checkpoints (peft/checkpoint.py)."""
+    load = load_adapter_checkpoint if adapters_enabled(args) else save_load.load_checkpoint
+    return load(args, model, optimizer, scheduler)
 
 def build_data_iterators(args, tokenizer, provider, consumed_train_samples: int):
     """Iterators for train / valid / test; a list of them per virtual stage
@@ -311,7 +320,7 @@ def _train_loop(args, forward_step_func, model, optimizer, scheduler, train_iter
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save(args, state, model, optimizer, scheduler)
             saved_at = state.iteration
-        checkpointing.finalize_async_saves(args)
+        save_load.finalize_async_saves(args)
         if exit_signal.received_anywhere():
             print_rank_0(f"exiting at iteration {state.iteration}: received {args.exit_signal} "
                          f"(--exit-signal-handler){'' if args.save else '; no --save: nothing is saved'}")
@@ -322,7 +331,7 @@ def _train_loop(args, forward_step_func, model, optimizer, scheduler, train_iter
             break
     if args.save and saved_at != state.iteration:
         save(args, state, model, optimizer, scheduler)
-    checkpointing.finalize_async_saves(args, blocking=True)
+    save_load.finalize_async_saves(args, blocking=True)
     logger.close()
     return state
 
@@ -342,7 +351,7 @@ def _should_exit(args, iteration: int, start_time: float) -> bool:
 
 def save(args, state: TrainingState, model, optimizer, scheduler) -> None:
     t0 = time.time()
-    path = checkpointing.save_checkpoint(args, state.iteration, model, optimizer, scheduler,
+    path = save_load.save_checkpoint(args, state.iteration, model, optimizer, scheduler,
                                          state.consumed_train_samples)
     if args.async_save:
         print_rank_0(f"started the asynchronous save of {path}: training blocked {time.time() - t0:.2f} s")

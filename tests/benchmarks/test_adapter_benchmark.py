@@ -73,7 +73,7 @@ def _peft_trainable(lora_flags):
 
 
 def test_benchmark_reports_each_method_and_the_planner_matches_it(results):
-    from megatron.training.planner import plan_from_argv
+    from megatron.training.planner.plan import plan_from_argv
 
     full, lora, qlora = (results[name] for name in bench.METHODS)
     for name in bench.METHODS:
@@ -96,7 +96,7 @@ def test_planned_adapter_activations_match_what_autograd_saves(results):
     """Differences between adapter configurations (the frozen base's share cancels):
     which frozen linears keep no input, B's r-wide inputs, DoRA's saved outputs;
     and QLoRA keeps nothing LoRA does not (its base is dequantized again in backward)."""
-    from megatron.training.planner import plan_from_argv
+    from megatron.training.planner.plan import plan_from_argv
 
     def planned(name):
         return plan_from_argv(_config_argv("base", ACTIVATION_CONFIGS[name]) + ["--world-size", "1"]).stages[0]

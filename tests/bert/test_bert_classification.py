@@ -35,7 +35,8 @@ def _run(rank, world_size, entry_point, argv):
 
 
 def _predict(rank, world_size, load_dir, text, mask, types):
-    from megatron.training import bert_inference, inference
+    from megatron.training import inference
+    from megatron.training.bert import inference as bert_inference
 
     args, model = bert_inference.load_bert_model(load_dir)
     logits = bert_inference.bert_outputs(args, model, torch.as_tensor(text), torch.as_tensor(mask),

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron.training.bert_arguments import add_bert_args
+from megatron.training.bert.arguments import add_bert_args
 from tests.bert.conftest import preprocess
 
 SAMPLES = 2000
@@ -37,7 +37,7 @@ def process_group():
 
 def bert_args(data_prefix, tokenizer_flags, cache, seq=128, samples=SAMPLES, *extra):
     from megatron.training.arguments import parse_args
-    from megatron.training.bert_arguments import finalize_bert_args
+    from megatron.training.bert.arguments import finalize_bert_args
 
     args = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
                        "--seq-length", str(seq), "--micro-batch-size", "1", "--global-batch-size", "1",

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from megatron.training.arguments import ArgumentError, parse_args
-from megatron.training.bert_arguments import add_bert_args, finalize_bert_args
+from megatron.training.bert.arguments import add_bert_args, finalize_bert_args
 from tests.bert.conftest import convert
 
 
@@ -95,7 +95,7 @@ def test_use_checkpoint_args_takes_the_bert_settings():
     """--use-checkpoint-args takes a converted RoBERTa's layer order, position
     offset, token types and heads; a different --num-tokentypes (a tensor
     shape) is one error naming the flag."""
-    from megatron.training.checkpoint_args import take_checkpoint_settings
+    from megatron.training.checkpoint.settings import take_checkpoint_settings
 
     saved = {"apply_residual_connection_post_layernorm": True, "position_ids_offset": 2, "num_tokentypes": 1,
              "bert_binary_head": False, "max_position_embeddings": 34}
@@ -111,7 +111,7 @@ def test_use_checkpoint_args_refuses_the_other_model_family():
     """A Llama checkpoint given to a BERT entry point (or the reverse) used to take the other family's
     settings and fail later on one of them (`--position-embedding-type rope: BERT models use learned
     absolute positions`, a flag the user never passed); now the line names the entry points to use."""
-    from megatron.training.checkpoint_args import take_checkpoint_settings
+    from megatron.training.checkpoint.settings import take_checkpoint_settings
 
     llama = {"num_layers": 2, "swiglu": True, "position_embedding_type": "rope", "normalization": "RMSNorm"}
     with pytest.raises(ArgumentError, match="^ckpt holds a GPT \\(Llama\\) model, and this entry point runs a "

@@ -7,7 +7,7 @@ from the BERT dataset equals RobertaForMaskedLM's; HF -> Megatron -> HF is
 bitwise for every supported class. The independent reference is transformers.
 
 Megatron-side outputs come from the driver's own model and loader
-(megatron/training/bert_inference.py) on gloo processes; a checkpoint written
+(megatron/training/bert/inference.py) on gloo processes; a checkpoint written
 at TP=1 is resharded on load to the other layouts, and the converter's own
 TP=2 and PP=2 output is loaded as saved.
 """
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import pretrain_bert
-from megatron.training import bert_inference  # noqa: F401 - imported once here, inherited by the forked ranks
+from megatron.training.bert import inference as bert_inference  # noqa: F401 - imported once here, inherited by the forked ranks
 from tests.bert.conftest import HF_MODELS, convert
 from tests.distributed.launcher import run_distributed
 
@@ -71,7 +71,8 @@ def hf_outputs(path, name, tokens, mask, types):
 
 
 def _outputs_worker(rank, world_size, jobs):
-    from megatron.training import bert_inference, inference
+    from megatron.training import inference
+    from megatron.training.bert import inference as bert_inference
 
     results = []
     for load_dir, tp, pp, extra, (tokens, mask, types), kinds in jobs:
@@ -84,7 +85,8 @@ def _outputs_worker(rank, world_size, jobs):
 
 def _mlm_loss_worker(rank, world_size, load_dir, tp, data_argv):
     """(the masked batch, Megatron's reported lm loss) for a batch of the BERT dataset."""
-    from megatron.training import arguments, bert_inference, inference
+    from megatron.training import arguments, inference
+    from megatron.training.bert import inference as bert_inference
     from megatron.training.data.bert_dataset import build_bert_datasets
     from megatron.training.tokenizer import build_tokenizer
 

@@ -17,7 +17,8 @@ needs_te = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.fi
 
 
 def _worker(rank, world_size, load_dir, batch, kind):
-    from megatron.training import bert_inference, inference
+    from megatron.training import inference
+    from megatron.training.bert import inference as bert_inference
 
     args, model = bert_inference.load_bert_model(load_dir, extra_argv=["--transformer-impl", "transformer_engine"])
     out = bert_inference.bert_outputs(args, model, *batch, output=kind).cpu()

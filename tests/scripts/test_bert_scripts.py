@@ -32,7 +32,7 @@ def _command(script, **env):
 def _parse(entry, flags, world_size):
     import finetune_classification
     from megatron.training.arguments import parse_args, validate_args
-    from megatron.training.bert_arguments import add_bert_args, finalize_bert_args
+    from megatron.training.bert.arguments import add_bert_args, finalize_bert_args
 
     if entry.startswith("finetune"):
         # what --use-checkpoint-args takes from a BERT-base checkpoint, and what --epochs sets from the data

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from megatron.training.planner import GIB, plan_from_argv
+from megatron.training.planner.plan import GIB, plan_from_argv
 from tests.distributed.launcher import ROOT
 
 # Kept free on the 80 GiB device beyond the plan: CUDA context and NCCL

@@ -95,7 +95,7 @@ def test_interpolation_factor_at_evaluation_time(megatron_runs, planted, sp_mode
 
 
 def test_vocabulary_mismatch_is_a_clear_error(driver_checkpoint, sp_model):
-    from megatron.training.checkpointing import read_checkpoint_args
+    from megatron.training.checkpoint.save_load import read_checkpoint_args
     from megatron.training.tokenizer import build_tokenizer
     from tasks.lm import check_vocab
 

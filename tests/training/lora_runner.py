@@ -38,7 +38,7 @@ def lora_flags(rank: int = 4, alpha: float = 8, targets: Sequence[str] = ("all-l
 def make_base(path: str, tied: bool = False, train_iters: int = 0, ckpt_format: str = "torch") -> str:
     """A base checkpoint saved by one process: the initial weights, or after `train_iters` full steps; in the
     per-rank torch format by default, whose rank files the tests read (a torch_dist base:
-    tests/training/dist_ckpt/test_adapter_base.py)."""
+    tests/training/checkpoint/torch_dist/test_adapter_base.py)."""
     run_pretrain(base_model_flags(tied) + MOCK_DATA + SCHEDULE + BATCH + ["--train-iters", str(train_iters),
                                                                          "--save", path, "--ckpt-format", ckpt_format])
     return path

@@ -146,7 +146,7 @@ def test_tensor_cuda_stays_on_cpu_only_inside_the_wrapped_functions():
 
     assert getattr(LanguageModule.setup_embeddings_and_output_layer, "_cpu_backend_wrapped", False)
     # the distributed optimizer's gather for torch_dist checkpoints (its all_gather path
-    # runs in tests/training/dist_ckpt/ at TP=2 and DP=2)
+    # runs in tests/training/checkpoint/torch_dist/ at TP=2 and DP=2)
     assert getattr(DistributedOptimizer.get_parameter_state_dp_zero, "_cpu_backend_wrapped", False)
     t = torch.ones(2)
     with cpu_backend.tensor_cuda_stays_on_cpu():

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from megatron.training.checkpointing import read_checkpoint_args
+from megatron.training.checkpoint.save_load import read_checkpoint_args
 from tests.distributed.launcher import run_distributed
 from tests.training.pretrain_runner import SCHEDULE, TINY_LLAMA, run_pretrain_sequence
 

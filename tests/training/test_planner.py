@@ -1,4 +1,4 @@
-"""The planner (megatron/training/planner.py) against independent references:
+"""The planner (megatron/training/planner/plan.py) against independent references:
 the published activation formula, the driver's parameter and FLOPs counts,
 and the bytes a real training run on CPU allocates."""
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from megatron.training import flops as flops_module
-from megatron.training.planner import (
+from megatron.training.planner.plan import (
     layer_activation_bytes, micro_batches_in_flight, model_parameters, plan_from_argv, stage_parameters,
 )
 from tests.distributed.launcher import ROOT, run_distributed
@@ -181,7 +181,7 @@ def test_planned_flops_equal_the_driver_logged_count(measured):
 def test_planner_does_not_import_megatron_core():
     import subprocess
 
-    code = ("import sys; sys.path.insert(0, %r); from megatron.training.planner import plan_from_argv; "
+    code = ("import sys; sys.path.insert(0, %r); from megatron.training.planner.plan import plan_from_argv; "
             "plan_from_argv(%r); print('megatron.core' in sys.modules)") % (ROOT, MEASURED_ARGV + ["--world-size", "4"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=ROOT))

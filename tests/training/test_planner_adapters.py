@@ -1,4 +1,4 @@
-"""The planner's adapter memory model (megatron/training/planner_adapters.py)
+"""The planner's adapter memory model (megatron/training/planner/adapters.py)
 against independent references: peft's trainable-parameter count at Llama-2
 7B / 70B widths, and bitsandbytes' storage of a quantized weight. (Against a
 real run of the driver: tests/benchmarks/test_adapter_benchmark.py.)"""
@@ -6,8 +6,8 @@ real run of the driver: tests/benchmarks/test_adapter_benchmark.py.)"""
 import pytest
 import torch
 
-from megatron.training import planner_adapters
-from megatron.training.planner import plan_from_argv
+from megatron.training.planner import adapters as planner_adapters
+from megatron.training.planner.plan import plan_from_argv
 
 # Two layers at the real widths: the count is per layer, and peft on a full-depth
 # 70B model (meta device) takes a minute.

@@ -15,7 +15,7 @@ def add_arguments(group) -> None:
 def load_source(args):
     from megatron.training.checkpoint_convert.core import ConversionError
     from megatron.training.checkpoint_convert.families import family
-    from megatron.training.checkpoint_convert.megatron_format import open_checkpoint
+    from megatron.training.checkpoint_convert.megatron_checkpoint import open_checkpoint
 
     source = open_checkpoint(args.load_dir, args.tokenizer_model)
     if source.model_type != args.model_type:

@@ -104,7 +104,7 @@ def open_source(path: str, tokenizer_model: Optional[str] = None) -> ModelSource
         from megatron.training.checkpoint_convert.llama import LlamaHFSource
 
         return LlamaHFSource(path, tokenizer_model)
-    from megatron.training.checkpoint_convert.megatron_format import open_checkpoint
+    from megatron.training.checkpoint_convert.megatron_checkpoint import open_checkpoint
 
     return open_checkpoint(path, tokenizer_model)  # either checkpoint format
 

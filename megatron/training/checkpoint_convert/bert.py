@@ -1,5 +1,5 @@
 """The BERT family: Hugging Face BERT, RoBERTa (and DistilRoBERTa, a RoBERTa
-config) and Megatron-BERT <-> megatron-core's BertModel (megatron/training/models/bert.py).
+config) and Megatron-BERT <-> megatron-core's BertModel (megatron/training/bert/model.py).
 
 - BERT and RoBERTa are post-LN: their LayerNorms map onto the post-LN layer
   shifted by one (embeddings.LayerNorm -> layers.0.input_layernorm, layer i's
@@ -245,8 +245,9 @@ class BertHFSource(ModelSource):
     format = "hf"
 
     def __init__(self, model_dir: str, tokenizer_model: Optional[str] = None):
-        from megatron.training.arguments import args_to_dict, parse_args
-        from megatron.training.bert_arguments import add_bert_and_classification_args
+        from megatron.training.arguments import parse_args
+        from megatron.training.checkpoint.settings import args_to_dict
+        from megatron.training.bert.arguments import add_bert_and_classification_args
 
         self.path = os.path.abspath(model_dir)
         with open(os.path.join(self.path, "config.json")) as f:
@@ -435,14 +436,14 @@ def hf_outputs(path: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def megatron_load(path: str, tp: int, pp: int):
-    from megatron.training import bert_inference
+    from megatron.training.bert import inference as bert_inference
 
     return bert_inference.load_bert_model(path, tp, pp)
 
 
 def megatron_forward(args, model: list, tokens: torch.Tensor, path: str) -> torch.Tensor:
     """The same outputs from a Megatron checkpoint (its heads decide which); collective."""
-    from megatron.training import bert_inference
+    from megatron.training.bert import inference as bert_inference
 
     return bert_inference.bert_outputs(args, model, tokens, output=bert_inference.output_kind(path))
 

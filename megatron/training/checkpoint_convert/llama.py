@@ -131,7 +131,8 @@ class LlamaHFSource(ModelSource):
     format = "hf"
 
     def __init__(self, model_dir: str, tokenizer_model: Optional[str] = None, extra_flags: Sequence[str] = ()):
-        from megatron.training.arguments import args_to_dict, parse_args
+        from megatron.training.arguments import parse_args
+        from megatron.training.checkpoint.settings import args_to_dict
 
         self.path = os.path.abspath(model_dir)
         config_path = os.path.join(self.path, "config.json")

@@ -1,4 +1,4 @@
-"""This project's per-rank checkpoints (megatron/training/checkpointing.py) as a
+"""This project's per-rank checkpoints (megatron/training/checkpoint/torch_format.py) as a
 conversion source and target, under any TP / PP / virtual-PP layout.
 
 Reading: each rank file is opened memory-mapped (`torch.load(mmap=True,
@@ -13,64 +13,26 @@ written. Peak memory: one full layer plus one output rank file.
 
 import os
 import shutil
-import warnings
 from typing import Dict, Optional
 
 import torch
 
-from megatron.training import checkpointing, sharding
+from megatron.training import sharding
+from megatron.training.checkpoint.files import atomic_torch_save
+from megatron.training.checkpoint.iterations import (
+    TRACKER_FILENAME, iteration_dir, rank_dir_name, rank_file, read_checkpoint_file, read_tracker,
+)
+from megatron.training.checkpoint.torch_format import first_rank_state
+from megatron.training.checkpoint.training_state import CHECKPOINT_VERSION, model_keys
 from megatron.training.checkpoint_convert import families
-from megatron.training.fileio import atomic_write_text
 from megatron.training.checkpoint_convert.core import (
     ConversionError, ModelSource, cast, check_target_layout, progress,
 )
+from megatron.training.checkpoint_convert.megatron_base import LINEAR_MODULES, read_vocab_size
+from megatron.training.errors import CheckpointError
+from megatron.training.fileio import atomic_write_text
 from megatron.training.models.hf_names import EMBEDDING, OUTPUT_LAYER
 from megatron.training.sizes import padded_vocab_size
-
-# Module names of megatron-core's linear layers: each carries an `_extra_state`
-# entry (None outside FP8) that a strict load_state_dict expects.
-LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
-
-
-def read_vocab_size(args: dict, tokenizer_model: Optional[str] = None) -> Optional[int]:
-    """The tokenizer's vocabulary size for a checkpoint's flags (None when the
-    tokenizer cannot be found); `tokenizer_model` overrides the recorded path."""
-    from megatron.training.tokenizer import build_tokenizer
-
-    if tokenizer_model is None and args.get("unpadded_vocab_size"):  # recorded by the driver and save_megatron
-        return args["unpadded_vocab_size"]
-    kind = args.get("tokenizer_type")
-    if kind is None:
-        return args.get("vocab_size")
-    model = tokenizer_model or args.get("tokenizer_model")
-    try:
-        return build_tokenizer(kind, model, args.get("vocab_file"), args.get("merge_file"), args.get("vocab_size")).vocab_size
-    except Exception as e:  # noqa: BLE001 - any failure means "unknown": say so and go on
-        if args.get("vocab_size"):
-            return args["vocab_size"]
-        warnings.warn(f"cannot load the checkpoint's tokenizer ({kind} {model}: {e}); the vocabulary padding "
-                      "rows are kept as they are. Pass --tokenizer-model to trim them")
-        return None
-
-
-def open_checkpoint(load_dir: str, tokenizer_model: Optional[str] = None) -> ModelSource:
-    """A checkpoint root of this driver or Megatron-LM in either format: the
-    per-rank torch format (MegatronSource) or torch_dist (TorchDistSource)."""
-    path = os.path.abspath(load_dir)
-    iteration, release = checkpointing.read_tracker(path) if os.path.isdir(path) else (None, False)
-    if iteration is None:
-        return MegatronSource(load_dir, tokenizer_model)  # it names what is missing
-    return open_iteration(path, checkpointing.iteration_dir(path, iteration, release), tokenizer_model)
-
-
-def open_iteration(load_dir: str, iter_dir: str, tokenizer_model: Optional[str] = None) -> ModelSource:
-    """One iteration directory of a checkpoint root, in the format it was saved in."""
-    if checkpointing.is_torch_dist(iter_dir):
-        from megatron.training.checkpoint_convert.torch_dist_format import TorchDistSource
-
-        return TorchDistSource(load_dir, iter_dir, os.path.basename(iter_dir) == "release", tokenizer_model)
-    return MegatronSource(load_dir, tokenizer_model, iter_dir)
-
 
 class MegatronSource(ModelSource):
     """A checkpoint root written by pretrain_gpt.py or by save_megatron."""
@@ -83,18 +45,18 @@ class MegatronSource(ModelSource):
         if not os.path.isdir(self.path):
             raise ConversionError(f"--load-dir {self.path} does not exist")
         try:
-            iteration, release = checkpointing.read_tracker(self.path)
-        except checkpointing.CheckpointError as e:
+            iteration, release = read_tracker(self.path)
+        except CheckpointError as e:
             raise ConversionError(str(e))
         if iteration is None:
             raise ConversionError(
-                f"{self.path} has no {checkpointing.TRACKER_FILENAME}: it is not a checkpoint saved by "
+                f"{self.path} has no {TRACKER_FILENAME}: it is not a checkpoint saved by "
                 "pretrain_gpt.py (for a Hugging Face directory use --loader llama2_hf)")
-        self.iter_dir = iter_dir or checkpointing.iteration_dir(self.path, iteration, release)
+        self.iter_dir = iter_dir or iteration_dir(self.path, iteration, release)
         release = os.path.basename(self.iter_dir) == "release"
         try:
-            first = checkpointing.first_rank_state(self.iter_dir)
-        except checkpointing.CheckpointError as e:
+            first = first_rank_state(self.iter_dir)
+        except CheckpointError as e:
             raise ConversionError(str(e))
         self.args = dict(first["args"])
         layout = first["layout"]
@@ -109,15 +71,15 @@ class MegatronSource(ModelSource):
                     raise ConversionError(f"{self._file(t, p)} is missing: the checkpoint at {self.path} is "
                                           f"incomplete (saved with TP={self.tp}, PP={self.pp})")
                 try:  # opens, and matches its checksum when it has one (--ckpt-checksum)
-                    checkpointing.read_checkpoint_file(self._file(t, p))
-                except checkpointing.CheckpointError as e:
+                    read_checkpoint_file(self._file(t, p))
+                except CheckpointError as e:
                     raise ConversionError(str(e))
         self.gated = bool(self.args.get("swiglu"))
         self.offsets = sharding.layer_offsets(self.num_layers, self.pp, self.vp)
         self.per_chunk = self.num_layers // (self.pp * (self.vp or 1))
         self.vocab_size = read_vocab_size(self.args, tokenizer_model)
         last = torch.load(self._file(0, self.pp - 1), map_location="cpu", weights_only=True, mmap=True)
-        names = list(last[checkpointing.model_keys(self.vp or 1)[-1]])
+        names = list(last[model_keys(self.vp or 1)[-1]])
         del last
         self.has_output_layer = any(n.startswith("output_layer.") for n in names)
         self.model_type = families.megatron_model_type(names)
@@ -131,26 +93,26 @@ class MegatronSource(ModelSource):
             self.adapter = AdapterSettings.from_args(self.args)
         self._tokenizer_model = tokenizer_model
 
-    def base(self):
-        """The base checkpoint an adapter-only checkpoint names (adapter_base), at the iteration it
-        names, as the driver loads it."""
+    def base_iteration_dir(self) -> str:
+        """The iteration directory of the base an adapter-only checkpoint names
+        (adapter_base), as the driver loads it; the base itself may be in either
+        format, so megatron_checkpoint.py opens it."""
         if self.adapter_base is None:
-            return super().base()
+            return super().base()  # raises: no adapters here
         from megatron.training.peft.checkpoint import base_iteration_dir
 
         try:
-            iter_dir = base_iteration_dir(self.adapter_base, self.iter_dir)
-        except checkpointing.CheckpointError as e:
+            return base_iteration_dir(self.adapter_base, self.iter_dir)
+        except CheckpointError as e:
             raise ConversionError(str(e))
-        return open_iteration(self.adapter_base["load"], iter_dir, self._tokenizer_model)  # either format
 
     def _file(self, t: int, p: int) -> str:
-        return checkpointing.rank_file(self.iter_dir, t, p, self.pp)
+        return rank_file(self.iter_dir, t, p, self.pp)
 
     def _read(self, p: int, v: int, wanted) -> Dict[str, torch.Tensor]:
         """The tensors of chunk (p, v) whose chunk-local names `wanted(name)`
         accepts, merged over TP."""
-        key = checkpointing.model_keys(self.vp or 1)[v]
+        key = model_keys(self.vp or 1)[v]
         states = []
         for t in range(self.tp):
             chunk = torch.load(self._file(t, p), map_location="cpu", weights_only=True, mmap=True)[key]
@@ -244,7 +206,7 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
         saved_args.update(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
                           params_dtype=str(dtype).replace("torch.", ""))
     release = source.iteration is None
-    iter_dir = checkpointing.iteration_dir(out_dir, source.iteration or 0, release)
+    iter_dir = iteration_dir(out_dir, source.iteration or 0, release)
     adapter_only = source.adapter is not None
     if adapter_only and source.adapter_base is None:
         raise ConversionError(f"the adapter's base {source.base().path} is not one of this project's checkpoints, "
@@ -284,7 +246,7 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
                 put(tail)
         for t in range(tp):
             state = {
-                "checkpoint_version": checkpointing.CHECKPOINT_VERSION,
+                "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": source.iteration or 0,
                 "consumed_train_samples": getattr(source, "consumed_train_samples", 0),
                 "args": saved_args,
@@ -293,17 +255,17 @@ def save_megatron(source: ModelSource, out_dir: str, tp: int, pp: int, vp_layers
             }
             if adapter_only:
                 state["adapter_base"] = source.adapter_base
-            for v, key in enumerate(checkpointing.model_keys(chunks)):
+            for v, key in enumerate(model_keys(chunks)):
                 chunk_state = spool.collect(t, v)
                 # An adapter-only checkpoint holds the adapter tensors and nothing else (the base has the rest).
                 last = p == pp - 1 and v == chunks - 1 and source.has_output_layer
                 state[key] = chunk_state if adapter_only else _with_extra_states(chunk_state, last)
-            rank_dir = os.path.join(iter_dir, checkpointing.rank_dir_name(t, p, pp))
+            rank_dir = os.path.join(iter_dir, rank_dir_name(t, p, pp))
             os.makedirs(rank_dir, exist_ok=True)
-            checkpointing.atomic_torch_save(state, os.path.join(rank_dir, "model_optim_rng.pt"))
+            atomic_torch_save(state, os.path.join(rank_dir, "model_optim_rng.pt"))
             del state
         spool.remove()
     bar.close()
-    atomic_write_text(os.path.join(out_dir, checkpointing.TRACKER_FILENAME),
+    atomic_write_text(os.path.join(out_dir, TRACKER_FILENAME),
                       "release" if release else str(source.iteration))
     return saved_args

@@ -27,11 +27,14 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron.training import checkpointing, sharding
+from megatron.training import sharding
+from megatron.training.checkpoint.files import load_common
+from megatron.training.checkpoint.iterations import TRACKER_FILENAME, iteration_dir
+from megatron.training.checkpoint.torch_dist.full_tensors import GlobalTensors, global_key
 from megatron.training.checkpoint_convert import families
 from megatron.training.checkpoint_convert.core import ConversionError, ModelSource, cast, progress
-from megatron.training.checkpoint_convert.megatron_format import LINEAR_MODULES, read_vocab_size
-from megatron.training.dist_ckpt.full_tensors import GlobalTensors, global_key
+from megatron.training.checkpoint_convert.megatron_base import LINEAR_MODULES, read_vocab_size
+from megatron.training.errors import CheckpointError
 from megatron.training.fileio import atomic_write_text
 from megatron.training.models.hf_names import EMBEDDING, OUTPUT_LAYER
 from megatron.training.sizes import padded_vocab_size
@@ -63,15 +66,15 @@ class TorchDistSource(ModelSource):
     def __init__(self, load_dir: str, iter_dir: str, release: bool, tokenizer_model: Optional[str] = None):
         try:
             self._open(load_dir, iter_dir, release, tokenizer_model)
-        except checkpointing.CheckpointError as e:
+        except CheckpointError as e:
             raise ConversionError(str(e)) from None
 
     def _open(self, load_dir: str, iter_dir: str, release: bool, tokenizer_model: Optional[str]) -> None:
-        from megatron.training.dist_ckpt import load, safe_load
+        from megatron.training.checkpoint.torch_dist import load as torch_dist_load  # imports megatron.core
 
         self.path, self.iter_dir = os.path.abspath(load_dir), iter_dir
-        common = safe_load.load_common(iter_dir)
-        self.args = load.checkpoint_args(iter_dir)
+        common = load_common(iter_dir)
+        self.args = torch_dist_load.checkpoint_args(iter_dir)
         for key in ("num_layers", "hidden_size", "num_attention_heads"):
             if self.args.get(key) is None:
                 raise ConversionError(f"{iter_dir}/common.pt records no {key}: its model cannot be described")
@@ -80,7 +83,7 @@ class TorchDistSource(ModelSource):
             self.args["num_query_groups"] = self.args["num_attention_heads"]
         self.iteration = None if release else int(common.get("iteration", 0))
         self.consumed_train_samples = int(self.args.get("consumed_train_samples") or 0)
-        layout = load.layout_of(self.args)
+        layout = torch_dist_load.layout_of(self.args)
         self.tp, self.pp = layout["TP"], layout["PP"]
         with single_process_group():
             self.tensors = GlobalTensors(iter_dir, self.num_layers)
@@ -193,7 +196,7 @@ def save_torch_dist(source: ModelSource, out_dir: str, divisible_by: Optional[in
         bar.update(1)
     spool.put(fit(source.final()))
     bar.close()
-    iter_dir = checkpointing.iteration_dir(out_dir, source.iteration or 0, release)
+    iter_dir = iteration_dir(out_dir, source.iteration or 0, release)
     os.makedirs(iter_dir)
     state = _sharded_state(source, spool, layers)
     state.update(args=argparse.Namespace(**saved_args), checkpoint_version=3.0, iteration=source.iteration or 0)
@@ -203,6 +206,6 @@ def save_torch_dist(source: ModelSource, out_dir: str, divisible_by: Optional[in
                                                                    "chained_optim_avoid_prefix": True})
     del state
     spool.remove()
-    atomic_write_text(os.path.join(out_dir, checkpointing.TRACKER_FILENAME),
+    atomic_write_text(os.path.join(out_dir, TRACKER_FILENAME),
                       "release" if release else str(source.iteration))
     return saved_args

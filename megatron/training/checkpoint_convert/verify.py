@@ -59,12 +59,13 @@ class Comparison:
 def megatron_side(path: str) -> Side:
     """A Megatron checkpoint with the TP x PP layout its files were saved under
     (a virtual-pipeline layout runs its stages without interleaving)."""
-    from megatron.training import checkpointing
+    from megatron.training.checkpoint.iterations import TRACKER_FILENAME, iteration_dir, read_tracker
+    from megatron.training.checkpoint.save_load import first_rank_state
 
-    iteration, release = checkpointing.read_tracker(path)
+    iteration, release = read_tracker(path)
     if iteration is None:
-        raise ConversionError(f"{path} has no {checkpointing.TRACKER_FILENAME}: nothing to verify")
-    layout = checkpointing.first_rank_state(checkpointing.iteration_dir(path, iteration, release))["layout"]
+        raise ConversionError(f"{path} has no {TRACKER_FILENAME}: nothing to verify")
+    layout = first_rank_state(iteration_dir(path, iteration, release))["layout"]
     return Side("megatron", path, layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"])
 
 

@@ -38,7 +38,7 @@ from megatron.core.datasets.bert_dataset import BERTMaskedWordPieceDataset, BERT
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.utils import get_blend_from_list
 
-from megatron.training.bert_arguments import LONG_SENTENCE_TOKENS
+from megatron.training.bert.arguments import LONG_SENTENCE_TOKENS
 from megatron.training.data.pretrain import DataError, check_prefix, train_valid_test_num_samples
 
 _PAD_SENTINEL = -1  # never a token id: marks the padding megatron-core adds

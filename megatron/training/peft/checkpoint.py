@@ -3,7 +3,7 @@ come from two checkpoints.
 
 An adapter checkpoint is the driver's usual per-rank layout
 (SAVE/iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt, written by
-checkpointing.save_checkpoint with the same crash safety) whose `model`
+checkpoint/torch_format.py with the same crash safety) whose `model`
 entries hold only the adapter tensors, under megatron-core names
 (`decoder.layers.<i>.self_attention.linear_qkv.adapter.q_proj.lora_A.weight`,
 chunk-local i), plus `adapter_base` = {"load": absolute path of the base
@@ -29,8 +29,15 @@ from typing import Dict, Tuple
 
 import torch
 
-from megatron.training import checkpoint_reshard, checkpointing, sharding
-from megatron.training.checkpointing import CheckpointError
+from megatron.training import sharding
+from megatron.training.checkpoint import reshard
+from megatron.training.checkpoint.iterations import (
+    TRACKER_FILENAME, is_torch_dist, iteration_dir, iteration_to_load, rank_file, read_checkpoint_file, read_tracker,
+)
+from megatron.training.checkpoint.save_load import first_rank_state
+from megatron.training.checkpoint.torch_format import restore_training_state
+from megatron.training.checkpoint.training_state import layout, model_keys, saved_layout, unwrap
+from megatron.training.errors import CheckpointError
 from megatron.training.peft.arguments import ADAPTER_KEYS, adapter_flags
 from megatron.training.peft.model import init_magnitudes
 from megatron.training.peft.quantized import QuantizedLinear
@@ -47,14 +54,14 @@ def _print(message: str) -> None:
 
 
 def load_adapter_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[int, int]:
-    """checkpointing.load_checkpoint for a run with adapters. Returns
+    """save_load.load_checkpoint for a run with adapters. Returns
     (iteration, consumed_train_samples); (0, 0) for new adapters or --finetune."""
-    chosen = checkpointing._iteration_to_load(args.load, getattr(args, "ckpt_step", None))
+    chosen = iteration_to_load(args.load, getattr(args, "ckpt_step", None))
     if chosen is None:
-        raise CheckpointError(f"--load {args.load} holds no checkpoint ({checkpointing.TRACKER_FILENAME} is missing): "
+        raise CheckpointError(f"--load {args.load} holds no checkpoint ({TRACKER_FILENAME} is missing): "
                               "adapters train on a frozen base, give its checkpoint directory")
     iter_dir, iteration, release = chosen
-    first = checkpointing.first_rank_state(iter_dir)
+    first = first_rank_state(iter_dir)
     if "adapter_base" not in first:
         if not (args.finetune or release):
             raise CheckpointError(
@@ -63,14 +70,14 @@ def load_adapter_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[in
         args.adapter_base = {"load": os.path.abspath(args.load), "iteration": iteration}
         load_base(args, model, iter_dir, first)
         del first
-        init_magnitudes([checkpointing._unwrap(chunk) for chunk in model])
-        checkpointing.restore_training_state(args, optimizer, scheduler, {}, iter_dir, fresh_start=True)
+        init_magnitudes([unwrap(chunk) for chunk in model])
+        restore_training_state(args, optimizer, scheduler, {}, iter_dir, fresh_start=True)
         _print(f"> new adapters on the base {args.adapter_base['load']} (iteration {iteration})")
         return 0, 0
 
     _check_same_adapter(args, first["args"], iter_dir)
     layout_diffs = [f"{k}: checkpoint {first['layout'].get(k)} vs this run {v}"
-                    for k, v in checkpointing._layout(args).items() if first["layout"].get(k) != v]
+                    for k, v in layout(args).items() if first["layout"].get(k) != v]
     if layout_diffs and not (args.finetune or (args.no_load_optim and args.no_load_rng)):
         raise CheckpointError(
             f"{iter_dir} was saved with another parallel layout ({'; '.join(layout_diffs)}): resume with the "
@@ -79,16 +86,16 @@ def load_adapter_checkpoint(args, model: list, optimizer, scheduler) -> Tuple[in
     same_layout = not layout_diffs
     args.adapter_base = dict(first["adapter_base"])
     load_base(args, model, base_iteration_dir(args.adapter_base, iter_dir))
-    saved_layout = checkpointing._saved_layout(first)
+    layout_saved = saved_layout(first)
     # Adapter tensors are small: read them from every source rank and cut this rank's part (any layout).
-    checkpoint_reshard.load_model_resharded(args, model, iter_dir, saved_layout, select=is_adapter_key)
+    reshard.load_model_resharded(args, model, iter_dir, layout_saved, select=is_adapter_key)
     if same_layout:
-        path = checkpointing.rank_file(iter_dir, *_tp_pp_rank(), args.pipeline_model_parallel_size)
-        state = checkpointing.read_checkpoint_file(path)
-        checkpointing.restore_training_state(args, optimizer, scheduler, state, path, fresh_start=args.finetune)
+        path = rank_file(iter_dir, *_tp_pp_rank(), args.pipeline_model_parallel_size)
+        state = read_checkpoint_file(path)
+        restore_training_state(args, optimizer, scheduler, state, path, fresh_start=args.finetune)
     else:  # weights only (checked above); the data position is the checkpoint's
         state = {"consumed_train_samples": first.get("consumed_train_samples", 0)}
-        checkpointing.restore_training_state(args, optimizer, scheduler, state, iter_dir, fresh_start=True)
+        restore_training_state(args, optimizer, scheduler, state, iter_dir, fresh_start=True)
     torch.distributed.barrier()
     _print(f"loaded adapter checkpoint {iter_dir} (iteration {iteration}) on the base {args.adapter_base['load']}")
     if args.finetune:
@@ -122,11 +129,11 @@ def _check_same_adapter(args, saved: dict, iter_dir: str) -> None:
 def base_iteration_dir(adapter_base: dict, named_in: str) -> str:
     """The iteration directory of the base an adapter checkpoint names."""
     root, iteration = adapter_base["load"], adapter_base["iteration"]
-    path = checkpointing.iteration_dir(root, iteration)
+    path = iteration_dir(root, iteration)
     if not os.path.isdir(path):
-        tracked, release = checkpointing.read_tracker(root)
+        tracked, release = read_tracker(root)
         if release and tracked == iteration:
-            path = checkpointing.iteration_dir(root, iteration, release=True)
+            path = iteration_dir(root, iteration, release=True)
     if not os.path.isdir(path):
         raise CheckpointError(f"the adapters in {named_in} were trained on the base {path}, which is missing: put "
                               "that checkpoint back (adapter_base in the checkpoint names it)")
@@ -136,19 +143,19 @@ def base_iteration_dir(adapter_base: dict, named_in: str) -> str:
 def load_base(args, model: list, iter_dir: str, first: dict = None) -> None:
     """The frozen base weights (everything but the adapters) from a full-model
     checkpoint, under any layout; QLoRA layers quantise the full tensors."""
-    first = first if first is not None else checkpointing.first_rank_state(iter_dir)
+    first = first if first is not None else first_rank_state(iter_dir)
     if "adapter_base" in first:
         raise CheckpointError(f"{iter_dir} is itself an adapter checkpoint: a base must be a full-model checkpoint "
                               "(merge the adapters into it first)")
-    saved_layout = checkpointing._saved_layout(first)
+    layout_saved = saved_layout(first)
     quantized = any(isinstance(m, QuantizedLinear) for chunk in model for m in chunk.modules())
-    same_layout = all(first["layout"].get(k) == v for k, v in checkpointing._layout(args).items())
+    same_layout = all(first["layout"].get(k) == v for k, v in layout(args).items())
     t0 = time.time()
-    if same_layout and not quantized and not checkpointing.is_torch_dist(iter_dir):
-        path = checkpointing.rank_file(iter_dir, *_tp_pp_rank(), args.pipeline_model_parallel_size)
-        state = checkpointing.read_checkpoint_file(path)
-        for key, chunk in zip(checkpointing.model_keys(len(model)), model):
-            module = checkpointing._unwrap(chunk)
+    if same_layout and not quantized and not is_torch_dist(iter_dir):
+        path = rank_file(iter_dir, *_tp_pp_rank(), args.pipeline_model_parallel_size)
+        state = read_checkpoint_file(path)
+        for key, chunk in zip(model_keys(len(model)), model):
+            module = unwrap(chunk)
             result = module.load_state_dict(sharding.match_layer_spec(state[key], module.state_dict()), strict=False)
             missing = [n for n in result.missing_keys if not is_adapter_key(n)]
             if missing or result.unexpected_keys:
@@ -164,10 +171,9 @@ def load_base(args, model: list, iter_dir: str, first: dict = None) -> None:
                     layer.load_full_weight(full[f"{name}.weight"], dims)
                     quantised.add(layer)
 
-        checkpoint_reshard.load_model_resharded(args, model, iter_dir, saved_layout,
-                                            select=lambda name: not is_adapter_key(name),
-                                            on_full=quantize_from_full if quantized else None)
-        missing = [n for chunk in model for n, m in checkpointing._unwrap(chunk).named_modules()
+        reshard.load_model_resharded(args, model, iter_dir, layout_saved, select=lambda name: not is_adapter_key(name),
+                                     on_full=quantize_from_full if quantized else None)
+        missing = [n for chunk in model for n, m in unwrap(chunk).named_modules()
                    if isinstance(m, QuantizedLinear) and m not in quantised]
         if missing:
             raise CheckpointError(f"{iter_dir} has no {missing[0]}.weight: it is not a checkpoint of this model")
@@ -180,11 +186,11 @@ def merged_adapter_state(load_dir: str) -> Tuple[dict, dict, Dict[str, torch.Ten
     `load_dir`: every adapter tensor merged over TP, named with its global
     layer index (`decoder.layers.<global i>. ...`), so each has peft's shape
     for its HF module. No process group needed."""
-    chosen = checkpointing._iteration_to_load(load_dir)
+    chosen = iteration_to_load(load_dir)
     if chosen is None:
-        raise CheckpointError(f"{load_dir} holds no checkpoint ({checkpointing.TRACKER_FILENAME} is missing)")
+        raise CheckpointError(f"{load_dir} holds no checkpoint ({TRACKER_FILENAME} is missing)")
     iter_dir = chosen[0]
-    first = checkpointing.first_rank_state(iter_dir)
+    first = first_rank_state(iter_dir)
     if "adapter_base" not in first:
         raise CheckpointError(f"{iter_dir} is not an adapter checkpoint (no adapter_base entry)")
     layout, saved_args = first["layout"], first["args"]
@@ -193,8 +199,8 @@ def merged_adapter_state(load_dir: str) -> Tuple[dict, dict, Dict[str, torch.Ten
     offsets = sharding.layer_offsets(saved_args["num_layers"], pp, vp)
     merged: Dict[str, torch.Tensor] = {}
     for p in range(pp):
-        states = [checkpointing.read_checkpoint_file(checkpointing.rank_file(iter_dir, t, p, pp)) for t in range(tp)]
-        for v, key in enumerate(checkpointing.model_keys(vp or 1)):
+        states = [read_checkpoint_file(rank_file(iter_dir, t, p, pp)) for t in range(tp)]
+        for v, key in enumerate(model_keys(vp or 1)):
             chunks = [sharding.to_global_names(s[key], offsets[(p, v)]) for s in states]
             merged.update(sharding.merge_tp_states(chunks, bool(saved_args["swiglu"])))
     return saved_args, dict(first["adapter_base"]), merged

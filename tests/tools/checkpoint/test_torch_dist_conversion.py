@@ -27,7 +27,7 @@ def to_torch_dist(source, save, loader="llama2_hf"):
 
 
 def read_index_keys(root):
-    from megatron.training.dist_ckpt.safe_load import read_index
+    from megatron.training.checkpoint.files import read_index
 
     with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
         tracker = f.read().strip()

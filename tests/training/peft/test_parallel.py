@@ -54,14 +54,15 @@ def _adapter_params(args, model):
     """(global name, parameter) of every adapter tensor on this rank."""
     from megatron.core import parallel_state
 
-    from megatron.training import checkpointing, sharding
+    from megatron.training import sharding
+    from megatron.training.checkpoint.training_state import unwrap
     from megatron.training.peft.targets import is_adapter_key
 
     offsets = sharding.layer_offsets(args.num_layers, args.pipeline_model_parallel_size,
                                      args.virtual_pipeline_model_parallel_size)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     for v, chunk in enumerate(model):
-        for name, param in checkpointing._unwrap(chunk).named_parameters():
+        for name, param in unwrap(chunk).named_parameters():
             if is_adapter_key(name):
                 yield _global_name(name, offsets[(pp_rank, v)]), param
 
@@ -119,7 +120,7 @@ def _run(rank, world_size, configs):
     import pretrain_gpt
     from megatron.core import parallel_state
 
-    from megatron.training import checkpointing, inference, training
+    from megatron.training import inference, training
     from megatron.training.initialize import destroy
 
     out = {}
@@ -127,7 +128,7 @@ def _run(rank, world_size, configs):
         args = training.setup_args(list(argv))
         training.build_tokenizer_from_args(args)
         model = training.build_model(args, pretrain_gpt.model_provider)
-        checkpointing.load_checkpoint(args, model, None, None)
+        training.load_checkpoint(args, model, None, None)
         _randomise_adapters(args, model)
         logits = inference.forward_logits(args, model, _tokens()[:, :-1])
         grads, local = _gathered_grads(args, model)
