@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron.training.data.sft_dataset import add_sft_args
-from megatron.training.planner import GIB, plan_from_argv
+from megatron.training.planner.plan import GIB, plan_from_argv
 from tests.scripts.test_launch_scripts import A100_GIB, HEADROOM_GIB, _cluster, _run
 
 
