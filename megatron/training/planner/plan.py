@@ -195,10 +195,6 @@ def _layer_parameters(args, tp: int) -> int:
     if args.add_bias_linear:
         split += q + 2 * kv + fc1
         whole += 2 * h  # row-parallel biases are not split
-    elif getattr(args, "add_qkv_bias", False):  # Qwen2: biases on q, k and v only
-        split += q + 2 * kv
-    if getattr(args, "qk_layernorm", False):  # Qwen3: one norm weight per head dimension for q and for k
-        whole += 2 * args.kv_channels
     return split // tp + whole
 
 
