@@ -470,18 +470,19 @@ def tokenizer_and_vocab_size(args):
 def checkpoint_vocabulary(vocab_size: int, divisible_by: int, tp: int, saved: Dict) -> Optional[Tuple[int, int]]:
     """(embedding rows, vocabulary in the softmax) of a checkpoint's model
     for a tokenizer of `vocab_size` tokens, or None when it does not fit.
-    `saved`: the checkpoint's recorded padded_vocab_size and the model's own
-    vocabulary, unpadded_vocab_size (or the --vocab-size an HF conversion
-    records from config.json when that is missing).
+    `saved`: what the checkpoint records, padded_vocab_size (its rows) and
+    vocab_size (the --vocab-size a conversion takes from config.json).
 
     A model may have more rows than its tokenizer has tokens: Qwen2.5-7B has
     152,064 for a tokenizer of 151,665 (Llama 3's 128,256 are its tokenizer's).
-    Then the checkpoint's rows and vocabulary are kept, as transformers keeps
-    them (its softmax spans config.vocab_size), and only Megatron's padding
-    beyond them is left out. Otherwise the rows are Megatron's padding of the
-    tokenizer's vocabulary, as when the checkpoint was trained."""
+    For a converted model whose config.json vocabulary holds the tokenizer's,
+    the checkpoint's rows and that vocabulary are kept, as transformers keeps
+    them (its softmax spans config.vocab_size); only Megatron's padding
+    beyond them is left out. Otherwise the rows must be Megatron's padding of
+    the tokenizer's vocabulary, as when the checkpoint was trained, which
+    catches a tokenizer other than the checkpoint's."""
     rows = saved.get("padded_vocab_size")
-    model = saved.get("unpadded_vocab_size") or saved.get("vocab_size")
+    model = saved.get("vocab_size")
     padded = padded_vocab_size(vocab_size, divisible_by, tp)
     if rows is None:
         return padded, vocab_size

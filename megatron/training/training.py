@@ -131,8 +131,7 @@ def build_tokenizer_from_args(args):
     if args.use_checkpoint_args and saved is not None:
         # a converted Qwen model has more rows than its tokenizer has tokens: keep the model's (tokenizer.py)
         fits = checkpoint_vocabulary(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size,
-                                     {"padded_vocab_size": saved, "vocab_size": args.vocab_size,
-                                      "unpadded_vocab_size": getattr(args, "unpadded_vocab_size", None)})
+                                     {"padded_vocab_size": saved, "vocab_size": args.vocab_size})
         if fits is None:
             raise arguments_module.ArgumentError(
                 f"the checkpoint's vocabulary ({saved} rows) does not match the tokenizer's padded vocabulary "

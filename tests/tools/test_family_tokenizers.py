@@ -66,19 +66,20 @@ def test_documents_begin_and_end_as_transformers_tokenizes_them(base_tokenizer, 
 
 # (tokenizer tokens, divisible-by, TP, what the checkpoint records) -> (rows, softmax vocabulary) or None
 VOCABULARIES = [
-    # converted from an HF config whose vocab_size (400) exceeds the tokenizer's 392 tokens, as Qwen2.5's does:
-    # the model keeps its rows, at the converted TP or another that divides them
-    ((392, 128, 2, {"padded_vocab_size": 512, "unpadded_vocab_size": 400}), (512, 400)),
-    ((392, 128, 8, {"padded_vocab_size": 400, "unpadded_vocab_size": 400}), (400, 400)),
-    ((392, 128, 1, {"padded_vocab_size": 400, "vocab_size": 400}), (400, 400)),  # torch_dist conversion
-    ((392, 128, 3, {"padded_vocab_size": 400, "unpadded_vocab_size": 400}), None),  # 400 rows do not split in 3
+    # converted from an HF config whose vocab_size (400, recorded as --vocab-size) exceeds the tokenizer's 392
+    # tokens, as Qwen2.5's does: the model keeps its rows, at the converted TP or another that divides them
+    ((392, 128, 2, {"padded_vocab_size": 512, "unpadded_vocab_size": 400, "vocab_size": 400}), (512, 400)),
+    ((392, 128, 8, {"padded_vocab_size": 400, "vocab_size": 400}), (400, 400)),
+    ((392, 128, 3, {"padded_vocab_size": 400, "vocab_size": 400}), None),  # 400 rows do not split in 3
     # trained by the driver: the tokenizer's own vocabulary, its padding rows left out
     ((392, 128, 1, {"padded_vocab_size": 512, "unpadded_vocab_size": 392}), (512, 392)),
     ((392, 128, 1, {}), (512, 392)),
+    # another tokenizer than the one the driver trained with (400 tokens, 512 rows at TP 4): an error
+    ((392, 128, 1, {"padded_vocab_size": 1024, "unpadded_vocab_size": 400}), None),
     # a tokenizer with more tokens than the model has rows
-    ((600, 128, 1, {"padded_vocab_size": 512, "unpadded_vocab_size": 400}), None),
+    ((600, 128, 1, {"padded_vocab_size": 512, "vocab_size": 400}), None),
     # Llama 3: tokenizer and model agree (128,256 = 1002 x 128)
-    ((128256, 128, 8, {"padded_vocab_size": 129024, "unpadded_vocab_size": 128256}), (129024, 128256)),
+    ((128256, 128, 8, {"padded_vocab_size": 129024, "vocab_size": 128256}), (129024, 128256)),
 ]
 
 
@@ -99,14 +100,15 @@ def test_driver_continues_a_model_with_more_rows_than_tokens(base_tokenizer):
 
     def args(**recorded):
         return SimpleNamespace(use_checkpoint_args=True, load="ckpt", tokenizer_type="HuggingFaceTokenizer",
-                               tokenizer_model=path, vocab_file=None, merge_file=None, vocab_size=None,
+                               tokenizer_model=path, vocab_file=None, merge_file=None,
                                make_vocab_size_divisible_by=128, tensor_model_parallel_size=2, **recorded)
 
-    a = args(padded_vocab_size=rows, unpadded_vocab_size=len(hf) + 8)
+    a = args(padded_vocab_size=rows, unpadded_vocab_size=len(hf) + 8, vocab_size=len(hf) + 8)
     build_tokenizer_from_args(a)
     assert (a.padded_vocab_size, a.unpadded_vocab_size) == (rows, len(hf) + 8)
-    with pytest.raises(ArgumentError, match=f"checkpoint's vocabulary \\({len(hf) - 8} rows\\)"):
-        build_tokenizer_from_args(args(padded_vocab_size=len(hf) - 8, unpadded_vocab_size=len(hf) - 8))
+    for recorded in ({"vocab_size": len(hf) - 8}, {"vocab_size": None}):  # a smaller model; a driver-trained one
+        with pytest.raises(ArgumentError, match=f"checkpoint's vocabulary \\({rows} rows\\)"):
+            build_tokenizer_from_args(args(padded_vocab_size=rows, unpadded_vocab_size=len(hf) + 8, **recorded))
 
 
 def test_conversion_accepts_a_tokenizer_smaller_than_the_embedding(base_tokenizer):
