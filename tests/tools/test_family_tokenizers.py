@@ -145,3 +145,10 @@ def test_export_keeps_the_tokenizer_files_as_shipped(tmp_path):
         assert [b(t).input_ids for t in TRICKY_TEXTS] == [a(t).input_ids for t in TRICKY_TEXTS]
         assert b.apply_chat_template(messages, tokenize=False) == a.apply_chat_template(messages, tokenize=False)
         assert (len(b), b.pad_token_id) == (len(a), a.pad_token_id)
+    # a tokenizer.json file alone: a tokenizer_class every transformers version loads
+    out = tmp_path / "file-export"
+    out.mkdir()
+    export_tokenizer("HuggingFaceTokenizer", os.path.join(source, "tokenizer.json"), str(out))
+    with open(out / "tokenizer_config.json") as f:
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert AutoTokenizer.from_pretrained(str(out))("<|im_start|>hi").input_ids == a("<|im_start|>hi").input_ids

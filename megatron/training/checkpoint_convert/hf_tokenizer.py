@@ -85,7 +85,21 @@ def export_tokenizer(tokenizer_type: str, path: str, out_dir: str) -> dict:
             json.dump(cfg, f, indent=2)
         tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     tok.save_pretrained(out_dir)
+    _loadable_tokenizer_class(out_dir)
     return _special_ids(tok)
+
+
+def _loadable_tokenizer_class(out_dir: str) -> None:
+    """transformers 5 saves a tokenizer built from a tokenizer.json alone as
+    "TokenizersBackend", a class no AutoTokenizer before 5 knows: name the
+    class every version loads such a file with."""
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
 
 
 def _special_ids(tok) -> dict:
