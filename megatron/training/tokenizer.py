@@ -24,10 +24,9 @@ table keyed by Megatron-LM's `--tokenizer-type` names.
 import json
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from megatron.training.errors import UserError
-from megatron.training.sizes import padded_vocab_size
 
 
 class TokenizerError(UserError, ValueError):
@@ -467,28 +466,19 @@ def tokenizer_and_vocab_size(args):
     return tokenizer, tokenizer.vocab_size
 
 
-def checkpoint_vocabulary(vocab_size: int, divisible_by: int, tp: int, saved: Dict) -> Optional[Tuple[int, int]]:
-    """(embedding rows, vocabulary in the softmax) of a checkpoint's model
-    for a tokenizer of `vocab_size` tokens, or None when it does not fit.
-    `saved`: what the checkpoint records, padded_vocab_size (its rows) and
-    vocab_size (the --vocab-size a conversion takes from config.json).
-
-    A model may have more rows than its tokenizer has tokens: Qwen2.5-7B has
-    152,064 for a tokenizer of 151,665 (Llama 3's 128,256 are its tokenizer's).
-    For a converted model whose config.json vocabulary holds the tokenizer's,
-    the checkpoint's rows and that vocabulary are kept, as transformers keeps
-    them (its softmax spans config.vocab_size); only Megatron's padding
-    beyond them is left out. Otherwise the rows must be Megatron's padding of
-    the tokenizer's vocabulary, as when the checkpoint was trained, which
-    catches a tokenizer other than the checkpoint's."""
-    rows = saved.get("padded_vocab_size")
+def model_vocabulary(vocab_size: int, saved: Dict) -> int:
+    """The vocabulary of a checkpoint's model (its recorded args `saved`) for
+    a tokenizer of `vocab_size` tokens: the tokenizer's, except for a
+    converted model whose config.json vocab_size (recorded as --vocab-size,
+    and as unpadded_vocab_size where recorded) is larger: Qwen2.5-7B has
+    152,064 embedding rows for a tokenizer of 151,665 (Llama 3's 128,256 are
+    its tokenizer's). Those rows are the model's, not padding: they stay in
+    the softmax, as transformers keeps them (its softmax spans
+    config.vocab_size); no token id reaches them."""
     model = saved.get("vocab_size")
-    padded = padded_vocab_size(vocab_size, divisible_by, tp)
-    if rows is None:
-        return padded, vocab_size
-    if model is not None and vocab_size <= model <= rows and rows % tp == 0:
-        return rows, model
-    return (padded, vocab_size) if rows == padded else None
+    if model is not None and model > vocab_size and saved.get("unpadded_vocab_size") in (None, model):
+        return model
+    return vocab_size
 
 
 def _require_path(path: Optional[str], flag: str, what: str) -> None:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron.training.tokenizer import build_tokenizer, checkpoint_vocabulary
+from megatron.training.tokenizer import build_tokenizer, model_vocabulary
 from tests.family_tokenizers import TRICKY_TEXTS, make_llama3_tokenizer, make_qwen2_tokenizer
 from tests.tools.conftest import write_jsonl
 
@@ -64,51 +64,53 @@ def test_documents_begin_and_end_as_transformers_tokenizes_them(base_tokenizer, 
         assert (tok.vocab_size, tok.eod, tok.bos) == (len(hf), eos, hf.bos_token_id)
 
 
-# (tokenizer tokens, divisible-by, TP, what the checkpoint records) -> (rows, softmax vocabulary) or None
+# (tokenizer tokens, what the checkpoint records) -> the model's vocabulary
 VOCABULARIES = [
     # converted from an HF config whose vocab_size (400, recorded as --vocab-size) exceeds the tokenizer's 392
-    # tokens, as Qwen2.5's does: the model keeps its rows, at the converted TP or another that divides them
-    ((392, 128, 2, {"padded_vocab_size": 512, "unpadded_vocab_size": 400, "vocab_size": 400}), (512, 400)),
-    ((392, 128, 8, {"padded_vocab_size": 400, "vocab_size": 400}), (400, 400)),
-    ((392, 128, 3, {"padded_vocab_size": 400, "vocab_size": 400}), None),  # 400 rows do not split in 3
-    # trained by the driver: the tokenizer's own vocabulary, its padding rows left out
-    ((392, 128, 1, {"padded_vocab_size": 512, "unpadded_vocab_size": 392}), (512, 392)),
-    ((392, 128, 1, {}), (512, 392)),
-    # another tokenizer than the one the driver trained with (400 tokens, 512 rows at TP 4): an error
-    ((392, 128, 1, {"padded_vocab_size": 1024, "unpadded_vocab_size": 400}), None),
-    # a tokenizer with more tokens than the model has rows
-    ((600, 128, 1, {"padded_vocab_size": 512, "vocab_size": 400}), None),
-    # Llama 3: tokenizer and model agree (128,256 = 1002 x 128)
-    ((128256, 128, 8, {"padded_vocab_size": 129024, "vocab_size": 128256}), (129024, 128256)),
+    # tokens, as Qwen2.5's does; in the torch format (unpadded_vocab_size recorded) or torch_dist
+    ((392, {"vocab_size": 400, "unpadded_vocab_size": 400}), 400),
+    ((392, {"vocab_size": 400}), 400),
+    # trained by the driver: the tokenizer's (a --vocab-size that HuggingFaceTokenizer ignored changes nothing)
+    ((392, {"unpadded_vocab_size": 392}), 392),
+    ((392, {"vocab_size": 400, "unpadded_vocab_size": 392}), 392),
+    ((1001, {"vocab_size": 1000, "unpadded_vocab_size": 1001}), 1001),  # NullTokenizer: --vocab-size ids + EOD
+    # Llama 3: the tokenizer's 128,256 are the model's
+    ((128256, {"vocab_size": 128256, "unpadded_vocab_size": 128256}), 128256),
 ]
 
 
 @pytest.mark.parametrize("given,expected", VOCABULARIES)
-def test_checkpoint_vocabulary(given, expected):
-    assert checkpoint_vocabulary(*given) == expected
+def test_model_vocabulary(given, expected):
+    assert model_vocabulary(*given) == expected
 
 
-def test_driver_continues_a_model_with_more_rows_than_tokens(base_tokenizer):
+def test_driver_continues_a_model_with_more_rows_than_tokens(base_tokenizer, monkeypatch):
     """--use-checkpoint-args on a converted Qwen-style model (config vocab_size
-    above the tokenizer's length): the model's rows and vocabulary, not a
-    padding of the tokenizer's; another tokenizer that does not fit is an error."""
+    above the tokenizer's length): the model's vocabulary, padded for this run,
+    not the tokenizer's; a checkpoint the driver trained with another
+    tokenizer is still refused."""
+    from megatron.training import training
     from megatron.training.errors import ArgumentError
-    from megatron.training.training import build_tokenizer_from_args
+    from megatron.training.sizes import padded_vocab_size
 
     family, path, hf = base_tokenizer
-    rows = 8 * ((len(hf) + 8 + 7) // 8)
+    args = SimpleNamespace(use_checkpoint_args=True, load="ckpt", ckpt_step=None, tokenizer_type="HuggingFaceTokenizer",
+                           tokenizer_model=path, vocab_file=None, merge_file=None, vocab_size=len(hf) + 8,
+                           make_vocab_size_divisible_by=128, tensor_model_parallel_size=2)
+    converted = {"padded_vocab_size": len(hf) + 8, "unpadded_vocab_size": len(hf) + 8, "vocab_size": len(hf) + 8,
+                 "make_vocab_size_divisible_by": 8, "tensor_model_parallel_size": 1}
+    monkeypatch.setattr(training.save_load, "read_checkpoint_args", lambda load, step=None: converted)
+    notes = []
+    monkeypatch.setattr(training, "print_rank_0", notes.append)
+    training.build_tokenizer_from_args(args)
+    assert (args.padded_vocab_size, args.unpadded_vocab_size) == (padded_vocab_size(len(hf) + 8, 128, 2), len(hf) + 8)
+    assert notes and "padding rows are refitted on load" in notes[0]  # the model's rows, padded as this run pads
 
-    def args(**recorded):
-        return SimpleNamespace(use_checkpoint_args=True, load="ckpt", tokenizer_type="HuggingFaceTokenizer",
-                               tokenizer_model=path, vocab_file=None, merge_file=None,
-                               make_vocab_size_divisible_by=128, tensor_model_parallel_size=2, **recorded)
-
-    a = args(padded_vocab_size=rows, unpadded_vocab_size=len(hf) + 8, vocab_size=len(hf) + 8)
-    build_tokenizer_from_args(a)
-    assert (a.padded_vocab_size, a.unpadded_vocab_size) == (rows, len(hf) + 8)
-    for recorded in ({"vocab_size": len(hf) - 8}, {"vocab_size": None}):  # a smaller model; a driver-trained one
-        with pytest.raises(ArgumentError, match=f"checkpoint's vocabulary \\({rows} rows\\)"):
-            build_tokenizer_from_args(args(padded_vocab_size=rows, unpadded_vocab_size=len(hf) + 8, **recorded))
+    trained = {"padded_vocab_size": 512, "unpadded_vocab_size": len(hf) + 8}  # by the driver, another tokenizer
+    monkeypatch.setattr(training.save_load, "read_checkpoint_args", lambda load, step=None: trained)
+    args.vocab_size = None
+    with pytest.raises(ArgumentError, match=f"trained with another tokenizer: its vocabulary has {len(hf) + 8} "):
+        training.build_tokenizer_from_args(args)
 
 
 def test_conversion_accepts_a_tokenizer_smaller_than_the_embedding(base_tokenizer):
