@@ -154,3 +154,25 @@ def test_export_keeps_the_tokenizer_files_as_shipped(tmp_path):
     with open(out / "tokenizer_config.json") as f:
         assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert AutoTokenizer.from_pretrained(str(out))("<|im_start|>hi").input_ids == a("<|im_start|>hi").input_ids
+
+
+def test_model_with_more_rows_than_tokens_round_trips_bitwise(tmp_path):
+    """An HF model with 8 embedding rows beyond its tokenizer's tokens (as
+    Qwen2.5's 152,064 for 151,665), with that tokenizer in its directory:
+    HF -> Megatron at TP=2 -> HF (with --tokenizer-model, as finetune.py
+    exports) gives back every row, bit for bit, and config.json's vocab_size."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tests.tools.checkpoint.test_conversion import (
+        assert_same_tensors, convert, make_hf_model, read_safetensors, to_megatron,
+    )
+
+    hf = make_qwen2_tokenizer(str(tmp_path / "hf"))
+    rows = len(AutoTokenizer.from_pretrained(hf)) + 8
+    make_hf_model(hf, vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    mg = to_megatron(hf, tmp_path / "mg", 2, 1)
+    for flags in ([], ["--tokenizer-model", hf]):
+        back = convert("megatron", "hf", mg, tmp_path / f"back{len(flags)}", *flags)
+        assert_same_tensors(read_safetensors(hf), read_safetensors(back))
+        assert AutoConfig.from_pretrained(back).vocab_size == rows
