@@ -70,3 +70,21 @@ def test_perplexity_of_an_hf_model_with_its_own_tokenizer(family, tmp_path):
 
     tok = build_tokenizer("HuggingFaceTokenizer", path)
     assert document_prefix(tok) == ([hf.bos_token_id] if family == "llama3" else [])
+
+
+def test_megatron_checkpoint_of_a_model_with_more_rows_than_tokens(tmp_path):
+    """A converted Qwen-style checkpoint (config.json vocab_size 8 above the
+    tokenizer's) is evaluated with its tokenizer, normalised over the
+    tokenizer's tokens as its HF export is; a checkpoint the driver trained
+    with another vocabulary is refused."""
+    from megatron.training.tokenizer import build_tokenizer
+    from tasks.lm import EvalError, check_vocab
+
+    tok = build_tokenizer("HuggingFaceTokenizer", make_qwen2_tokenizer(str(tmp_path / "tok")))
+    n = tok.vocab_size
+    converted = {"padded_vocab_size": 512, "unpadded_vocab_size": n + 8, "vocab_size": n + 8,
+                 "make_vocab_size_divisible_by": 128, "tensor_model_parallel_size": 2}
+    assert check_vocab(tok, converted, "ckpt") == n
+    trained = dict(converted, vocab_size=None)  # the driver's own: unpadded_vocab_size is its tokenizer's
+    with pytest.raises(EvalError, match=f"vocabulary mismatch: the checkpoint ckpt has 512 embedding rows"):
+        check_vocab(tok, trained, "ckpt")
