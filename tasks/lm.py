@@ -203,7 +203,9 @@ def _tokenizer_vocab(tokenizer) -> int:
 def check_vocab(tokenizer, saved: dict, load_dir: str) -> int:
     """The vocabulary to normalise over; an error naming the fix when the
     tokenizer is not the one the checkpoint was trained with."""
+    from megatron.training.checkpoint.settings import vocabulary_difference
     from megatron.training.sizes import padded_vocab_size
+    from megatron.training.tokenizer import model_vocabulary
 
     rows = saved["padded_vocab_size"]
     if tokenizer is None:
@@ -211,7 +213,9 @@ def check_vocab(tokenizer, saved: dict, load_dir: str) -> int:
     vocab = _tokenizer_vocab(tokenizer)
     expected = padded_vocab_size(vocab, saved.get("make_vocab_size_divisible_by", 128),
                                  saved.get("tensor_model_parallel_size", 1))
-    if vocab > rows or expected != rows:
+    # a converted model's rows beyond its tokenizer's tokens (Qwen's) are left out like padding: no text has
+    # those ids, and its HF export is normalised over the same tokens
+    if vocab > rows or vocabulary_difference(saved, model_vocabulary(vocab, saved)) is not None:
         raise EvalError(
             f"vocabulary mismatch: the checkpoint {load_dir} has {rows} embedding rows, which no padding of this "
             f"tokenizer's {vocab} tokens gives (expected {expected}); use the tokenizer the checkpoint was trained "

@@ -466,6 +466,21 @@ def tokenizer_and_vocab_size(args):
     return tokenizer, tokenizer.vocab_size
 
 
+def model_vocabulary(vocab_size: int, saved: Dict) -> int:
+    """The vocabulary of a checkpoint's model (its recorded args `saved`) for
+    a tokenizer of `vocab_size` tokens: the tokenizer's, except for a
+    converted model whose config.json vocab_size (recorded as --vocab-size,
+    and as unpadded_vocab_size where recorded) is larger: Qwen2.5-7B has
+    152,064 embedding rows for a tokenizer of 151,665 (Llama 3's 128,256 are
+    its tokenizer's). Those rows are the model's, not padding: they stay in
+    the softmax, as transformers keeps them (its softmax spans
+    config.vocab_size); no token id reaches them."""
+    model = saved.get("vocab_size")
+    if model is not None and model > vocab_size and saved.get("unpadded_vocab_size") in (None, model):
+        return model
+    return vocab_size
+
+
 def _require_path(path: Optional[str], flag: str, what: str) -> None:
     if not path:
         raise TokenizerError(f"{flag} is required: give {what}")

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,7 +25,7 @@ from megatron.training.flops import ModelShape, flops_per_iteration
 from megatron.training.peft.arguments import adapters_enabled
 from megatron.training.peft.checkpoint import load_adapter_checkpoint
 from megatron.training.sizes import padded_vocab_size
-from megatron.training.tokenizer import TokenizerError, tokenizer_and_vocab_size
+from megatron.training.tokenizer import TokenizerError, model_vocabulary, tokenizer_and_vocab_size
 from megatron.training.training_log import TrainingLogger, print_rank_0
 
 
@@ -128,17 +128,24 @@ def build_tokenizer_from_args(args):
     tokenizer, vocab = tokenizer_and_vocab_size(args)
     padded = padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     if args.use_checkpoint_args:
-        _check_checkpoint_vocabulary(args, vocab, padded)
+        padded, vocab = _check_checkpoint_vocabulary(args, vocab, padded)
     args.padded_vocab_size = padded
     args.unpadded_vocab_size = vocab
     return tokenizer
 
 
-def _check_checkpoint_vocabulary(args, vocab: int, padded: int) -> None:
+def _check_checkpoint_vocabulary(args, vocab: int, padded: int) -> Tuple[int, int]:
     """--use-checkpoint-args: the tokenizer must have the checkpoint's vocabulary;
     its padding may differ (another TP or --make-vocab-size-divisible-by): the
-    loaders add or drop padding rows, which no token id reaches, so this only says so."""
+    loaders add or drop padding rows, which no token id reaches, so this only says so.
+    A converted model with more rows than its tokenizer has tokens (Qwen2.5:
+    152,064 for 151,665) keeps its own vocabulary (tokenizer.model_vocabulary).
+    Returns (padded, vocabulary) for the model."""
     saved = save_load.read_checkpoint_args(args.load, args.ckpt_step)
+    model = model_vocabulary(vocab, saved)
+    if model != vocab:
+        vocab, padded = model, padded_vocab_size(model, args.make_vocab_size_divisible_by,
+                                                 args.tensor_model_parallel_size)
     difference = vocabulary_difference(saved, vocab)
     if difference is not None:
         tokenizer = " ".join(f"{flag(k)} {getattr(args, k)}" for k in ("tokenizer_type", "tokenizer_model",
@@ -153,6 +160,7 @@ def _check_checkpoint_vocabulary(args, vocab: int, padded: int) -> None:
         print_rank_0(f"> vocabulary: the checkpoint's {vocab} ids padded to {rows} rows, here to {padded} "
                      f"(--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} x TP="
                      f"{args.tensor_model_parallel_size}): padding rows are refitted on load")
+    return padded, vocab
 
 
 def build_model(args, model_provider) -> list:

@@ -1,8 +1,9 @@
-# Sourced by the launch scripts (scripts/llama_*.sh): reads the cluster shape
-# and paths from the environment, then starts pretrain_gpt.py on this node
-# with torchrun, prints that command, or checks the flags with the planner.
+# Sourced by the launch scripts (scripts/llama_*.sh, scripts/*_sft.sh, *_lora.sh): reads the
+# cluster shape and paths from the environment, then starts pretrain_gpt.py or finetune_gpt.py on
+# this node with torchrun, prints that command, or checks the flags with the planner.
 #
 #   DATA_PATH, TOKENIZER_MODEL, CHECKPOINT_PATH    required (the script names any others)
+#   VALID_DATA_PATH                                fine-tuning scripts: held-out SFT examples (optional)
 #   NNODES, NODE_RANK, MASTER_ADDR                 required to launch (scripts/slurm/ sets them)
 #   MASTER_PORT (6000), GPUS_PER_NODE (8), PYTHON (python)
 #   DRY_RUN=1   print the torchrun command instead of running it
@@ -60,15 +61,28 @@ cluster_env() {
 
 # launch_pretrain FLAG...: torchrun pretrain_gpt.py FLAG... on this node (or DRY_RUN / PLAN).
 launch_pretrain() {
+  launch_training pretrain_gpt.py "$@"
+}
+
+# launch_finetune FLAG...: torchrun finetune_gpt.py FLAG... (supervised fine-tuning) on this node (or DRY_RUN / PLAN).
+launch_finetune() {
+  launch_training finetune_gpt.py "$@"
+}
+
+# launch_training ENTRY_POINT FLAG...: torchrun ENTRY_POINT FLAG..., or with PLAN=1 the planner on the same flags.
+launch_training() {
+  local entry=$1
+  shift
   if [[ "${PLAN:-0}" == 1 ]]; then
     local plan_args=(--world-size "$((NNODES * GPUS_PER_NODE))" --gpus-per-node "$GPUS_PER_NODE")
-    if [[ ! -f "$TOKENIZER_MODEL" ]]; then
-      plan_args+=(--vocab-size "${PLAN_VOCAB_SIZE:-32000}")  # the Llama 2 tokenizer's, when its file is not here
+    if [[ ! -e "$TOKENIZER_MODEL" ]]; then
+      # the tokenizer's vocabulary when its files are not here: the script's model's, else Llama 2's
+      plan_args+=(--vocab-size "${PLAN_VOCAB_SIZE:-32000}")
     fi
     # shellcheck disable=SC2086  # PLAN_ARGS is a list of flags
     exec "${PYTHON:-python}" "$LAUNCH_REPO_ROOT/tools/plan.py" "$@" "${plan_args[@]}" ${PLAN_ARGS:-}
   fi
-  launch_torchrun pretrain_gpt.py "$@"
+  launch_torchrun "$entry" "$@"
 }
 
 # launch_torchrun ENTRY_POINT FLAG...: torchrun ENTRY_POINT (a file at the repo root) FLAG... on this
@@ -93,14 +107,23 @@ launch_torchrun() {
 
 # What makes a GPTModel a Llama: RMSNorm, SwiGLU, rotary positions, no biases,
 # no dropout, untied input and output embeddings.
-LLAMA_ARGS=(
-  --normalization RMSNorm --norm-epsilon 1e-5
+LLAMA_LAYER_ARGS=(
+  --normalization RMSNorm
   --swiglu
-  --use-rotary-position-embeddings --no-position-embedding --rotary-base 10000
+  --use-rotary-position-embeddings --no-position-embedding
   --disable-bias-linear
   --attention-dropout 0 --hidden-dropout 0
   --untie-embeddings-and-output-weights
 )
+# Llama 1/2.
+LLAMA_ARGS=("${LLAMA_LAYER_ARGS[@]}" --norm-epsilon 1e-5 --rotary-base 10000)
+# Llama 3.x (Llama-3.1-8B/70B config.json): rope theta 500000 and Llama 3.1's rope
+# frequency scaling by 8 (low 1, high 4, original 8192: megatron-core's constants).
+LLAMA3_ARGS=("${LLAMA_LAYER_ARGS[@]}" --norm-epsilon 1e-5 --rotary-base 500000
+             --use-rope-scaling --rope-scaling-factor 8)
+# Qwen2 / Qwen2.5 (Qwen2.5-7B/72B config.json): biases on q, k and v only, rope theta
+# 1000000, RMSNorm epsilon 1e-6.
+QWEN2_ARGS=("${LLAMA_LAYER_ARGS[@]}" --norm-epsilon 1e-6 --rotary-base 1000000 --add-qkv-bias)
 
 # bf16 with fp32 gradient accumulation and all-reduce (Megatron-LM's default
 # for bf16), fused attention (Transformer Engine's, or torch SDPA).
@@ -135,6 +158,22 @@ require_paths() {
   require DATA_PATH "PREFIX (the .bin/.idx prefix from tools/preprocess_data.py, or a blend \"W1 PREFIX1 W2 PREFIX2\")"
   require TOKENIZER_MODEL "PATH (the Llama 2 sentencepiece tokenizer.model)"
   require CHECKPOINT_PATH "DIR (checkpoints and TensorBoard logs are written here)"
+}
+
+# sft_data_args: supervised fine-tuning of a converted Hugging Face base. DATA_PATH is a
+# tools/preprocess_sft_data.py prefix (made with the base's own chat template), VALID_DATA_PATH
+# an optional held-out one; examples are packed; TOKENIZER_MODEL is the base's HF directory.
+sft_data_args() {
+  require DATA_PATH "PREFIX (tools/preprocess_sft_data.py --output-prefix, with TOKENIZER_MODEL's chat template)"
+  require TOKENIZER_MODEL "DIR (the base model's Hugging Face directory: tokenizer.json and tokenizer_config.json)"
+  require CHECKPOINT_PATH "DIR (checkpoints and TensorBoard logs are written here)"
+  DATA_ARGS=(
+    --data-path "$DATA_PATH" --sft-packing
+    --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
+  )
+  if [[ -n "${VALID_DATA_PATH:-}" ]]; then
+    DATA_ARGS+=(--valid-data-path "$VALID_DATA_PATH")
+  fi
 }
 
 # extension_checkpoint_args SAVE_INTERVAL: start from BASE_CHECKPOINT_PATH with

@@ -11,6 +11,9 @@ from megatron.training.checkpoint_convert.core import ConversionError
 
 # Megatron-LM's WordPiece tokenizer types -> do_lower_case of transformers' BertTokenizer.
 WORDPIECE_LOWER_CASE = {"BertWordPieceLowerCase": True, "BertWordPieceCase": False}
+# The files a tokenizer directory ships, copied as they are into an export.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def find_tokenizer(model_dir: str, tokenizer_model: Optional[str]):
@@ -34,27 +37,38 @@ def find_tokenizer(model_dir: str, tokenizer_model: Optional[str]):
 
 def check_tokenizer_vocab(tokenizer, vocab_size: int, what: str) -> None:
     """Raise ConversionError when the tokenizer (--tokenizer-type, path) has
-    another vocabulary size than config.json; `what` names the right files."""
+    more tokens than config.json's vocab_size (the model's embedding rows);
+    `what` names the right files. Fewer is a model's own choice, as
+    transformers allows: Qwen2.5-7B has 152,064 rows for 151,665 tokens."""
     from megatron.training.tokenizer import build_tokenizer
 
     if tokenizer is None:
         return
     n = build_tokenizer(tokenizer[0], tokenizer[1]).vocab_size
-    if n != vocab_size:
+    if n > vocab_size:
         raise ConversionError(f"the tokenizer {tokenizer[1]} has {n} tokens but config.json vocab_size is "
                               f"{vocab_size}: give the model's own tokenizer with --tokenizer-model ({what})")
 
 
 def export_tokenizer(tokenizer_type: str, path: str, out_dir: str) -> dict:
     """Write tokenizer files `transformers.AutoTokenizer` loads; returns the
-    special token ids (bos, eos, pad, cls, sep, mask; None when absent)."""
+    special token ids (bos, eos, pad, cls, sep, mask; None when absent).
+    From an HF tokenizer directory, its own files are copied over what
+    transformers writes, so the export keeps them as shipped: the chat
+    template and added tokens in tokenizer_config.json, and a
+    tokenizer_class any transformers version knows (transformers 5 would
+    write "TokenizersBackend" for Llama 3's "PreTrainedTokenizerFast")."""
     from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
 
     if os.path.isdir(path):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if os.path.isfile(os.path.join(path, "tokenizer.model")):
-            shutil.copy(os.path.join(path, "tokenizer.model"), out_dir)
-    elif tokenizer_type in WORDPIECE_LOWER_CASE:  # a BERT vocab.txt
+        tok.save_pretrained(out_dir)
+        for name in TOKENIZER_FILES:
+            source, target = os.path.join(path, name), os.path.join(out_dir, name)
+            if os.path.isfile(source) and not (os.path.exists(target) and os.path.samefile(source, target)):
+                shutil.copy(source, target)
+        return _special_ids(tok)
+    if tokenizer_type in WORDPIECE_LOWER_CASE:  # a BERT vocab.txt
         tok = BertTokenizerFast(path, do_lower_case=WORDPIECE_LOWER_CASE[tokenizer_type])
     elif tokenizer_type == "HuggingFaceTokenizer":
         tok = PreTrainedTokenizerFast(tokenizer_file=path)
@@ -71,5 +85,23 @@ def export_tokenizer(tokenizer_type: str, path: str, out_dir: str) -> dict:
             json.dump(cfg, f, indent=2)
         tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     tok.save_pretrained(out_dir)
+    _loadable_tokenizer_class(out_dir)
+    return _special_ids(tok)
+
+
+def _loadable_tokenizer_class(out_dir: str) -> None:
+    """transformers 5 saves a tokenizer built from a tokenizer.json alone as
+    "TokenizersBackend", a class no AutoTokenizer before 5 knows: name the
+    class every version loads such a file with."""
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+def _special_ids(tok) -> dict:
     return {f"{name}_token_id": getattr(tok, f"{name}_token_id", None)
             for name in ("bos", "eos", "pad", "cls", "sep", "mask")}

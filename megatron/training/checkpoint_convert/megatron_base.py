@@ -13,8 +13,10 @@ LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "ml
 
 def read_vocab_size(args: dict, tokenizer_model: Optional[str] = None) -> Optional[int]:
     """The tokenizer's vocabulary size for a checkpoint's flags (None when the
-    tokenizer cannot be found); `tokenizer_model` overrides the recorded path."""
-    from megatron.training.tokenizer import build_tokenizer
+    tokenizer cannot be found); `tokenizer_model` overrides the recorded path.
+    A converted model with more rows than its tokenizer has tokens (Qwen2.5)
+    keeps its own vocabulary (tokenizer.model_vocabulary)."""
+    from megatron.training.tokenizer import build_tokenizer, model_vocabulary
 
     if tokenizer_model is None and args.get("unpadded_vocab_size"):  # recorded by the driver and save_megatron
         return args["unpadded_vocab_size"]
@@ -23,7 +25,8 @@ def read_vocab_size(args: dict, tokenizer_model: Optional[str] = None) -> Option
         return args.get("vocab_size")
     model = tokenizer_model or args.get("tokenizer_model")
     try:
-        return build_tokenizer(kind, model, args.get("vocab_file"), args.get("merge_file"), args.get("vocab_size")).vocab_size
+        tokens = build_tokenizer(kind, model, args.get("vocab_file"), args.get("merge_file"), args.get("vocab_size"))
+        return model_vocabulary(tokens.vocab_size, args)
     except Exception as e:  # noqa: BLE001 - any failure means "unknown": say so and go on
         if args.get("vocab_size"):
             return args["vocab_size"]

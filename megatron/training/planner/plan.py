@@ -125,19 +125,26 @@ class Plan:
 
 # ---------------------------------------------------------------- entry points
 
-def _planner_flags(parser) -> None:
-    add_planner_flags(parser)
-    add_preference_args(parser)
+def _flags(extra_args_provider):
+    """add_planner_flags and finetune_dpo.py's flags (for --dpo), plus an entry point's own flags
+    (finetune_gpt.py's SFT flags)."""
+    def add(parser):
+        add_planner_flags(parser)
+        if extra_args_provider is not None:
+            extra_args_provider(parser)
+        add_preference_args(parser)
+    return add
 
 
-def build_planner_parser():
-    """pretrain_gpt.py's parser plus the planner's own flags (and finetune_dpo.py's, for --dpo)."""
-    return arguments.build_parser(_planner_flags)
+def build_planner_parser(extra_args_provider=None):
+    """pretrain_gpt.py's parser plus the planner's own flags (and `extra_args_provider`'s)."""
+    return arguments.build_parser(_flags(extra_args_provider))
 
 
-def plan_from_argv(argv: List[str]) -> Plan:
-    """Parse and validate the flags as the driver does, then plan."""
-    args = arguments.parse_args(argv, extra_args_provider=_planner_flags)
+def plan_from_argv(argv: List[str], extra_args_provider=None) -> Plan:
+    """Parse and validate the flags as the driver does, then plan; `extra_args_provider`
+    adds an entry point's own flags, which do not change the plan (finetune_gpt.py's)."""
+    args = arguments.parse_args(argv, extra_args_provider=_flags(extra_args_provider))
     if args.world_size is None:
         raise arguments.ArgumentError("--world-size is required: the number of GPUs (nodes x GPUs per node)")
     arguments.validate_args(args, args.world_size)

@@ -28,9 +28,10 @@ LIVE_REFERENCES = ("adapters", "copy")
 
 def add_preference_args(parser):
     g = parser.add_argument_group("preference tuning (DPO, IPO, hinge, SimPO)")
-    g.add_argument("--valid-data-path", type=str, default=None,
-                   help="preprocessed held-out preference prefix; loss and reward metrics over --eval-iters "
-                        "global batches of it")
+    if "--valid-data-path" not in parser._option_string_actions:  # the SFT flags have it too (tools/plan.py takes both)
+        g.add_argument("--valid-data-path", type=str, default=None,
+                       help="preprocessed held-out preference prefix; loss and reward metrics over --eval-iters "
+                            "global batches of it")
     g.add_argument("--pref-loss", choices=list(LOSSES), default="sigmoid",
                    help="sigmoid (DPO), hinge, ipo, or simpo (reference-free, length-normalised)")
     g.add_argument("--pref-beta", type=float, default=0.1,
