@@ -11,8 +11,8 @@ Transformer Engine layer specs store the same names).
 """
 
 import contextlib
+import difflib
 import os
-import pickle
 from typing import Dict, List, Tuple
 
 import torch
@@ -25,10 +25,10 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from megatron.training import sharding
-from megatron.training.checkpoint.files import load_common, unpickling_reason
+from megatron.training.checkpoint.files import METADATA_FILE, load_common
 from megatron.training.checkpoint.iterations import with_fallback
 from megatron.training.checkpoint.load_checks import load_scheduler_state
-from megatron.training.checkpoint.torch_dist import safe_load
+from megatron.training.checkpoint.torch_dist import checksums, safe_load
 from megatron.training.checkpoint.torch_dist import state as state_module
 from megatron.training.checkpoint.training_state import (
     head_names, model_keys, report_heads, restoring_optimizer_state, unwrap,
@@ -129,7 +129,7 @@ def _allow_vocab_padding_change(sharded: dict, ckpt_tensors: dict) -> bool:
     return changed
 
 
-def _read(args, sharded: dict, iter_dir: str) -> dict:
+def _read(args, sharded: dict, iter_dir: str, ckpt_tensors: dict) -> dict:
     strategy = safe_load.SafeShardedLoadStrategy()
     if args.ckpt_fully_parallel_load:
         strategy = FullyParallelLoadStrategyWrapper(
@@ -141,24 +141,24 @@ def _read(args, sharded: dict, iter_dir: str) -> dict:
     except CheckpointingException as e:
         raise CheckpointError(f"{iter_dir}: {str(e).strip().splitlines()[0]}") from None
     except DcpCheckpointException as e:
-        raise _reading_error(e, iter_dir) from None
+        raise safe_load.reading_error(e, iter_dir) from None
     # Extra states are None outside FP8; a checkpoint written without them is complete.
     missing = sorted(k for k in not_in_checkpoint if "_extra_state" not in k)
     if missing:
         raise CheckpointError(f"{iter_dir} lacks {len(missing)} of the tensors this run needs ({', '.join(missing[:3])}"
-                              f"{', ...' if len(missing) > 3 else ''}): it is not a checkpoint of this model")
+                              f"{', ...' if len(missing) > 3 else ''}): {_why_missing(missing[0], sharded, ckpt_tensors)}")
     return loaded
 
 
-def _reading_error(error: DcpCheckpointException, iter_dir: str) -> CheckpointError:
-    """One line for what torch.distributed.checkpoint gathered from the ranks' readers."""
-    cause = next(iter(error.failures.values()))[0]
-    if isinstance(cause, CheckpointError):
-        return CheckpointError(str(cause))
-    if isinstance(cause, pickle.UnpicklingError):
-        return CheckpointError(f"{iter_dir}: a tensor entry holds an object that loading with weights_only=True "
-                               f"refuses ({unpickling_reason(cause)}): refusing to load it")
-    return CheckpointError(f"{iter_dir}: {str(cause).strip().splitlines()[0] if str(cause).strip() else cause!r}")
+def _why_missing(name: str, sharded: dict, ckpt_tensors: dict) -> str:
+    """Another model's checkpoint, or (a name one byte away from one this run
+    does not ask for) a damaged index."""
+    asked = {sh.key for sh in nested_values(sharded) if isinstance(sh, ShardedTensor)}
+    close = difflib.get_close_matches(name, [k for k in ckpt_tensors if k not in asked], n=1, cutoff=0.9)
+    if close and len(close[0]) == len(name):
+        return (f"it holds {close[0]} instead, which no model has: its {METADATA_FILE} is damaged (a changed byte "
+                "in a tensor's name)")
+    return "it is not a checkpoint of this model"
 
 
 @contextlib.contextmanager
@@ -210,6 +210,8 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
     Collective. Returns (iteration, consumed_train_samples); (0, 0) for
     --finetune and released checkpoints."""
     with _naming_a_loadable_iteration(iter_dir, iteration, release):
+        if getattr(args, "ckpt_checksum", False):
+            checksums.verify(iter_dir, log=lambda line: print(line, flush=True))
         common = load_common(iter_dir)
     saved = _args_dict(common, iter_dir)
     _check_model_shape(saved, args, iter_dir)
@@ -233,7 +235,7 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
         if _allow_vocab_padding_change(sharded, ckpt_tensors):
             notes.append("vocabulary padding rows refitted to this TP")
         fresh = _leave_out_fresh_heads(model, sharded, ckpt_tensors, iter_dir) if fresh_start else {}
-        loaded = _read(args, sharded, iter_dir)
+        loaded = _read(args, sharded, iter_dir, ckpt_tensors)
 
     _load_model(model, loaded, fresh)
     if with_optimizer:
