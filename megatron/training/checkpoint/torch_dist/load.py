@@ -11,7 +11,6 @@ Transformer Engine layer specs store the same names).
 """
 
 import contextlib
-import difflib
 import os
 from typing import Dict, List, Tuple
 
@@ -25,7 +24,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from megatron.training import sharding
-from megatron.training.checkpoint.files import METADATA_FILE, load_common
+from megatron.training.checkpoint.files import load_common
 from megatron.training.checkpoint.iterations import with_fallback
 from megatron.training.checkpoint.load_checks import load_scheduler_state
 from megatron.training.checkpoint.torch_dist import checksums, safe_load
@@ -129,7 +128,7 @@ def _allow_vocab_padding_change(sharded: dict, ckpt_tensors: dict) -> bool:
     return changed
 
 
-def _read(args, sharded: dict, iter_dir: str, ckpt_tensors: dict) -> dict:
+def _read(args, sharded: dict, iter_dir: str) -> dict:
     strategy = safe_load.SafeShardedLoadStrategy()
     if args.ckpt_fully_parallel_load:
         strategy = FullyParallelLoadStrategyWrapper(
@@ -146,19 +145,8 @@ def _read(args, sharded: dict, iter_dir: str, ckpt_tensors: dict) -> dict:
     missing = sorted(k for k in not_in_checkpoint if "_extra_state" not in k)
     if missing:
         raise CheckpointError(f"{iter_dir} lacks {len(missing)} of the tensors this run needs ({', '.join(missing[:3])}"
-                              f"{', ...' if len(missing) > 3 else ''}): {_why_missing(missing[0], sharded, ckpt_tensors)}")
+                              f"{', ...' if len(missing) > 3 else ''}): it is not a checkpoint of this model")
     return loaded
-
-
-def _why_missing(name: str, sharded: dict, ckpt_tensors: dict) -> str:
-    """Another model's checkpoint, or (a name one byte away from one this run
-    does not ask for) a damaged index."""
-    asked = {sh.key for sh in nested_values(sharded) if isinstance(sh, ShardedTensor)}
-    close = difflib.get_close_matches(name, [k for k in ckpt_tensors if k not in asked], n=1, cutoff=0.9)
-    if close and len(close[0]) == len(name):
-        return (f"it holds {close[0]} instead, which no model has: its {METADATA_FILE} is damaged (a changed byte "
-                "in a tensor's name)")
-    return "it is not a checkpoint of this model"
 
 
 @contextlib.contextmanager
@@ -235,7 +223,7 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
         if _allow_vocab_padding_change(sharded, ckpt_tensors):
             notes.append("vocabulary padding rows refitted to this TP")
         fresh = _leave_out_fresh_heads(model, sharded, ckpt_tensors, iter_dir) if fresh_start else {}
-        loaded = _read(args, sharded, iter_dir, ckpt_tensors)
+        loaded = _read(args, sharded, iter_dir)
 
     _load_model(model, loaded, fresh)
     if with_optimizer:
