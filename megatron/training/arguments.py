@@ -262,6 +262,8 @@ def validate_args(args, world_size: int) -> None:
     args.num_microbatches, args.virtual_pipeline_model_parallel_size."""
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size"):
         _check(getattr(args, flag) is not None, f"--{flag.replace('_', '-')} is required")
+    if args.skip_train and args.lr is None:
+        args.lr = 0.0  # nothing is trained (scoring a checkpoint): the optimizer is built, never stepped
     _check(args.lr is not None, "--lr is required (the peak learning rate)")
     _check((args.train_iters is None) != (args.train_samples is None),
            "give exactly one of --train-iters and --train-samples")

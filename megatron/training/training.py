@@ -19,7 +19,7 @@ from megatron.training import arguments as arguments_module
 from megatron.training import initialize, kernels
 from megatron.training.checkpoint import save_load
 from megatron.training.checkpoint.iterations import require_checkpoint
-from megatron.training.checkpoint.settings import take_checkpoint_settings
+from megatron.training.checkpoint.settings import flag, take_checkpoint_settings, vocabulary_difference
 from megatron.training.exit_signal import ExitSignalHandler
 from megatron.training.flops import ModelShape, flops_per_iteration
 from megatron.training.peft.arguments import adapters_enabled
@@ -127,14 +127,32 @@ def build_tokenizer_from_args(args):
                              "is not on this machine: pass --tokenizer-model PATH to a copy of it")
     tokenizer, vocab = tokenizer_and_vocab_size(args)
     padded = padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-    saved = getattr(args, "padded_vocab_size", None)
-    if args.use_checkpoint_args and saved is not None and saved != padded:
-        raise arguments_module.ArgumentError(
-            f"the checkpoint's vocabulary ({saved} rows) does not match the tokenizer's padded vocabulary ({padded}): "
-            "use the tokenizer the checkpoint was trained with")
+    if args.use_checkpoint_args:
+        _check_checkpoint_vocabulary(args, vocab, padded)
     args.padded_vocab_size = padded
     args.unpadded_vocab_size = vocab
     return tokenizer
+
+
+def _check_checkpoint_vocabulary(args, vocab: int, padded: int) -> None:
+    """--use-checkpoint-args: the tokenizer must have the checkpoint's vocabulary;
+    its padding may differ (another TP or --make-vocab-size-divisible-by): the
+    loaders add or drop padding rows, which no token id reaches, so this only says so."""
+    saved = save_load.read_checkpoint_args(args.load, args.ckpt_step)
+    difference = vocabulary_difference(saved, vocab)
+    if difference is not None:
+        tokenizer = " ".join(f"{flag(k)} {getattr(args, k)}" for k in ("tokenizer_type", "tokenizer_model",
+                                                                        "vocab_file", "vocab_size")
+                             if getattr(args, k, None) is not None)
+        raise arguments_module.ArgumentError(
+            f"{args.load} was trained with another tokenizer: its vocabulary has {difference}, the tokenizer of this "
+            f"run ({tokenizer}) {vocab}: use the tokenizer the checkpoint was trained with (leave the tokenizer flags "
+            "out to take the checkpoint's)")
+    rows = saved.get("padded_vocab_size")
+    if rows is not None and rows != padded:
+        print_rank_0(f"> vocabulary: the checkpoint's {vocab} ids padded to {rows} rows, here to {padded} "
+                     f"(--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} x TP="
+                     f"{args.tensor_model_parallel_size}): padding rows are refitted on load")
 
 
 def build_model(args, model_provider) -> list:

@@ -124,3 +124,29 @@ def test_use_checkpoint_args_refuses_the_other_model_family():
         take_checkpoint_settings(gpt_args, dict(llama, bert_binary_head=True, position_ids_offset=0), set(), "ckpt")
     # Megatron-LM records bert_binary_head for GPT models too: such a checkpoint is a GPT one
     assert take_checkpoint_settings(gpt_args, dict(llama, bert_binary_head=True), set(), "ckpt") is None
+
+
+def test_another_padding_is_not_another_vocabulary():
+    """--use-checkpoint-args (issue #27): the same vocabulary padded for another TP or
+    --make-vocab-size-divisible-by is not an error (the loaders refit the padding rows);
+    --make-vocab-size-divisible-by is no longer a tensor shape, only a reported override;
+    another vocabulary is, judged by the recorded unpadded_vocab_size, or for a Megatron-LM
+    checkpoint (padded rows only) by padding the tokenizer's ids as the checkpoint was."""
+    from megatron.training.checkpoint.settings import take_checkpoint_settings, vocabulary_difference
+
+    ours = {"unpadded_vocab_size": 30522, "padded_vocab_size": 30592, "make_vocab_size_divisible_by": 128,
+            "tensor_model_parallel_size": 1}
+    assert vocabulary_difference(ours, 30522) is None
+    assert vocabulary_difference(ours, 30000) == "30522 token ids"
+    megatron_lm = dict(ours, unpadded_vocab_size=None, padded_vocab_size=30720, tensor_model_parallel_size=2)
+    assert vocabulary_difference(megatron_lm, 30522) is None  # 30522 pads to 30720 at 128 x TP=2
+    assert vocabulary_difference(megatron_lm, 30465) is None  # as far as the rows can tell
+    assert vocabulary_difference(megatron_lm, 32000) == (
+        "30720 rows (padded to a multiple of 128 x TP=2, where 32000 ids would give 32000)")
+    assert vocabulary_difference({}, 100) is None  # nothing recorded: nothing to compare
+
+    args = bert_flags("--make-vocab-size-divisible-by", "64")
+    saved = dict(ours, bert_binary_head=True, position_ids_offset=0)
+    note = take_checkpoint_settings(args, saved, {"make_vocab_size_divisible_by"}, "ckpt")
+    assert "--make-vocab-size-divisible-by 64 (checkpoint: 128) from the command line" in note
+    assert args.make_vocab_size_divisible_by == 64

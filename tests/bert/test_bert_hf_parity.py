@@ -240,13 +240,24 @@ def _verify_worker(rank, world_size, argv):
 
 def test_verify_compares_outputs_of_both_sides(hf_models, checkpoints, tmp_path):
     """--verify on an export: the classifier's class logits, and the LM logits
-    of a pretraining model exported from a PP=2 checkpoint and from torch_dist."""
-    for name in ("roberta_classifier", "bert_pretraining_pp2", "bert_pretraining_dist"):
+    of a pretraining model exported from a PP=2 checkpoint and from torch_dist;
+    the report names them, and an encoder without heads has hidden states, not logits."""
+    from megatron.training.checkpoint_convert.bert import verify_outputs_name
+    from megatron.training.checkpoint_convert.verify import Side
+
+    compared = {"roberta_classifier": "class logits", "bert_pretraining_pp2": "masked-LM logits",
+                "bert_pretraining_dist": "masked-LM logits"}
+    for name, what in compared.items():
         argv = ["--model-type", "BERT", "--loader", "megatron", "--saver", "hf", "--load-dir", checkpoints[name],
                 "--save-dir", str(tmp_path / name), "--verify", "--verify-atol", "1e-5"]
         rc, out = run_distributed(_verify_worker, world_size=1, args=(argv,))[0]
         line = [x for x in out.splitlines() if x.startswith("verify:")]
         assert rc == 0 and len(line) == 1 and "max abs diff" in line[0], out
+        assert line[0].startswith(f"verify: {what} on "), line[0]
         # the Megatron side ran as it was saved (the PP=2 checkpoint on two processes)
         saved = "TP=1 PP=2 on 2 processes" if name.endswith("pp2") else "TP=1 PP=1 on 1 process"
         assert f"(run as saved: {saved})" in line[0], line[0]
+    hidden = "final hidden states (an encoder without heads: no logits)"
+    assert verify_outputs_name(Side("megatron", checkpoints["bert_encoder"])) == hidden
+    assert verify_outputs_name(Side("hf", hf_models["bert_encoder"])) == hidden
+    assert verify_outputs_name(Side("hf", hf_models["roberta_mlm"])) == "masked-LM logits"

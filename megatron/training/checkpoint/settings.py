@@ -13,8 +13,15 @@ interpolation factor and tokenizer instead of the parser's defaults. A
 setting the command line does give wins: for the tensor shapes (SHAPE) a
 different value cannot load the checkpoint, which is an error naming the
 flag; for the others (OTHER, TOKENIZER: dropout, sequence length, position
-interpolation for context extension, a tokenizer at another path, ...) the
-difference is reported once, in the returned line.
+interpolation for context extension, a tokenizer at another path, another
+--make-vocab-size-divisible-by, ...) the difference is reported once, in the
+returned line.
+
+    difference = vocabulary_difference(saved, vocab)     # None: the tokenizer is the checkpoint's
+
+tells a tokenizer with another vocabulary (an error) from the same
+vocabulary padded to another size (another TP or --make-vocab-size-divisible-by:
+the loaders refit the padding rows, which no token id reaches).
 """
 
 from typing import Dict, Iterable, Optional
@@ -22,18 +29,21 @@ from typing import Dict, Iterable, Optional
 import torch
 
 from megatron.training.errors import ArgumentError
+from megatron.training.sizes import padded_vocab_size
 
 # Settings that decide the shapes of the checkpoint's tensors.
 SHAPE = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
     "num_query_groups", "kv_channels", "swiglu", "untie_embeddings_and_output_weights", "add_bias_linear",
-    "normalization", "position_embedding_type", "add_position_embedding", "make_vocab_size_divisible_by",
+    "normalization", "position_embedding_type", "add_position_embedding",
     "num_tokentypes",  # BERT models (bert/arguments.py)
 )
 # Settings of the model a run may change on purpose.
 OTHER = (
     "attention_dropout", "hidden_dropout", "norm_epsilon", "init_method_std", "apply_query_key_layer_scaling",
     "seq_length", "max_position_embeddings", "rotary_base", "rotary_percent", "rotary_seq_len_interpolation_factor",
+    # the vocabulary's padding (x TP): the loaders refit the padding rows, which no token id reaches
+    "make_vocab_size_divisible_by",
     # BERT models (bert/arguments.py): the layer order and positions a converted model needs, its heads
     "apply_residual_connection_post_layernorm", "position_ids_offset", "bert_binary_head",
 )
@@ -96,3 +106,23 @@ def take_checkpoint_settings(args, saved: Dict, given: Iterable[str], source: st
         return None
     return (f"> --use-checkpoint-args: the model settings of {source}, except {', '.join(overrides)} from the "
             "command line")
+
+
+def vocabulary_difference(saved: Dict, vocab: int) -> Optional[str]:
+    """None when a tokenizer of `vocab` ids has the vocabulary of the checkpoint
+    whose args are `saved` (however either pads it); else the checkpoint's
+    vocabulary, in words. Checkpoints that do not record their real vocabulary
+    (`unpadded_vocab_size`: Megatron-LM's) are judged by their padded rows: the
+    tokenizer's ids padded as the checkpoint was must give as many."""
+    recorded = saved.get("unpadded_vocab_size")
+    if recorded is not None:
+        return None if recorded == vocab else f"{recorded} token ids"
+    rows = saved.get("padded_vocab_size")
+    if rows is None:
+        return None  # nothing recorded to compare with
+    divisible = saved.get("make_vocab_size_divisible_by") or 128  # Megatron-LM's default
+    tp = saved.get("tensor_model_parallel_size") or 1
+    if padded_vocab_size(vocab, divisible, tp) == rows:
+        return None
+    return (f"{rows} rows (padded to a multiple of {divisible} x TP={tp}, where {vocab} ids would give "
+            f"{padded_vocab_size(vocab, divisible, tp)})")

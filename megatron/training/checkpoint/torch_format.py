@@ -276,7 +276,7 @@ def _load_model(args, model: list, iter_dir: str, iteration: int, release: bool)
     # encoder): the resharding path fills in what another rank's file holds (a
     # tied output layer from the embedding) and starts the rest afresh.
     if state is not None and all(state["layout"].get(k) == v for k, v in layout(args).items()) and not (
-            fresh_start and heads_differ(model, state)):
+            fresh_start and heads_differ(model, state)) and not _vocab_padding_differs(model, state):
         _refuse_adapter_checkpoint(state, iter_dir)
         for key, chunk in zip(model_keys(len(model)), model):
             if key not in state:
@@ -293,9 +293,26 @@ def _load_model(args, model: list, iter_dir: str, iteration: int, release: bool)
     weights_only_load = fresh_start or (args.no_load_optim and args.no_load_rng)
     if not weights_only_load:
         check_layout(layout_saved, args, iter_dir)
+        if state is not None and _vocab_padding_differs(model, state):
+            raise CheckpointError(
+                f"{iter_dir} pads the vocabulary to other rows than this run (--make-vocab-size-divisible-by x TP): "
+                "its weights are refitted on load, but this format's optimizer state is not; load with --finetune "
+                "or --no-load-optim --no-load-rng, or resume with the checkpoint's --make-vocab-size-divisible-by")
     reshard.load_model_resharded(args, model, iter_dir, layout_saved, fresh_heads=fresh_start)
     # Only the weights are taken; the data position is the checkpoint's.
     return {"iteration": iteration, "consumed_train_samples": saved.get("consumed_train_samples", 0)}, path
+
+
+def _vocab_padding_differs(model: list, state: dict) -> bool:
+    """Whether this rank's file holds vocabulary rows (sharding.VOCAB_ROWS) of
+    another count than the model: the same vocabulary padded for another
+    --make-vocab-size-divisible-by, to be refitted by the resharding path."""
+    for key, chunk in zip(model_keys(len(model)), model):
+        target, saved = unwrap(chunk).state_dict(), state.get(key, {})
+        if any(name in saved and name in target and saved[name].shape[0] != target[name].shape[0]
+               for name in sharding.VOCAB_ROWS):
+            return True
+    return False
 
 
 def _read_distributed_optimizer_state(path: str):

@@ -448,8 +448,27 @@ def megatron_forward(args, model: list, tokens: torch.Tensor, path: str) -> torc
     return bert_inference.bert_outputs(args, model, tokens, output=bert_inference.output_kind(path))
 
 
+# What --verify compares, by the model's heads (a checkpoint's: bert_inference.output_kind; an HF
+# class's: its suffix, as in ROLES): an encoder without heads (an HF *Model) has no logits, and the
+# report says so.
+OUTPUT_NAMES = {"lm": "masked-LM logits", "classes": "class logits",
+                "hidden": "final hidden states (an encoder without heads: no logits)"}
+HF_OUTPUT_KINDS = {"Model": "hidden", "ForMaskedLM": "lm", "ForPreTraining": "lm",
+                   "ForSequenceClassification": "classes"}
+
+
+def verify_outputs_name(side) -> str:
+    """OUTPUT_NAMES for a --verify side: a Megatron checkpoint by its heads, an HF directory by its class."""
+    if side.format == "megatron":
+        from megatron.training.bert import inference as bert_inference
+
+        return OUTPUT_NAMES[bert_inference.output_kind(side.path)]
+    with open(os.path.join(side.path, "config.json")) as f:
+        return OUTPUT_NAMES[HF_OUTPUT_KINDS[_architecture(json.load(f))[1]]]
+
+
 VERIFY_OUTPUTS = Outputs(hf=hf_outputs, load=megatron_load, forward=megatron_forward, context=verify_context,
-                         tokens=verify_tokens)
+                         tokens=verify_tokens, name=verify_outputs_name)
 
 
 def hf_source(model_dir: str, tokenizer_model: Optional[str] = None) -> BertHFSource:

@@ -6,13 +6,15 @@ training driver's own model and loader (megatron/training/inference.py) and
 running megatron-core's forward pass over its shard. A Hugging Face directory
 runs with `transformers.AutoModelForCausalLM` in this process. Both sides see
 the same VERIFY_TOKENS token ids (rows as long as the model's context allows,
-up to 256) in fp32; the report gives the largest and the mean absolute logit
-difference over the tokenizer's vocabulary and each side's next-token loss
-(mean cross-entropy in nats), and fails above `--verify-atol`.
+up to 256) in fp32; the report names what it compared (`Outputs.name`), gives
+the largest and the mean absolute difference (logits: over the tokenizer's
+vocabulary) and each side's next-token loss (mean cross-entropy in nats), and
+fails above `--verify-atol`.
 
 What each side computes is the model family's (`Outputs`, the source's
 `verify_outputs`): GPT's next-token logits by default; BERT's come from
-checkpoint_convert/bert.py (masked-LM or class logits, or hidden states).
+checkpoint_convert/bert.py (masked-LM or class logits, or the final hidden
+states of an encoder without heads, which the report names as such).
 """
 
 import math
@@ -117,6 +119,10 @@ def same_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
+def gpt_outputs_name(side: Side) -> str:
+    return "logits"
+
+
 @dataclass(frozen=True)
 class Outputs:
     """What --verify compares for a model family; module-level functions
@@ -128,6 +134,7 @@ class Outputs:
     loss: Optional[Callable] = None  # (outputs, token ids) -> a loss in nats reported beside; None: none
     context: Callable = gpt_context  # (the source's args) -> how many positions a row may use
     tokens: Callable = same_tokens  # the token ids this family runs on, from VERIFY_TOKENS uniform ids
+    name: Callable = gpt_outputs_name  # (a side) -> what the outputs are, for the report ("logits", "hidden states")
 
 
 GPT_OUTPUTS = Outputs(hf=hf_logits, load=gpt_load, forward=gpt_forward, loss=next_token_loss)
@@ -197,16 +204,17 @@ def verify_conversion(source: ModelSource, target_format: str, target_path: str,
     vocab = source.vocab_size or source.args["padded_vocab_size"]
     src, dst = side_of(source.format, source.path), side_of(target_format, target_path)
     result = compare(src, dst, vocab, outputs.context(source.args), outputs)
+    what = outputs.name(dst if dst.format == "megatron" else src)  # both sides compute the same outputs
     rows, length = result.shape
     loss = "" if result.source_loss is None else (
         f"; next-token loss {result.source_loss:.6f} vs {result.target_loss:.6f} "
         f"(diff {abs(result.source_loss - result.target_loss):.3g})")
-    print(f"verify: logits on {rows * length} tokens ({rows} x {length}), "
+    print(f"verify: {what} on {rows * length} tokens ({rows} x {length}), "
           f"{describe(src, result.ran[0])} vs {describe(dst, result.ran[1])}: max abs diff {result.max_abs_diff:.3g}, "
           f"mean abs diff {result.mean_abs_diff:.3g}{loss}; threshold {atol:g}", flush=True)
     if not result.max_abs_diff <= atol:
         raise ConversionError(
-            f"verification failed: the converted model's logits differ from the source's by up to "
+            f"verification failed: the converted model's {what} differ from the source's by up to "
             f"{result.max_abs_diff:.3g} (> --verify-atol {atol:g}); the output at {target_path} is not a faithful "
             "copy")
     return result

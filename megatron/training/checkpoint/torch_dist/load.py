@@ -37,8 +37,6 @@ from megatron.training.errors import CheckpointError
 # Flags whose values fix the shapes of the tensors in a checkpoint.
 _SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels", "swiglu",
                 "untie_embeddings_and_output_weights", "add_bias_linear")
-# Tensors whose rows are the padded vocabulary: their size follows TP (--make-vocab-size-divisible-by x TP).
-_VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def _args_dict(common: dict, iter_dir: str) -> dict:
@@ -115,12 +113,14 @@ def _wants_optimizer(common: dict, saved: dict, args, iter_dir: str, same_tp_pp:
 
 
 def _allow_vocab_padding_change(sharded: dict, ckpt_tensors: dict) -> bool:
-    """Let the embedding / output rows (and their optimizer state) load when
-    this layout pads the vocabulary to another size: missing rows are zeros,
+    """Let the entries whose rows are the padded vocabulary (sharding.VOCAB_ROWS:
+    the embedding, the output layer and BERT's LM output bias), and their
+    optimizer state, load when this layout pads the vocabulary to another size
+    (--make-vocab-size-divisible-by x TP): missing rows are zeros,
     surplus rows are dropped (the padding ids never occur). Returns whether any did."""
     changed = False
     for sh in nested_values(sharded):
-        if isinstance(sh, ShardedTensor) and sh.key.endswith(_VOCAB_TENSORS) and sh.key in ckpt_tensors:
+        if isinstance(sh, ShardedTensor) and sh.key.endswith(sharding.VOCAB_ROWS) and sh.key in ckpt_tensors:
             saved_shape = tuple(ckpt_tensors[sh.key].global_shape)
             if saved_shape != tuple(sh.global_shape) and saved_shape[1:] == tuple(sh.global_shape)[1:]:
                 sh.allow_shape_mismatch = True
