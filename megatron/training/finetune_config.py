@@ -91,6 +91,104 @@ PREFERENCE_FLAGS = {"pref_loss": "--pref-loss", "pref_beta": "--pref-beta", "pre
 REFERENCE_FREE = ("simpo",)  # preference losses without a reference model
 STAGE_DATA_SUFFIX = {"sft": "_text_document", "dpo": "_pair_text_document"}
 STAGE_SCRIPT = {"sft": "finetune_gpt.py", "dpo": "finetune_dpo.py"}
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")  # the driver's --lr-decay-style
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _integer(low: int):
+    return lambda v: _is_int(v) and v >= low, f"an integer >= {low}"
+
+
+def _number(low: float, high: Optional[float] = None, low_open: bool = False, high_open: bool = True):
+    def test(v):
+        return _is_number(v) and (v > low if low_open else v >= low) and (
+            high is None or (v < high if high_open else v <= high))
+    if high is None:
+        return test, f"a number {'>' if low_open else '>='} {low}"
+    return test, f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _one_of(*choices):
+    return lambda v: isinstance(v, str) and v in choices, f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
+def _or_null(check):
+    test, what = check
+    return lambda v: v is None or test(v), f"{what}, or null"
+
+
+_TEXT = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+
+
+def _sft_choices():
+    from megatron.training.data.sft_formats import SFT_FORMATS
+    from megatron.training.data.sft_templates import CHAT_TEMPLATE_CHOICES
+
+    return SFT_FORMATS, CHAT_TEMPLATE_CHOICES
+
+
+def _preference_choices():
+    from megatron.training.preference.arguments import REFERENCE_MODES
+    from megatron.training.preference.loss import LOSSES
+
+    return LOSSES, REFERENCE_MODES
+
+
+# What each key's value must be: (test, description). Nothing is converted: a quoted number, 4.7 where an
+# integer is due or -1 epochs is named with the key, not guessed at (json.load gives str, int, float, bool,
+# None, list, dict). The FinLoRA adapter keys' names and ranges follow FinLoRA's finetune_configs.json.
+VALUES = {
+    "base_model": _TEXT, "dataset_path": _TEXT, "valid_dataset_path": _or_null(_TEXT), "save_dir": _or_null(_TEXT),
+    "format": (lambda v: isinstance(v, str) and v in _sft_choices()[0], "a record format: auto, panda, alpaca, chat"),
+    "chat_template": (lambda v: isinstance(v, str) and v in _sft_choices()[1],
+                      "a chat template: auto, tokenizer, raw, alpaca, chatml"),
+    "tokenizer_type": _or_null(_TEXT), "tokenizer_model": _or_null(_TEXT),
+    "learning_rate": _number(0, low_open=True), "min_lr": _number(0), "lr_decay_style": _one_of(*LR_DECAY_STYLES),
+    "warmup_ratio": _number(0, 1, high_open=False), "weight_decay": _number(0), "optimizer": _one_of("adam", "sgd"),
+    "sgd_momentum": _number(0, 1), "num_epochs": _number(0, low_open=True), "batch_size": _integer(1),
+    "gradient_accumulation_steps": _integer(1), "seq_length": _integer(1), "packing": _BOOL,
+    "truncation": _one_of("truncate", "drop"),
+    "layout": (lambda v: isinstance(v, dict) and all(_is_int(n) and n >= 1 for n in v.values()),
+               "an object of tensor_parallel, pipeline_parallel, data_parallel sizes (integers >= 1)"),
+    "bf16": _BOOL, "dropout": _number(0, 1), "seed": _integer(0), "log_interval": _integer(1),
+    "save_interval": _or_null(_integer(1)), "export_hf": _BOOL, "workers": _integer(1),
+    "extra_args": (lambda v: isinstance(v, list) and all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
+                                                         for a in v), "a list of driver flags and values (strings)"),
+    "lora_r": _or_null((lambda v: _is_int(v) and v >= 1, "a positive integer (the adapter rank, e.g. 8)")),
+    "lora_alpha": _number(0, low_open=True),
+    "lora_dropout": _number(0, 1),
+    "lora_target_modules": (lambda v: isinstance(v, str) or (isinstance(v, list) and v and all(
+        isinstance(t, str) for t in v)), "a list of HF module names, or \"all-linear\""),
+    "quant_bits": (lambda v: v is None or (_is_int(v) and v in QUANT_BITS),
+                   "4 (QLoRA, NF4) or 8, or 16 / absent for an unquantized base"),
+    "peft_use_dora": _BOOL, "peft_use_rslora": _BOOL,
+    "stage": _one_of(*STAGES),
+    "pref_loss": (lambda v: isinstance(v, str) and v in _preference_choices()[0], "sigmoid, hinge, ipo or simpo"),
+    "pref_beta": _number(0, low_open=True), "pref_ftx": _number(0), "dpo_label_smoothing": _number(0, 0.5),
+    "simpo_gamma": _number(0),
+    "pref_reference": (lambda v: isinstance(v, str) and v in _preference_choices()[1],
+                       "auto, adapters, copy or precomputed"),
+}
+assert set(VALUES) == set(FIELDS), "every key has its check"
+
+
+def _as_written(value) -> str:
+    text = json.dumps(value)
+    if isinstance(value, str):
+        try:
+            float(value)
+            return f"{text} (a string: write the number without quotes)"
+        except ValueError:
+            pass
+    return text
 
 
 class ConfigError(UserError, ValueError):
@@ -110,11 +208,17 @@ def load_config(path: str, name: str) -> dict:
         raise ConfigError(f"--configs {path}: {e.strerror}: give the JSON file of named configurations")
     except ValueError as e:
         raise ConfigError(f"--configs {path} is not valid JSON ({e}): fix the file")
+    if not isinstance(configs, dict):
+        raise ConfigError(f"--configs {path} holds a JSON {type(configs).__name__}: it must be an object of named "
+                          "configurations ({\"NAME\": {\"base_model\": ..., ...}})")
     if name not in configs:
         close = difflib.get_close_matches(name, list(configs), n=3)
         raise ConfigError(f"no configuration {name!r} in {path}" + (f"; did you mean {', '.join(close)}?" if close
                                                                      else f"; it has {', '.join(configs)}"))
     entry = configs[name]
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{name} in {path} is a JSON {type(entry).__name__}: it must be an object of keys "
+                          f"({', '.join(list(FIELDS)[:3])}, ...)")
     for key in entry:
         if key not in FIELDS:
             close = difflib.get_close_matches(key, list(FIELDS), n=2)
@@ -125,11 +229,13 @@ def load_config(path: str, name: str) -> dict:
         if key not in entry and default is REQUIRED:
             raise ConfigError(f"{name}: {key!r} is required ({FIELDS[key][1]})")
         cfg[key] = entry.get(key, default)
-    bad_layout = set(cfg["layout"]) - set(LAYOUT_KEYS)
+    bad_layout = set(cfg["layout"]) - set(LAYOUT_KEYS) if isinstance(cfg["layout"], dict) else ()
     if bad_layout:
         raise ConfigError(f"{name}: layout keys are {', '.join(LAYOUT_KEYS)}, not {', '.join(sorted(bad_layout))}")
-    if cfg["optimizer"] not in ("adam", "sgd"):
-        raise ConfigError(f"{name}: optimizer must be adam or sgd, not {cfg['optimizer']!r}")
+    for key, value in entry.items():
+        valid, what = VALUES[key]
+        if not valid(value):
+            raise ConfigError(f"{name}: {key} must be {what}, not {_as_written(value)} (in {path})")
     _check_adapter_keys(name, entry, cfg)
     _check_stage_keys(name, entry, cfg)
     base = os.path.dirname(os.path.abspath(path))
@@ -150,16 +256,6 @@ def _check_adapter_keys(name: str, entry: dict, cfg: dict) -> None:
             raise ConfigError(f"{name}: {given[0]!r} configures LoRA adapters: set lora_r (e.g. 8) to train "
                               "adapters, or remove the key to fine-tune all weights")
         return
-    if not isinstance(cfg["lora_r"], int) or isinstance(cfg["lora_r"], bool) or cfg["lora_r"] < 1:
-        raise ConfigError(f"{name}: lora_r must be a positive integer (the adapter rank, e.g. 8), "
-                          f"not {cfg['lora_r']!r}")
-    if cfg["quant_bits"] not in QUANT_BITS:
-        raise ConfigError(f"{name}: quant_bits must be 4 (QLoRA, NF4) or 8, or 16 / absent for an unquantized base, "
-                          f"not {cfg['quant_bits']!r}")
-    if isinstance(cfg["lora_alpha"], bool) or not isinstance(cfg["lora_alpha"], (int, float)) or cfg["lora_alpha"] <= 0:
-        raise ConfigError(f"{name}: lora_alpha must be a positive number (FinLoRA uses 16), not {cfg['lora_alpha']!r}")
-    if not 0 <= cfg["lora_dropout"] < 1:
-        raise ConfigError(f"{name}: lora_dropout must be in [0, 1), not {cfg['lora_dropout']!r}")
     try:
         canonical_targets(cfg["lora_target_modules"], f"{name}: lora_target_modules")
     except ConversionError as e:

@@ -81,6 +81,22 @@ def test_single_process_and_hf_base(tmp_path):
      "lora_target_modules: unknown target module.s. qkv_proj: choose among q_proj, k_proj"),
     ({"base_model": "b", "dataset_path": "d", "layout": {"tp": 2}}, "layout keys are tensor_parallel"),
     ({"base_model": "b", "dataset_path": "d", "optimizer": "adamw"}, "adam or sgd"),
+    # types and ranges: each used to be a traceback, or accepted (num_epochs -1 ran one iteration)
+    ({"base_model": "b", "dataset_path": "d", "lora_r": 8, "lora_dropout": "0.1"},
+     r'lora_dropout must be a number in \[0, 1\), not "0.1" \(a string: write the number without quotes\)'),
+    ({"base_model": "b", "dataset_path": "d", "layout": {"tensor_parallel": "two"}},
+     r'layout must be an object of tensor_parallel, .* \(integers >= 1\), not {"tensor_parallel": "two"}'),
+    ({"base_model": "b", "dataset_path": "d", "batch_size": 0}, "batch_size must be an integer >= 1, not 0"),
+    ({"base_model": "b", "dataset_path": "d", "num_epochs": -1}, "num_epochs must be a number > 0, not -1"),
+    ({"base_model": "b", "dataset_path": "d", "lora_r": 4.7}, "lora_r must be a positive integer .*, not 4.7"),
+    ({"base_model": "b", "dataset_path": "d", "lora_r": 8, "lora_alpha": "16"},
+     'lora_alpha must be a number > 0, not "16" \\(a string'),
+    ({"base_model": "b", "dataset_path": "d", "learning_rate": "1e-5"}, 'learning_rate must be a number > 0, not "1e-5"'),
+    ({"base_model": "b", "dataset_path": "d", "gradient_accumulation_steps": 2.0},
+     "gradient_accumulation_steps must be an integer >= 1, not 2.0"),
+    ({"base_model": "b", "dataset_path": "d", "packing": "yes"}, 'packing must be true or false, not "yes"'),
+    ({"base_model": "b", "dataset_path": "d", "lr_decay_style": "cosin"}, "lr_decay_style must be constant, linear"),
+    ({"base_model": "b", "dataset_path": "d", "extra_args": "--bf16"}, "extra_args must be a list"),
 ])
 def test_config_errors_name_the_fix(tmp_path, entry, message):
     with pytest.raises(fc.ConfigError, match=message):
@@ -137,3 +153,37 @@ def test_finlora_adapter_keys_become_lora_flags_and_exports(tmp_path):
     plan = fc.make_plan(fc.load_config(write(tmp_path, base), "run"))  # no lora_r: all weights, no adapter flags
     assert not [f for f in fc.train_command(plan, REPO, 10, None) if f.startswith("--lora")]
     assert [flag(c, "--saver") for c in fc.export_commands(plan, REPO)] == ["hf"]
+
+
+def test_the_driver_s_lr_decay_styles_are_the_ones_checked():
+    from megatron.training.arguments import build_parser
+
+    action = next(a for a in build_parser()._actions if "--lr-decay-style" in a.option_strings)
+    assert tuple(action.choices) == fc.LR_DECAY_STYLES
+
+
+@pytest.mark.parametrize("configs,message", [
+    ({"run": {"base_model": "b", "dataset_path": "d.jsonl", "lora_r": 8, "lora_dropout": "0.1"}}, "lora_dropout"),
+    ({"run": {"base_model": "b", "dataset_path": "d.jsonl", "layout": {"tensor_parallel": "two"}}}, "layout"),
+    ({"run": {"base_model": "b", "dataset_path": "d.jsonl", "batch_size": 0}}, "batch_size"),
+    ({"run": {"base_model": "b", "dataset_path": "d.jsonl", "num_epochs": -1}}, "num_epochs"),
+    ([{"base_model": "b"}], "holds a JSON list: it must be an object of named configurations"),
+    ({"run": ["base_model", "b"]}, "run in .* is a JSON list: it must be an object of keys"),
+])
+def test_finetune_py_dry_run_answers_a_bad_configuration_in_one_line(tmp_path, capsys, configs, message):
+    """finetune.py NAME --configs c.json --dry-run, as a user runs it: one `error:` line, exit status 2,
+    and nothing written beside the configuration (no save_dir, no preprocessed data)."""
+    import re
+    import sys
+
+    sys.path.insert(0, REPO)
+    import finetune
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(configs))
+    capsys.readouterr()
+    assert finetune.main(["run", "--configs", str(path), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), captured
+    assert captured.out == "" and sorted(os.listdir(tmp_path)) == ["c.json"]

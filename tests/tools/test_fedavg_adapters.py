@@ -11,7 +11,9 @@ import torch
 
 from megatron.training.errors import USER_ERROR_EXIT_CODE
 
-from tests.tools.checkpoint.peft_adapters import HF_MODELS, load_hf, make_hf_model, make_peft_adapter, safetensors
+from tests.tools.checkpoint.peft_adapters import (
+    BAD_ADAPTER_FILES, HF_MODELS, assert_payload_did_not_run, load_hf, make_hf_model, make_peft_adapter, safetensors,
+)
 from tools import fedavg_adapters
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
@@ -93,3 +95,23 @@ def test_fedavg_refuses_adapters_of_another_base_or_config(clients, tmp_path, ca
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
         assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("case", list(BAD_ADAPTER_FILES))
+def test_a_bad_adapter_file_is_one_error_line(clients, tmp_path, capsys, case):
+    """Each bad file (the second adapter's) is one `error:` line naming it; nothing is written, nothing unpickled runs."""
+    _, dirs = clients
+    broken = tmp_path / "broken"
+    shutil.copytree(dirs[1], broken)
+    edit, expected = BAD_ADAPTER_FILES[case]
+    edit(str(broken))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert fedavg_adapters.main(["--adapters", dirs[0], str(broken), "--num-examples", "3", "1",
+                                 "--out", str(out)]) == USER_ERROR_EXIT_CODE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {broken}/"), lines
+    assert all(e in lines[0] for e in expected), lines[0]
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    if case == "pickle in adapter_model.bin":
+        assert_payload_did_not_run(broken)

@@ -40,8 +40,10 @@ def add_dist_ckpt_flags(parser) -> None:
 def add_checkpoint_integrity_args(parser) -> None:
     g = parser.add_argument_group("checkpoint integrity")
     g.add_argument("--ckpt-checksum", action="store_true",
-                   help="write the SHA-256 of every checkpoint file (checksums.sha256 in each rank directory, "
-                        "`sha256sum -c` format); checkpoints that have them are verified on load")
+                   help="write the SHA-256 of every checkpoint file (`sha256sum -c` format: checksums.sha256 in each "
+                        "rank directory of the torch format, in the iteration directory of torch_dist); torch-format "
+                        "files that have them are verified whenever they are loaded, torch_dist checkpoints when "
+                        "--ckpt-checksum is given at load too (one more read of every file)")
     g.add_argument("--ckpt-step", type=int, default=None,
                    help="load this iteration of --load instead of the one its tracker file names")
 
@@ -56,9 +58,6 @@ def validate_dist_ckpt_args(args) -> None:
     if adapters and args.ckpt_format == "torch_dist":
         raise ArgumentError("--ckpt-format torch_dist cannot hold adapter checkpoints (--lora-rank): they are "
                             "saved in the torch format; drop --ckpt-format torch_dist (the base may be either)")
-    if getattr(args, "ckpt_checksum", False) and args.ckpt_format == "torch_dist":
-        raise ArgumentError("--ckpt-checksum covers the torch format's files; torch_dist checkpoints record no "
-                            "checksums: add --ckpt-format torch, or drop --ckpt-checksum")
     if args.async_save and args.ckpt_format != "torch_dist":
         raise ArgumentError(f"--async-save needs --ckpt-format torch_dist (--ckpt-format {args.ckpt_format} is "
                             "written synchronously): drop --async-save or use --ckpt-format torch_dist")

@@ -19,6 +19,7 @@ torch_dist/):
   before each save.
 """
 
+import json
 import os
 import re
 import shutil
@@ -38,6 +39,12 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 PARTIAL_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
 RANK_FILE = "model_optim_rng.pt"
+MARKER_FILE = "metadata.json"  # megatron-core's CONFIG_FNAME: what makes an iteration directory torch_dist
+# What a metadata.json may say for this driver to read the checkpoint: megatron-core's CheckpointingConfig
+# fields, and the backend and version each must name (megatron-core 0.16.1 writes these and reads no other;
+# its own check_backend_compatibility accepts anything and fails later).
+READABLE_BACKENDS = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                     "common_backend": "torch", "common_backend_version": 1}
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
@@ -59,8 +66,48 @@ def rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
 
 def is_torch_dist(iter_dir: str) -> bool:
     """Whether an iteration directory holds a torch_dist checkpoint (megatron-core's
-    metadata.json), rather than per-rank mp_rank_* directories."""
-    return os.path.isfile(os.path.join(iter_dir, "metadata.json"))
+    metadata.json), rather than per-rank mp_rank_* directories. A metadata.json
+    that names another backend (zarr, ...) or cannot be read is a
+    CheckpointError naming it and the iteration to resume from instead."""
+    path = os.path.join(iter_dir, MARKER_FILE)
+    if not os.path.isfile(path):
+        return False
+    problem = marker_problem(path)
+    if problem:
+        root, iteration = _root_and_iteration(iter_dir)
+        raise CheckpointError(with_fallback(root, iteration, problem))
+    return True
+
+
+def marker_problem(path: str) -> Optional[str]:
+    """Why the metadata.json at `path` does not describe a checkpoint this
+    driver reads (READABLE_BACKENDS), or None."""
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"{path} is damaged: it is not JSON ({first_line(e)})"
+    if not isinstance(config, dict) or "sharded_backend" not in config:
+        return f"{path} is damaged: it is not megatron-core's checkpoint description (no sharded_backend)"
+    unknown = sorted(set(config) - set(READABLE_BACKENDS))
+    if unknown:
+        return (f"{path} has the field {unknown[0]!r}, which megatron-core 0.16.1 does not know: the checkpoint was "
+                "written by another megatron-core, or the file is damaged")
+    for field, readable in READABLE_BACKENDS.items():
+        value = config.get(field, readable)
+        if value != readable or isinstance(value, bool):
+            return (f"{path} names {field} {value!r}: this driver reads megatron-core's torch_dist checkpoints only "
+                    f"({', '.join(f'{k} {v!r}' for k, v in READABLE_BACKENDS.items())}); convert the checkpoint "
+                    "with the Megatron-LM that wrote it (--ckpt-convert-format torch_dist --ckpt-convert-save DIR), "
+                    "or restore the file if it was damaged")
+    return None
+
+
+def _root_and_iteration(iter_dir: str) -> Tuple[str, Optional[int]]:
+    """(checkpoint root, iteration) of an iteration directory; None for `release` and other names."""
+    root, name = os.path.split(os.path.normpath(iter_dir))
+    m = _ITER_DIR.match(name[:12])
+    return root, int(m.group(1)) if m else None
 
 
 def iteration_dirs(root: str) -> List[Tuple[int, str]]:
@@ -142,8 +189,12 @@ def incomplete_reason(iter_dir: str) -> Optional[str]:
     """Why `iter_dir` cannot be loaded (a file missing, unreadable or, for
     torch_dist, shorter than its index says), or None when every file of its
     saved layout is there and opens."""
-    if is_torch_dist(iter_dir):
+    marker = os.path.join(iter_dir, MARKER_FILE)
+    if os.path.isfile(marker):
         try:
+            problem = marker_problem(marker)
+            if problem:
+                return problem
             load_common(iter_dir)
             for info in read_index(os.path.join(iter_dir, METADATA_FILE)).storage_data.values():
                 check_size(os.path.join(iter_dir, info.relative_path), info.offset + info.length)
@@ -192,9 +243,7 @@ def read_checkpoint_file(path: str, mmap: bool = True):
     (`ITER/<rank dir>/<file>`), checked against its recorded checksum when
     there is one; any failure is a CheckpointError naming the file and the
     iteration to use instead."""
-    iter_dir = os.path.dirname(os.path.dirname(path))
-    root, name = os.path.dirname(iter_dir), os.path.basename(iter_dir)
-    iteration = int(name[5:12]) if name.startswith("iter_") and name[5:12].isdigit() else None
+    root, iteration = _root_and_iteration(os.path.dirname(os.path.dirname(path)))
     if not os.path.isfile(path):
         raise CheckpointError(with_fallback(root, iteration, f"{path} is missing: the checkpoint is incomplete"))
     try:

@@ -4,6 +4,7 @@ import contextlib
 import os
 import shutil
 import sys
+import weakref
 from typing import Callable, Dict, Iterator, Optional
 
 import torch
@@ -130,13 +131,28 @@ def staged_output(save_dir: str) -> Iterator[str]:
 def convert(source: ModelSource, save: Callable[[ModelSource, str], object], save_dir: str) -> None:
     """Run `save(source, staging_dir)` with the output staged beside `save_dir`
     and renamed when complete."""
-    with staged_output(save_dir) as staging:
-        save(source, staging)
+    try:
+        with staged_output(save_dir) as staging:
+            save(source, staging)
+    except BaseException:
+        close_progress_bars()  # so that the error line starts a line of its own, not the bar's
+        raise
     print(f"saved {os.path.abspath(save_dir)}", flush=True)
+
+
+_BARS = weakref.WeakSet()  # the progress bars not yet garbage-collected
 
 
 def progress(total: int, desc: str):
     """A progress bar for one phase of a conversion (on stderr)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, dynamic_ncols=True, leave=True)
+    bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, dynamic_ncols=True, leave=True)
+    _BARS.add(bar)
+    return bar
+
+
+def close_progress_bars() -> None:
+    """Close the bars a failed step left open (each ends its line; closing twice does nothing)."""
+    for bar in list(_BARS):
+        bar.close()

@@ -27,7 +27,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from megatron.training.checkpoint_convert.core import ConversionError
-from megatron.training.checkpoint_convert.peft import CONFIG_FILE, WEIGHTS_FILE, read_peft_weights
+from megatron.training.checkpoint_convert.peft import (
+    CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_peft_weights,
+)
 
 # Fields that describe how an adapter was saved, not what it computes.
 IGNORED_FIELDS = ("inference_mode", "peft_version", "revision")
@@ -35,11 +37,8 @@ SET_FIELDS = ("target_modules",)  # order does not matter (peft keeps a set)
 
 
 def read_config(adapter_dir: str) -> dict:
-    path = os.path.join(adapter_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path} is missing: each --adapters entry must be a peft adapter directory")
-    with open(path) as f:
-        return json.load(f)
+    """A LoRA adapter's adapter_config.json, its values checked (peft.read_adapter_config)."""
+    return read_adapter_config(adapter_dir, "each --adapters entry must be a peft adapter directory")[0]
 
 
 def _comparable(config: dict) -> dict:

@@ -23,12 +23,15 @@ shared table (models/hf_names.py LLAMA_LAYERS). Nothing here imports megatron.co
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 
+from megatron.training.checkpoint.files import unpickling_reason
 from megatron.training.checkpoint_convert.core import ConversionError
+from megatron.training.errors import first_line
 from megatron.training.models.hf_names import LLAMA_LAYERS
 from megatron.training.peft.targets import ALL_LINEAR, TARGETS, LayerDims, TargetError, expand_targets
 
@@ -62,6 +65,71 @@ UNSUPPORTED_CONFIG = {
     "alora_invocation_tokens": None, "arrow_config": None, "velora_config": None, "monteclora_config": None,
     "kasa_config": None, "use_bdlora": None,
 }
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+REQUIRED = object()
+# The adapter_config.json values read here: (test, what the value must be, default when absent or null).
+# Nothing is converted: peft writes these types, and `"r": 4.7` or `"lora_alpha": "16"` is a mistake to name.
+CONFIG_VALUES = {
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+          "a positive integer (the adapter rank, e.g. 8)", REQUIRED),
+    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a positive number (e.g. 16)", REQUIRED),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1) (e.g. 0.05)", 0.0),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false", False),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false", False),
+}
+
+
+def _as_written(value) -> str:
+    """A JSON value as the user wrote it, with a hint for a quoted number."""
+    text = json.dumps(value)
+    return f"{text} (a string: write the number without quotes)" if isinstance(value, str) and _looks_numeric(value) \
+        else text
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def read_adapter_config(adapter_dir: str, missing_hint: str) -> Tuple[dict, dict, str]:
+    """(adapter_config.json's object as written, its CONFIG_VALUES checked and
+    with their defaults, its path); anything else is a ConversionError naming
+    the file. `missing_hint` says what --load-dir (or --adapters) must be."""
+    path = os.path.join(adapter_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path} is missing: {missing_hint}")
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({first_line(e)}): fix the file, or write the adapter "
+                              "again with PeftModel.save_pretrained") from None
+    except OSError as e:
+        raise ConversionError(f"{path} cannot be read ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} holds a JSON {type(config).__name__}, not an object of adapter settings "
+                              "({\"peft_type\": \"LORA\", \"r\": ..., ...}), as PeftModel.save_pretrained writes")
+    if config.get("peft_type") != "LORA":
+        raise ConversionError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA: only LoRA, RSLoRA and "
+                              "DoRA adapters can be imported")
+    values = {}
+    for key, (valid, what, default) in CONFIG_VALUES.items():
+        value = values[key] = config.get(key)
+        if value is None and default is not REQUIRED:
+            values[key] = default
+        elif value is None:
+            raise ConversionError(f"{path} has no {key}: it must be {what}")
+        elif not valid(value):
+            raise ConversionError(f"{path}: {key} must be {what}, not {_as_written(value)}")
+    return config, values, path
 
 
 def layer_dims(args: dict) -> LayerDims:
@@ -192,24 +260,16 @@ def write_peft_dir(out_dir: str, settings: AdapterSettings, layers: Iterable[Dic
 
 def read_peft_config(adapter_dir: str) -> Tuple[AdapterSettings, dict]:
     """(settings, the raw config) of a peft LoRA directory; refuses what this format cannot express."""
-    path = os.path.join(adapter_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path} is missing: --load-dir must be a peft adapter directory "
-                              f"({CONFIG_FILE} + {WEIGHTS_FILE}), as PeftModel.save_pretrained writes")
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("peft_type") != "LORA":
-        raise ConversionError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA: only LoRA, RSLoRA and "
-                              "DoRA adapters can be imported")
+    config, values, path = read_adapter_config(adapter_dir, f"--load-dir must be a peft adapter directory ({CONFIG_FILE} + "
+                                                    f"{WEIGHTS_FILE}), as PeftModel.save_pretrained writes")
     for key, unused in UNSUPPORTED_CONFIG.items():
         value = config.get(key, unused)
         if value != unused and value not in (None, {}, []):
             raise ConversionError(f"{path}: {key}={value!r} is not supported (only plain LoRA/RSLoRA/DoRA adapters "
                                   f"on the linear layers of every layer import): remove it or set {unused!r}")
-    settings = AdapterSettings(rank=int(config["r"]), alpha=config["lora_alpha"],
-                               dropout=float(config.get("lora_dropout") or 0.0),
+    settings = AdapterSettings(rank=values["r"], alpha=values["lora_alpha"], dropout=values["lora_dropout"],
                                targets=_targets_from_config(config.get("target_modules"), path),
-                               use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")))
+                               use_rslora=values["use_rslora"], use_dora=values["use_dora"])
     return settings, config
 
 
@@ -224,21 +284,45 @@ def _targets_from_config(targets, path: str) -> Tuple[str, ...]:
                               f"list the module names instead (among {', '.join(TARGET_NAMES)})")
     if targets == ALL_LINEAR:
         return TARGET_NAMES
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ConversionError(f"{path}: target_modules must be a list of module names or \"all-linear\", not "
+                              f"{json.dumps(targets)}")
     return canonical_targets(sorted({t.rsplit(".", 1)[-1] for t in targets}), f"{path}: target_modules")
 
 
 def read_peft_weights(adapter_dir: str) -> Tuple[Dict[str, torch.Tensor], str]:
-    """(tensors by peft key, the file they came from)."""
+    """(tensors by peft key, the file they came from): adapter_model.safetensors,
+    or the older adapter_model.bin read weights-only (it never unpickles code).
+    A file that cannot be read is a ConversionError naming it."""
     path = os.path.join(adapter_dir, WEIGHTS_FILE)
     if os.path.isfile(path):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path), path
+        try:
+            return load_file(path), path
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ConversionError(f"{path} cannot be read as safetensors ({first_line(e)}): the file is damaged or "
+                                  "not a safetensors file; write the adapter again with PeftModel.save_pretrained") \
+                from None
     legacy = os.path.join(adapter_dir, LEGACY_WEIGHTS_FILE)
-    if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True), legacy
-    raise ConversionError(f"{adapter_dir} holds no {WEIGHTS_FILE} (or {LEGACY_WEIGHTS_FILE}): the adapter's "
-                          "weights are missing")
+    if not os.path.isfile(legacy):
+        raise ConversionError(f"{adapter_dir} holds no {WEIGHTS_FILE} (or {LEGACY_WEIGHTS_FILE}): the adapter's "
+                              "weights are missing")
+    try:
+        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(f"{legacy} holds an object that loading with weights_only=True refuses "
+                              f"({unpickling_reason(e)}): refusing to load it (an adapter file holds tensors only; "
+                              "it was altered, or is not an adapter)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ConversionError(f"{legacy} cannot be loaded ({first_line(e)}): the file is truncated or corrupt") \
+            from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ConversionError(f"{legacy} holds a {type(tensors).__name__}, not a dict of tensors by name: it is not "
+                              "an adapter's weights")
+    return tensors, legacy
 
 
 def check_peft_weights(tensors: Dict[str, torch.Tensor], path: str, settings: AdapterSettings,

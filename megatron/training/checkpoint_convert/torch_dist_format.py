@@ -11,7 +11,8 @@ local spec maps them so), tensor-parallel tensors whole. So there is no
 layout to choose on either side: any TP / PP / VP loads it.
 
 Reading: megatron-core's `dist_checkpointing.load` with a sharded state dict
-that asks for one layer's slice of every key: one layer in memory at a time.
+that asks for one layer's slice of every key: one layer in memory at a time;
+a checkpoint saved with --ckpt-checksum is verified first.
 Writing: each layer is converted and spooled to a file of its own, then the
 spool is memory-mapped and handed to `dist_checkpointing.save` in one call
 (the format's index is written once): anonymous memory stays near one layer,
@@ -70,9 +71,12 @@ class TorchDistSource(ModelSource):
             raise ConversionError(str(e)) from None
 
     def _open(self, load_dir: str, iter_dir: str, release: bool, tokenizer_model: Optional[str]) -> None:
-        from megatron.training.checkpoint.torch_dist import load as torch_dist_load  # imports megatron.core
+        from megatron.training.checkpoint.torch_dist import checksums  # imports megatron.core
+        from megatron.training.checkpoint.torch_dist import load as torch_dist_load
 
         self.path, self.iter_dir = os.path.abspath(load_dir), iter_dir
+        # Saved with --ckpt-checksum: its files are checked before they are converted (as the torch format's are).
+        checksums.verify(iter_dir, log=None)
         common = load_common(iter_dir)
         self.args = torch_dist_load.checkpoint_args(iter_dir)
         for key in ("num_layers", "hidden_size", "num_attention_heads"):

@@ -16,7 +16,8 @@ import torch
 from megatron.training.errors import USER_ERROR_EXIT_CODE as FAILED  # what every entry point returns on a user error
 
 from tests.tools.checkpoint.peft_adapters import (
-    HF_MODELS, convert, load_hf, make_hf_model, make_peft_adapter, safetensors, to_megatron_base,
+    BAD_ADAPTER_FILES, HF_MODELS, assert_payload_did_not_run, convert, edit_config, load_hf, make_hf_model,
+    make_peft_adapter, safetensors, to_megatron_base,
 )
 
 # (name, peft LoraConfig arguments)
@@ -99,17 +100,6 @@ def _edit_weights(edit):
     return apply
 
 
-def _edit_config(**changes):
-    def apply(adapter_dir):
-        path = os.path.join(adapter_dir, "adapter_config.json")
-        with open(path) as f:
-            config = json.load(f)
-        config.update(changes)
-        with open(path, "w") as f:
-            json.dump(config, f)
-    return apply
-
-
 MAGNITUDE = "base_model.model.model.layers.3.mlp.down_proj.lora_magnitude_vector"
 EXTRA = "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"
 IMPORT_ERRORS = {
@@ -117,11 +107,12 @@ IMPORT_ERRORS = {
                     [f"missing key {MAGNITUDE}", "adapter_model.safetensors"]),
     "extra key": (_edit_weights(lambda t: t.update({EXTRA: torch.zeros(4, 32)})),
                   [f"unexpected key {EXTRA}", "adapter_model.safetensors"]),
-    "rank of another model": (_edit_config(r=8), ["lora_A.weight has shape [4, 32], but with r=8", "needs [8, 32]"]),
-    "unsupported bias": (_edit_config(bias="all"), ["adapter_config.json: bias='all' is not supported"]),
-    "regex targets": (_edit_config(target_modules=".*proj"), ["is a regular expression: list the module names"]),
-    "unknown target": (_edit_config(target_modules=["q_proj", "lm_head"]),
+    "rank of another model": (edit_config(r=8), ["lora_A.weight has shape [4, 32], but with r=8", "needs [8, 32]"]),
+    "unsupported bias": (edit_config(bias="all"), ["adapter_config.json: bias='all' is not supported"]),
+    "regex targets": (edit_config(target_modules=".*proj"), ["is a regular expression: list the module names"]),
+    "unknown target": (edit_config(target_modules=["q_proj", "lm_head"]),
                        ["target_modules: unknown target module(s) lm_head: choose among q_proj, k_proj, v_proj"]),
+    **BAD_ADAPTER_FILES,
 }
 
 
@@ -133,10 +124,14 @@ def test_import_errors_name_the_key_and_the_file(models, case, tmp_path, capsys)
     shutil.copytree(adapters["dora_all_linear"][0], broken)
     edit, expected = IMPORT_ERRORS[case]
     edit(str(broken))
+    capsys.readouterr()
     assert convert("peft", "megatron", broken, tmp_path / "out", "--base-load-dir", base) == FAILED
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and all(e in err for e in expected), err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], lines  # one line, the last
+    assert all(e in lines[-1] for e in expected) and f"{broken}/" in lines[-1], lines[-1]
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
+    if case == "pickle in adapter_model.bin":
+        assert_payload_did_not_run(broken)
 
 
 def test_adapter_commands_refuse_what_they_cannot_do(models, tmp_path, capsys):

@@ -80,11 +80,55 @@ def test_a_missing_layer_is_a_clear_error(hf_models, tmp_path, capsys):
     index_path = os.path.join(dist, "release", ".metadata")
     with open(index_path, "rb") as f:
         index = pickle.load(f)
-    meta = index.state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"]
+    key = "decoder.layers.mlp.linear_fc2.weight"
+    meta = index.state_dict_metadata[key]
     meta.size = torch.Size((3,) + tuple(meta.size[1:]))
+    # Layer 3's chunk goes, with its bytes: the index stays consistent (a shorter stack, not a damaged file).
+    meta.chunks = [c for c in meta.chunks if c.offsets[0] < 3]
+    gone = next(k for k in index.storage_data if k.fqn == key and k.offset[0] == 3)
+    info = index.storage_data.pop(gone)
+    path = os.path.join(dist, "release", info.relative_path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:info.offset] + data[info.offset + info.length:])
+    for k, other in index.storage_data.items():
+        if other.relative_path == info.relative_path and other.offset > info.offset:
+            index.storage_data[k] = type(other)(other.relative_path, other.offset - info.length, other.length)
     with open(index_path, "wb") as f:
         pickle.dump(index, f)
     assert util.main(["--model-type", "GPT", "--loader", "torch_dist", "--saver", "hf", "--load-dir", dist,
                       "--save-dir", str(tmp_path / "out")]) == 2  # a user error (errors.py)
     assert "stacks [3, 4] layers per key, its args say 4" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_cut_or_missing_shard_is_one_error_line(hf_models, tmp_path, capsys):
+    """The reader's failures (a .distcp cut short or deleted; a metadata.json of another backend) are
+    one `error:` line naming the file, where megatron-core's reader gave two tracebacks; nothing is written."""
+    import json
+    import shutil
+
+    from tools.checkpoint import util
+
+    dist = to_torch_dist(hf_models["gqa"], tmp_path / "dist")
+    shard = os.path.join("release", "__0_1.distcp")
+    damage = {
+        "cut": (lambda root: os.truncate(os.path.join(root, shard), os.path.getsize(os.path.join(root, shard)) // 2),
+                f"{shard} is truncated ("),
+        "deleted": (lambda root: os.remove(os.path.join(root, shard)), f"{shard} is missing: the checkpoint is "
+                                                                     "incomplete"),
+        "zarr": (lambda root: json.dump({"sharded_backend": "zarr"}, open(os.path.join(root, "release",
+                                                                                      "metadata.json"), "w")),
+                 "release/metadata.json names sharded_backend 'zarr': this driver reads megatron-core's torch_dist"),
+    }
+    capsys.readouterr()
+    for name, (edit, expected) in damage.items():
+        root, out = str(tmp_path / name), tmp_path / f"out_{name}"
+        shutil.copytree(dist, root)
+        edit(root)
+        assert util.main(["--model-type", "GPT", "--loader", "megatron", "--saver", "hf", "--load-dir", root,
+                          "--save-dir", str(out)]) == 2, name
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in err, (name, err)
+        assert errors[0].startswith(f"error: {root}/") and expected in errors[0], (name, errors[0])
+        assert not out.exists() and not os.path.exists(f"{out}.partial"), name

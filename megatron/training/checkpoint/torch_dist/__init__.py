@@ -6,12 +6,15 @@ written and read by megatron-core's `dist_checkpointing`:
     SAVE/iter_0000100/common.pt                args, iteration, LR scheduler, content metadata (rank 0)
     SAVE/iter_0000100/.metadata                torch.distributed.checkpoint's index of every shard
     SAVE/iter_0000100/__R_T.distcp             rank R's shards, writer T: model, optimizer, RNG
+    SAVE/iter_0000100/checksums.sha256         --ckpt-checksum: the SHA-256 of each file above
 
 Tensors are stored under global names and shapes (every layer of a key
 stacked on a leading axis), so a checkpoint loads into any TP / PP / VP / DP
 layout, with the optimizer state.
 
     state.py       the sharded state dict of model, optimizer, scheduler, RNG and counters
+    writing.py     what megatron-core's writer processes write through: files hashed as written, write errors kept
+    checksums.py   --ckpt-checksum: checksums.sha256 written at publication, verified on load
     save.py        staged, fsynced saves; synchronous or asynchronous; the tracker moves last
     load.py        loads under any layout, says which layout the checkpoint came from
     safe_load.py   megatron-core's load strategies reading through checkpoint/files.py: nothing unpickles code

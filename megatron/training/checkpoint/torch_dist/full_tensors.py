@@ -63,16 +63,22 @@ class GlobalTensors:
         """{key: tensor} for {key: (sharded offsets, local shape, dtype)}; collective."""
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing import ShardedTensor
+        from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
-        from megatron.training.checkpoint.torch_dist.safe_load import SafeCommonLoadStrategy, SafeShardedLoadStrategy
+        from megatron.training.checkpoint.torch_dist.safe_load import (
+            SafeCommonLoadStrategy, SafeShardedLoadStrategy, reading_error,
+        )
 
         # A slice of a key is asked for as a tensor of the key's full rank (a
         # leading 1 for the layer axis): megatron-core reads arbitrary chunks of
         # those, while a prepended axis assumes the other chunks live on other ranks.
         wanted = {key: ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype), *offsets, replica_id=0)
                   for key, (offsets, shape, dtype) in requests.items()}
-        loaded = dist_checkpointing.load(wanted, self.iter_dir, SafeShardedLoadStrategy(), SafeCommonLoadStrategy(),
-                                         validate_access_integrity=False)
+        try:
+            loaded = dist_checkpointing.load(wanted, self.iter_dir, SafeShardedLoadStrategy(),
+                                             SafeCommonLoadStrategy(), validate_access_integrity=False)
+        except DcpCheckpointException as e:  # a reader's error (a cut or missing file) as one line
+            raise reading_error(e, self.iter_dir) from None
         return {key: loaded[key] for key in requests}  # without the common state merged in
 
     def layer_request(self, index: int) -> Dict[str, tuple]:

@@ -12,7 +12,6 @@ Transformer Engine layer specs store the same names).
 
 import contextlib
 import os
-import pickle
 from typing import Dict, List, Tuple
 
 import torch
@@ -25,10 +24,10 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from megatron.training import sharding
-from megatron.training.checkpoint.files import load_common, unpickling_reason
+from megatron.training.checkpoint.files import load_common
 from megatron.training.checkpoint.iterations import with_fallback
 from megatron.training.checkpoint.load_checks import load_scheduler_state
-from megatron.training.checkpoint.torch_dist import safe_load
+from megatron.training.checkpoint.torch_dist import checksums, safe_load
 from megatron.training.checkpoint.torch_dist import state as state_module
 from megatron.training.checkpoint.training_state import (
     head_names, model_keys, report_heads, restoring_optimizer_state, unwrap,
@@ -141,24 +140,13 @@ def _read(args, sharded: dict, iter_dir: str) -> dict:
     except CheckpointingException as e:
         raise CheckpointError(f"{iter_dir}: {str(e).strip().splitlines()[0]}") from None
     except DcpCheckpointException as e:
-        raise _reading_error(e, iter_dir) from None
+        raise safe_load.reading_error(e, iter_dir) from None
     # Extra states are None outside FP8; a checkpoint written without them is complete.
     missing = sorted(k for k in not_in_checkpoint if "_extra_state" not in k)
     if missing:
         raise CheckpointError(f"{iter_dir} lacks {len(missing)} of the tensors this run needs ({', '.join(missing[:3])}"
                               f"{', ...' if len(missing) > 3 else ''}): it is not a checkpoint of this model")
     return loaded
-
-
-def _reading_error(error: DcpCheckpointException, iter_dir: str) -> CheckpointError:
-    """One line for what torch.distributed.checkpoint gathered from the ranks' readers."""
-    cause = next(iter(error.failures.values()))[0]
-    if isinstance(cause, CheckpointError):
-        return CheckpointError(str(cause))
-    if isinstance(cause, pickle.UnpicklingError):
-        return CheckpointError(f"{iter_dir}: a tensor entry holds an object that loading with weights_only=True "
-                               f"refuses ({unpickling_reason(cause)}): refusing to load it")
-    return CheckpointError(f"{iter_dir}: {str(cause).strip().splitlines()[0] if str(cause).strip() else cause!r}")
 
 
 @contextlib.contextmanager
@@ -210,6 +198,8 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
     Collective. Returns (iteration, consumed_train_samples); (0, 0) for
     --finetune and released checkpoints."""
     with _naming_a_loadable_iteration(iter_dir, iteration, release):
+        if getattr(args, "ckpt_checksum", False):
+            checksums.verify(iter_dir, log=lambda line: print(line, flush=True))
         common = load_common(iter_dir)
     saved = _args_dict(common, iter_dir)
     _check_model_shape(saved, args, iter_dir)

@@ -15,6 +15,7 @@ and a missing or cut file named before anything is read from it.
 import contextlib
 import functools
 import os
+import pickle
 import threading
 
 from megatron.core.dist_checkpointing.strategies import torch as mcore_torch_strategy
@@ -24,9 +25,12 @@ from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_read
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-from megatron.training.checkpoint.files import check_size, load_common, read_index, torch_load_weights_only
+from megatron.training.checkpoint.files import (
+    check_size, load_common, read_index, torch_load_weights_only, unpickling_reason,
+)
 from megatron.training.errors import CheckpointError
 
 
@@ -107,3 +111,15 @@ class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
         # Only used when the sharded strategy cannot read objects itself; ours can.
         raise CheckpointError(f"{checkpoint_dir} stores objects as separate .pt files, which this loader does not "
                               "read: it is not a torch_dist checkpoint")
+
+
+def reading_error(error: DcpCheckpointException, iter_dir: str) -> CheckpointError:
+    """One line for what torch.distributed.checkpoint gathered from the
+    ranks' readers (its message carries their tracebacks)."""
+    cause = next(iter(error.failures.values()))[0]
+    if isinstance(cause, CheckpointError):
+        return CheckpointError(str(cause))
+    if isinstance(cause, pickle.UnpicklingError):
+        return CheckpointError(f"{iter_dir}: a tensor entry holds an object that loading with weights_only=True "
+                               f"refuses ({unpickling_reason(cause)}): refusing to load it")
+    return CheckpointError(f"{iter_dir}: {str(cause).strip().splitlines()[0] if str(cause).strip() else cause!r}")

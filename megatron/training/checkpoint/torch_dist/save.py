@@ -4,10 +4,12 @@ or asynchronous (--async-save).
 Each save writes into a staging directory of its own,
 `iter_XXXXXXX.partial.<8 hex digits>`: megatron-core's writer processes put
 each rank's shards there (`__R_T.distcp`, each fsynced by the process that
-wrote it) and rank 0 writes common.pt. Once the writers are done on every
-rank, megatron-core's finalization gathers their results and writes the index
-(`.metadata`, fsynced) and metadata.json; then rank 0 fsyncs those, renames
-the directory to `iter_XXXXXXX` and only then moves the tracker. A save
+wrote it, through writing.py's hook: hashed as written with --ckpt-checksum)
+and rank 0 writes common.pt. Once the writers are done on every rank,
+megatron-core's finalization gathers their results and writes the index
+(`.metadata`, fsynced) and metadata.json; then rank 0 writes
+checksums.sha256 (--ckpt-checksum: checksums.py), fsyncs those, renames the
+directory to `iter_XXXXXXX` and only then moves the tracker. A save
 killed at any moment leaves the tracker on the previous complete checkpoint;
 the next save removes what killed attempts left (with the torch format's
 leftovers: iterations.sweep_save_dir). Every attempt has its own
@@ -32,11 +34,10 @@ import os
 import re
 import shutil
 from multiprocessing.managers import SyncManager
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
@@ -44,12 +45,15 @@ from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpoin
 from megatron.training.checkpoint.iterations import (
     PARTIAL_SUFFIX, agreed_error, iteration_dir, publish_iteration, save_failed, sweep_save_dir,
 )
-from megatron.training.checkpoint.torch_dist import serve_writer_results
+from megatron.training.checkpoint.torch_dist import checksums, serve_writer_results
 from megatron.training.checkpoint.torch_dist import state as state_module
-from megatron.training.errors import first_line
+from megatron.training.checkpoint.torch_dist.writing import SaveStrategy
+from megatron.training.errors import UserError, first_line
 from megatron.training.fileio import describe_os_error, fsync_path
 
-_OS_ERROR_TEXT = re.compile(r"\[Errno (\d+)\] ([^:]+): '([^']+)'")
+# A writer's OSError as it reaches the coordinator: "Worker failure: [Errno 28] No space left on device: 'path'"
+# (an fsync's has no path).
+_OS_ERROR_TEXT = re.compile(r"\[Errno (\d+)\] ([^:']+)(?:: '([^']+)')?")
 # Files rank 0 writes without fsyncing them (megatron-core's torch.save / json.dump).
 _UNSYNCED_FILES = ("common.pt", "metadata.json")
 
@@ -117,6 +121,17 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
     """Save (or, with --async-save, start saving) the checkpoint of `iteration`
     under args.save. Collective. Returns the iteration directory it is
     published as."""
+    return save_sharded_state(
+        args, iteration,
+        lambda: state_module.state_for_save(args, model, optimizer, scheduler, iteration, consumed_train_samples),
+        state_module.content_metadata(args))
+
+
+def save_sharded_state(args, iteration: int, make_state: Callable[[], dict], content_metadata: dict) -> str:
+    """save_checkpoint for the sharded state dict `make_state()` returns (a
+    benchmark's, or the training state): staged, written (with --async-save
+    in the background), published. Reads args.save, args.async_save,
+    args.ckpt_checksum, args.ckpt_fully_parallel_save, args.use_persistent_ckpt_worker."""
     root = args.save
     final_dir = iteration_dir(root, iteration)
     if _ASYNC.pending:
@@ -129,10 +144,13 @@ def save_checkpoint(args, iteration: int, model: list, optimizer, scheduler, con
         _ASYNC.finalize(blocking=True)
     staging = _make_staging_dir(root, final_dir)
     try:
-        state = state_module.state_for_save(args, model, optimizer, scheduler, iteration, consumed_train_samples)
-        request = dist_checkpointing.save(state, staging, _save_strategy(args), async_sharded_save=True,
-                                          content_metadata=state_module.content_metadata(args))
-        request.add_finalize_fn(functools.partial(_publish, root, staging, final_dir, iteration, args.async_save))
+        request = dist_checkpointing.save(make_state(), staging, _save_strategy(args), async_sharded_save=True,
+                                          content_metadata=content_metadata)
+        # common.pt is written (by rank 0's torch.save) once save() returns; hashed while it is fresh.
+        common = checksums.common_digest(staging) if args.ckpt_checksum and torch.distributed.get_rank() == 0 \
+            else None
+        request.add_finalize_fn(functools.partial(_publish, root, staging, final_dir, iteration, args.async_save,
+                                                  common))
         if args.async_save:
             _ASYNC.schedule(args, request, root, iteration, staging)
         else:
@@ -156,9 +174,8 @@ def _save_error(error: BaseException, root: str, iteration: int) -> BaseExceptio
         detail = describe_os_error(error, "--save")
     elif error.failures:
         failure = next(iter(error.failures.values()))[0]
-        # A writer's OSError reaches the coordinator as text ("Worker failure: [Errno 28] ...: 'path'").
         found = _OS_ERROR_TEXT.search(str(failure))
-        detail = (describe_os_error(OSError(int(found.group(1)), found.group(2), found.group(3)), "--save")
+        detail = (describe_os_error(OSError(int(found.group(1)), found.group(2).strip(), found.group(3)), "--save")
                   if found else first_line(failure))
     if isinstance(error, DcpCheckpointException):
         detail = agreed_error(detail) or "a checkpoint writer failed"
@@ -166,7 +183,7 @@ def _save_error(error: BaseException, root: str, iteration: int) -> BaseExceptio
 
 
 def _save_strategy(args):
-    strategy = get_default_save_sharded_strategy("torch_dist")
+    strategy = SaveStrategy(checksum=args.ckpt_checksum)
     if args.ckpt_fully_parallel_save:
         # Data-parallel replicas share the writing of the tensors they all hold.
         strategy = FullyParallelSaveStrategyWrapper(
@@ -197,14 +214,27 @@ def _remove_staging(staging: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish(root: str, staging: str, final_dir: str, iteration: int, was_async: bool) -> None:
+def _publish(root: str, staging: str, final_dir: str, iteration: int, was_async: bool,
+             common: Optional[str]) -> None:
     """The last finalization step, on every rank once megatron-core has
-    written the index: rank 0 syncs the files it wrote unsynced, renames the
-    staging directory and moves the tracker."""
+    written the index: rank 0 writes checksums.sha256 (when `common`, the
+    SHA-256 of common.pt, is given: --ckpt-checksum), syncs the files it
+    wrote unsynced, renames the staging directory and moves the tracker. A
+    failure there stops every rank with the same error."""
+    error = None
     if torch.distributed.get_rank() == 0:
-        for name in _UNSYNCED_FILES:
-            fsync_path(os.path.join(staging, name))
-        publish_iteration(root, staging, final_dir, iteration)
-        if was_async:
+        try:
+            if common is not None:
+                checksums.write_manifest(staging, common)
+            for name in _UNSYNCED_FILES:
+                fsync_path(os.path.join(staging, name))
+            publish_iteration(root, staging, final_dir, iteration)
+        except OSError as e:
+            error = describe_os_error(e, "--save")
+        except UserError as e:
+            error = str(e)
+        if was_async and error is None:
             print(f"finished the asynchronous save of {final_dir}", flush=True)
-    torch.distributed.barrier()
+    error = agreed_error(error)  # collective, as the barrier it replaces
+    if error is not None:
+        raise save_failed(root, iteration, error)

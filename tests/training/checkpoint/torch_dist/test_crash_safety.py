@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import re
 import signal
 import time
 
@@ -133,10 +134,31 @@ def test_forked_ranks_do_not_share_the_parents_writer_queue():
     assert parent_queue.get() == "still usable"
 
 
+class _FullDisk:
+    """A data file on a disk that fills up after `room` more bytes: its write
+    raises ENOSPC as the file system's would, from inside torch.save (which
+    writes the tensor entries and turns any error of the stream into
+    "[enforce fail at inline_container.cc:672] . unexpected pos")."""
+
+    def __init__(self, stream, room):
+        self._stream, self._room = stream, room
+
+    def write(self, data):
+        import errno
+
+        self._room -= memoryview(data).nbytes
+        if self._room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _save_with_a_full_disk(rank, world_size, argv, full_on_rank):
     """pretrain_gpt.main; on `full_on_rank`, megatron-core's writers meet a full
-    disk in the checkpoint of iteration 4. Returns the CheckpointError's message."""
-    import errno
+    disk in the checkpoint of iteration 4, in the middle of a tensor entry.
+    Returns the CheckpointError's message."""
     import functools
     import sys
 
@@ -149,13 +171,15 @@ def _save_with_a_full_disk(rank, world_size, argv, full_on_rank):
     from megatron.training.initialize import destroy
 
     if rank == full_on_rank:
+        import torch
+
         real = filesystem_async._write_item
 
         @functools.wraps(real)  # megatron-core passes arguments by the signature it sees
         def full_disk(*args, **kwargs):
-            stream = next(a for a in args if hasattr(a, "write"))
-            if "iter_0000004" in stream.name:
-                raise OSError(errno.ENOSPC, "No space left on device", stream.name)
+            i, stream = next((i, a) for i, a in enumerate(args) if hasattr(a, "write") and hasattr(a, "name"))
+            if "iter_0000004" in stream.name and any(isinstance(a, torch.Tensor) for a in args):
+                args = args[:i] + (_FullDisk(stream, 100),) + args[i + 1:]  # full within the tensor's torch.save
             return real(*args, **kwargs)
 
         filesystem_async._write_item = full_disk
@@ -170,14 +194,27 @@ def _save_with_a_full_disk(rank, world_size, argv, full_on_rank):
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_full_disk_on_one_rank_stops_every_rank_with_one_error(tmp_path, mode):
+    """...and says the disk is full, naming the file, though the write failed
+    inside torch.save. The save before it, with --ckpt-checksum, recorded the
+    SHA-256 of every file its writers (two ranks, two per rank) and rank 0
+    wrote, in sha256sum's format, with nothing else left behind."""
+    import subprocess
+
     from tests.distributed.launcher import run_distributed
 
     root = str(tmp_path / "ckpt")
-    argv = tiny_argv(LAYOUT + ["--save", root, "--save-interval", "2"], iters=4) + MODE_FLAGS[mode]
+    argv = tiny_argv(LAYOUT + ["--save", root, "--save-interval", "2", "--ckpt-checksum"], iters=4) + MODE_FLAGS[mode]
     errors = run_distributed(_save_with_a_full_disk, world_size=2, args=(argv, 1))
     assert errors[0] == errors[1], "every rank stops with the same error"
-    assert errors[0].startswith(f"saving iteration 4 to {root} failed: {root}/iter_0000004.partial."), errors[0]
-    assert ("No space left on device; the disk is full: free space, or write to another disk (--save); the partial "
-            "save was removed and iteration 2 is still the latest checkpoint") in errors[0]
+    written = re.escape(root) + r"/iter_0000004\.partial\.[0-9a-f]{8}/__1_[01]\.distcp"  # rank 1's, mid-tensor
+    assert re.fullmatch(f"saving iteration 4 to {re.escape(root)} failed: {written}: " + re.escape(
+        "No space left on device; the disk is full: free space, or write to another disk (--save); the partial save "
+        "was removed and iteration 2 is still the latest checkpoint"), errors[0]), errors[0]
     assert sorted(os.listdir(root)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
     assert _tracker(root) == 2
+    saved = os.path.join(root, "iter_0000002")
+    files = sorted(os.listdir(saved))
+    assert files == [".metadata", "__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp", "checksums.sha256",
+                     "common.pt", "metadata.json"]
+    check = subprocess.run(["sha256sum", "-c", "checksums.sha256"], cwd=saved, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == len(files) - 1, check.stdout

@@ -32,6 +32,8 @@ def test_defaults_follow_megatron_lm():
     assert not check(["--no-ckpt-fully-parallel-save"]).ckpt_fully_parallel_save
     assert check(["--ckpt-fully-parallel-save"]).ckpt_fully_parallel_save
     assert not check(["--no-dist-ckpt-optim-fully-reshardable"]).dist_ckpt_optim_fully_reshardable
+    # --ckpt-checksum works with either format (torch_dist: tests/training/checkpoint/torch_dist/test_integrity.py)
+    assert check(["--ckpt-checksum"]).ckpt_checksum and check(["--ckpt-checksum", "--async-save"]).async_save
 
 
 @pytest.mark.parametrize("argv,message", [

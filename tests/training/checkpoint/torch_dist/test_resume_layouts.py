@@ -33,8 +33,9 @@ def _assert_continues(resumed, reference, label):
 
 
 def test_resume_under_the_same_layout_is_bitwise(tp2_run):
+    """(with --ckpt-checksum: both ranks verify their share of the files first)"""
     ckpt, reference = tp2_run
-    assert run_pretrain(tiny_argv(TP2_DISTOPT + ["--load", ckpt]), world_size=2) == reference
+    assert run_pretrain(tiny_argv(TP2_DISTOPT + ["--load", ckpt, "--ckpt-checksum"]), world_size=2) == reference
 
 
 @pytest.mark.slow

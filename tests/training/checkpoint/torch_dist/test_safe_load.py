@@ -41,17 +41,25 @@ def _read_index(iter_dir):
 
 
 def _replace_entry(iter_dir, key, payload: bytes):
-    """Point the index entry of `key` at `payload`, appended to its file."""
+    """Put `payload` in place of the data of `key`'s index entry; the entries
+    after it in its file move along, so the index stays consistent (entries
+    end to end) and only the planted payload is new."""
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
     index = _read_index(iter_dir)
     (storage_key,) = [k for k in index.storage_data if isinstance(k, MetadataIndex) and k.fqn == key]
     info = index.storage_data[storage_key]
     path = os.path.join(iter_dir, info.relative_path)
-    offset = os.path.getsize(path)
-    with open(path, "ab") as f:
-        f.write(payload)
-    index.storage_data[storage_key] = type(info)(relative_path=info.relative_path, offset=offset, length=len(payload))
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:info.offset] + payload + data[info.offset + info.length:])
+    shift = len(payload) - info.length
+    for k, other in index.storage_data.items():
+        if other.relative_path == info.relative_path and other.offset > info.offset:
+            index.storage_data[k] = type(other)(relative_path=other.relative_path, offset=other.offset + shift,
+                                                length=other.length)
+    index.storage_data[storage_key] = type(info)(relative_path=info.relative_path, offset=info.offset,
+                                                 length=len(payload))
     with open(os.path.join(iter_dir, ".metadata"), "wb") as f:
         pickle.dump(index, f)
 
@@ -188,8 +196,7 @@ def test_planted_objects_do_not_run(tp2_run, tmp_path):
 @pytest.mark.parametrize("payload", [WritesMarker("x"), {"fine": 1}])
 def test_index_unpickler_takes_index_classes_only(tp2_run, tmp_path, payload):
     """The restricted unpickler reads a real index, and refuses anything else
-    (even a plain dict is not an index: read_index returns it, the loader's
-    reader then fails on it, but nothing runs)."""
+    (a plain dict unpickles, but is not an index: refused as such)."""
     from megatron.training.errors import CheckpointError
     from megatron.training.checkpoint.files import read_index
     from torch.distributed.checkpoint.metadata import Metadata
@@ -204,4 +211,5 @@ def test_index_unpickler_takes_index_classes_only(tp2_run, tmp_path, payload):
             read_index(path)
         assert not os.path.exists("x")
     else:
-        assert read_index(path) == payload
+        with pytest.raises(CheckpointError, match=f"{path} is damaged: it holds a dict, not a checkpoint index"):
+            read_index(path)
