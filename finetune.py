@@ -13,8 +13,13 @@ torchrun with the layout's process count; --finetune from the base, or
 resume from {save_dir}/checkpoints), export to HF ({save_dir}/hf). With FinLoRA's
 adapter keys (lora_r, quant_bits, peft_use_dora, peft_use_rslora, ...) only
 adapters are trained and the export writes the peft directory
-{save_dir}/adapter, and {save_dir}/hf merged. The keys and their defaults:
-FIELDS in megatron/training/finetune_config.py.
+{save_dir}/adapter, and {save_dir}/hf merged. Exports of an HF base keep its
+config.json, generation_config.json and tokenizer files
+(checkpoint_convert/hf_metadata.py). Before any step the configuration is
+checked against the base model's config.json or checkpoint by the driver's
+own checks (layout, batch, adapters, extra_args:
+megatron/training/finetune_checks.py), in seconds, writing nothing. The keys
+and their defaults: FIELDS in megatron/training/finetune_config.py.
 """
 
 import os
@@ -64,8 +69,10 @@ def run_steps(steps, dry_run: bool) -> int:
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron.training import finetune_config as fc
+    from megatron.training.finetune_checks import check_before_work
 
     plan = fc.make_plan(fc.load_config(args.configs, args.config_name))
+    check_before_work(plan, REPO, args.config_name)  # nothing is written before this passes
     finished = fc.finished_iteration(plan)
     if finished is not None:
         print(f"{args.config_name} is already done: {plan.checkpoints} holds iteration {finished}, the end of its "

@@ -249,7 +249,7 @@ def _tokenizer_flags(cfg: dict, base_is_hf: bool) -> List[str]:
     if base_is_hf:
         kind, model = kind or "HuggingFaceTokenizer", model or cfg["base_model"]
     elif kind is None:
-        from megatron.training.checkpoint.save_load import read_checkpoint_args
+        from megatron.training.checkpoint.iterations import read_checkpoint_args
 
         saved = read_checkpoint_args(cfg["base_model"])
         kind, model = saved.get("tokenizer_type"), model or saved.get("tokenizer_model")
