@@ -369,6 +369,8 @@ def export_commands(plan: Plan, repo: str) -> List[List[str]]:
     if plan.cfg["export_hf"] and not os.path.exists(os.path.join(out, "config.json")):
         tok = dict(zip(plan.tokenizer[::2], plan.tokenizer[1::2]))
         extra = ["--tokenizer-model", tok["--tokenizer-model"]] if tok.get("--tokenizer-model") else []
+        # an HF base's config.json and generation_config.json are the export's (checkpoint_convert/hf_metadata.py)
+        extra += ["--hf-base-dir", plan.cfg["base_model"]] if plan.base_is_hf else []
         commands.append(util + ["--saver", "hf", "--save-dir", out, *extra])
     return commands
 
