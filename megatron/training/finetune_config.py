@@ -54,6 +54,8 @@ FIELDS = {
     "log_interval": (10, "--log-interval"),
     "save_interval": (None, "iterations between checkpoints; default: only at the end"),
     "export_hf": (True, "export the result as a Hugging Face directory {save_dir}/hf (with adapters: merged)"),
+    "eval_accuracy": (False, "after training, greedy answers to valid_dataset_path's records vs their targets: exact "
+                             "match, written to {save_dir}/accuracy.json (megatron/training/finetune_accuracy.py)"),
     "workers": (1, "preprocessing processes"),
     "extra_args": ([], "further driver flags, passed as they are"),
     # FinLoRA's adapter keys: with lora_r the base stays frozen and adapters are trained,
