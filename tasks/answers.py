@@ -142,8 +142,8 @@ def evaluate(lm: LanguageModel, encoder, examples: List[Example], results: Parti
     done = 0
     for batch in chunks(todo, batch_size):
         results.add(answer_records(lm, encoder, batch, max_new_tokens, max_length))
-        done += len(batch)
-        if lm.is_writer:
+        before, done = done, done + len(batch)
+        if lm.is_writer and (done // 200 > before // 200 or done == len(todo)):
             print(f"answers: generated {done}/{len(todo)}", file=sys.stderr, flush=True)
 
 
