@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from megatron.training.data.jsonl_reader import Block, InputError, find_input_fi
 from megatron.training.data.preference_formats import BadPair, PreferencePair, parse_preference_line
 from megatron.training.data.preprocess import InputAndTokenizerConfig, Report, encoded_blocks
 from megatron.training.data.sft_formats import BadRecord
-from megatron.training.data.sft_templates import Segments, SFTEncoder
+from megatron.training.data.sft_templates import Rendered, Segments, SFTEncoder
 
 TOKENS_SUFFIX = "_pair_text_document"
 MASK_SUFFIX = "_pair_loss_mask_document"
@@ -53,11 +53,16 @@ def is_preference_prefix(prefix: str) -> bool:
     return os.path.exists(prefix + TOKENS_SUFFIX + ".idx")
 
 
-def pair_segments(encoder: SFTEncoder, pair: PreferencePair) -> List[Segments]:
-    """[chosen, rejected] segments, response flag on the final response only."""
+def pair_segments(encoder: SFTEncoder, pair: PreferencePair) -> List[Union[Segments, Rendered]]:
+    """[chosen, rejected] as SFTEncoder.encode_many takes them, the loss on the
+    final response only: a built-in template's segments, or the tokenizer's own
+    rendering with the character span of its last response."""
     out = []
     for conv in (pair.chosen, pair.rejected):
         full = encoder.segments(conv)
+        if isinstance(full, Rendered):
+            out.append(Rendered(full.text, full.responses[-1:]))
+            continue
         prompt = len(encoder.segments(conv, prompt_only=True))
         out.append([(piece, i >= prompt) for i, (piece, _) in enumerate(full)])
     return out
