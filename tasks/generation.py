@@ -4,17 +4,18 @@ enough to look at a checkpoint).
 
     ids = generate(lm, prompt_ids, max_new_tokens=64)                                  # greedy
     ids = generate(lm, prompt_ids, 64, temperature=0.8, top_k=50, top_p=0.9, seed=1)   # sampled
+    batch = greedy_batch(lm, [ids_a, ids_b], [8, 8], [[eos], [eos]])                  # greedy, batched
 
 With a Megatron model every rank draws from the same generator seed and the
 same (gathered) logits, so all ranks pick the same tokens; rank 0's choice is
 broadcast anyway, which keeps them in step even if logits differed in the last bit.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
-from tasks.lm import LanguageModel
+from tasks.lm import LanguageModel, pad_batch
 
 
 def sample_next(logprobs: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -53,11 +54,36 @@ def generate(lm: LanguageModel, prompt_ids: List[int], max_new_tokens: int, temp
     return new
 
 
-def _same_on_all_ranks(token: int) -> int:
+def greedy_batch(lm: LanguageModel, prompts: List[List[int]], max_new_tokens: List[int],
+                 stop_ids: List[Sequence[int]], max_length: int = 0) -> List[List[int]]:
+    """Greedy continuations of several prompts at once (what `generate` gives
+    each with temperature 0): every step runs the unfinished ones as one
+    right-padded batch (causal attention: padding after a sequence changes
+    nothing inside it) and appends each one's most likely token; a sequence
+    stops after one of its stop ids (included) or its own max_new_tokens."""
+    ids = [list(p) for p in prompts]
+    new: List[List[int]] = [[] for _ in prompts]
+    live = [i for i in range(len(prompts)) if max_new_tokens[i] > 0]
+    while live:
+        contexts = [ids[i][-max_length:] if max_length else ids[i] for i in live]
+        logprobs = lm.log_probs(pad_batch(contexts))
+        last = torch.tensor([len(c) - 1 for c in contexts])
+        tokens = _same_on_all_ranks(logprobs[torch.arange(len(live)), last].argmax(-1))
+        for i, token in zip(live, tokens.tolist()):
+            ids[i].append(token)
+            new[i].append(token)
+        live = [i for i in live if len(new[i]) < max_new_tokens[i] and new[i][-1] not in stop_ids[i]]
+    return new
+
+
+def _same_on_all_ranks(token):
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return token
-    box = torch.tensor([token], dtype=torch.long)
+    box = token.clone() if isinstance(token, torch.Tensor) else torch.tensor([token], dtype=torch.long)
+    if dist.get_backend() == "nccl":  # NCCL moves CUDA tensors only
+        box = box.cuda()
     dist.broadcast(box, src=0)
-    return int(box)
+    box = box.cpu()
+    return box if isinstance(token, torch.Tensor) else int(box)

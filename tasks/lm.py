@@ -163,16 +163,27 @@ def build_language_model(args) -> LanguageModel:
 
 # ------------------------------------------------------------------ tokenizers
 
-def _build(kind, model, args, vocab_size=None):
+def _build(kind, model, args, vocab_size=None, legacy=True):
     from megatron.training.tokenizer import build_tokenizer
 
     # legacy=True: the driver builds its tokenizer this way, so the vocabulary
     # size (SentencePieceTokenizer's appended specials) is the trained one.
     return build_tokenizer(kind, model, args.vocab_file, args.merge_file,
-                           args.vocab_size if args.vocab_size is not None else vocab_size, legacy=True)
+                           args.vocab_size if args.vocab_size is not None else vocab_size, legacy=legacy)
 
 
-def _tokenizer_for_checkpoint(args, saved: dict):
+def data_tokenizer(args):
+    """The evaluated model's tokenizer as the data tools build it (legacy=False:
+    no special token added implicitly), to render prompts exactly as
+    preprocessing rendered the training data; None for a --mock-data checkpoint."""
+    if args.load:
+        from megatron.training.checkpoint.save_load import read_checkpoint_args
+
+        return _tokenizer_for_checkpoint(args, read_checkpoint_args(args.load), legacy=False)
+    return _tokenizer_for_hf(args, legacy=False)
+
+
+def _tokenizer_for_checkpoint(args, saved: dict, legacy: bool = True):
     kind = args.tokenizer_type or saved.get("tokenizer_type")
     if kind is None:
         return None  # a --mock-data checkpoint: token ids in, no text
@@ -182,18 +193,18 @@ def _tokenizer_for_checkpoint(args, saved: dict):
     if model and not os.path.exists(model):
         raise EvalError(f"the checkpoint's tokenizer {model} does not exist here: pass --tokenizer-type and "
                         "--tokenizer-model for a copy of it")
-    return _build(kind, model, args, saved.get("vocab_size"))
+    return _build(kind, model, args, saved.get("vocab_size"), legacy)
 
 
-def _tokenizer_for_hf(args):
+def _tokenizer_for_hf(args, legacy: bool = True):
     if args.tokenizer_type:
-        return _build(args.tokenizer_type, args.tokenizer_model, args)
+        return _build(args.tokenizer_type, args.tokenizer_model, args, legacy=legacy)
     from megatron.training.checkpoint_convert.llama import find_tokenizer
 
     found = find_tokenizer(args.hf_model, args.tokenizer_model)
     if found is None:
         raise EvalError(f"{args.hf_model} has no tokenizer files: pass --tokenizer-type and --tokenizer-model")
-    return _build(found[0], found[1], args)
+    return _build(found[0], found[1], args, legacy=legacy)
 
 
 def _tokenizer_vocab(tokenizer) -> int:

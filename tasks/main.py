@@ -12,6 +12,8 @@
     python tasks/main.py --task fingpt --load ckpt --data fpb.jsonl fiqa.jsonl tfns.jsonl nwgi.jsonl --output results/fingpt
     # FinGPT NER: greedy generation, entity-level precision / recall / F1
     python tasks/main.py --task ner --load ckpt --data fingpt_ner_test.jsonl --output results/ner
+    # task accuracy of greedy answers on fine-tuning records (FinLoRA's {context, target}, ...): exact match
+    python tasks/main.py --task answers --load ckpt --data valid.jsonl --output results/accuracy
 
 --output PREFIX writes PREFIX.json and PREFIX.md and keeps PREFIX.partial.jsonl
 (--results-file), from which an interrupted run resumes: rerun the same command.
@@ -27,10 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.training.errors import Parser, run_main  # noqa: E402
 
-TASKS = ("perplexity", "fineval", "fingpt", "ner")
+TASKS = ("perplexity", "fineval", "fingpt", "ner", "answers")
 
 
 def build_parser() -> Parser:
+    from megatron.training.data.sft_formats import SFT_FORMATS
+    from megatron.training.data.sft_templates import CHAT_TEMPLATE_CHOICES
     from tasks.lm import add_model_args
 
     p = Parser(description=__doc__.split("\n\n")[0])
@@ -48,7 +52,7 @@ def build_parser() -> Parser:
     g.add_argument("--stride", type=int, nargs="+", default=None,
                    help="tokens between window starts (default: --seq-length, non-overlapping); one or one per length")
     g.add_argument("--max-tokens", type=int, default=0, help="evaluate the first N tokens of the data (0: all)")
-    g = p.add_argument_group("fineval / fingpt / ner")
+    g = p.add_argument_group("fineval / fingpt / ner / answers")
     g.add_argument("--data-dir", help="fineval: FinEval's data folder (dev/, val/, test/ of {subject}_{split}.csv)")
     g.add_argument("--split", default="val", help="fineval: the split to score (test answers are not published)")
     g.add_argument("--subjects", help="fineval: comma-separated subjects (default: every file of the split)")
@@ -58,13 +62,21 @@ def build_parser() -> Parser:
                    help="fineval: log-likelihood of the option letter or of the option text")
     g.add_argument("--template", default=None,
                    help="prompt template JSON (default: tasks/templates/fineval_zh.json or fingpt.json)")
-    g.add_argument("--data", nargs="+", help="fingpt, ner: jsonl files of {instruction, input, output}")
+    g.add_argument("--data", nargs="+", help="fingpt, ner: jsonl files of {instruction, input, output}; answers: "
+                   "fine-tuning records (a file, folder or glob each)")
     g.add_argument("--labels", help="fingpt: comma-separated labels (default: the outputs found in each file)")
     g.add_argument("--label-scoring", choices=["sum", "mean"], default="sum",
                    help="fingpt: total or per-token log-likelihood of a label")
     g.add_argument("--entity-types", default="person,organization,location",
                    help="ner: entity types scored (FinGPT's PER / ORG / LOC by default)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="ner: longest generated answer")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="ner: longest generated answer (default 64); answers: default the target's tokens + "
+                        "8 (tasks/answers.py)")
+    g = p.add_argument_group("answers (tasks/answers.py)")
+    g.add_argument("--sft-format", choices=SFT_FORMATS, default="auto",
+                   help="--data's record format, as preprocessing read it")
+    g.add_argument("--chat-template", choices=CHAT_TEMPLATE_CHOICES, default="auto",
+                   help="the template preprocessing rendered the prompts with (data/sft_templates.py)")
     p.add_argument("--results-file", help="partial results to resume from (default: OUTPUT.partial.jsonl)")
     return p
 
@@ -82,7 +94,7 @@ def main(argv=None) -> int:
 
 def run(args):
     """(result dict, markdown, whether this rank writes) for the parsed flags; writes --output on the writer rank."""
-    from tasks import classification, multiple_choice, ner, perplexity
+    from tasks import answers, classification, multiple_choice, ner, perplexity
     from tasks.lm import EvalError, build_language_model
     from tasks.results import write_json, write_text
 
@@ -100,6 +112,11 @@ def run(args):
         if args.task in ("fingpt", "ner") and not args.data:
             raise EvalError(f"--task {args.task} needs --data FILE.jsonl [FILE.jsonl ...] in FinGPT's instruction "
                             "format ({instruction, input, output} per line)")
+        if args.task == "answers" and not args.data:
+            raise EvalError("--task answers needs --data FILE.jsonl [...]: records with their targets, in a format "
+                            "the SFT tools read ({context, target}, alpaca, chat) or preference pairs")
+    if args.task == "ner" and args.max_new_tokens is None:
+        args.max_new_tokens = 64
     lm = build_language_model(args)
     try:
         if args.task == "perplexity":
@@ -111,9 +128,12 @@ def run(args):
         elif args.task == "fingpt":
             result = classification.run(args, lm)
             markdown = classification.report_markdown(result)
-        else:
+        elif args.task == "ner":
             result = ner.run(args, lm)
             markdown = ner.report_markdown(result)
+        else:
+            result = answers.run(args, lm)
+            markdown = answers.report_markdown(result)
         if args.output and lm.is_writer:
             write_json(args.output + ".json", result)
             write_text(args.output + ".md", markdown)

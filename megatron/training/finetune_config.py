@@ -54,6 +54,8 @@ FIELDS = {
     "log_interval": (10, "--log-interval"),
     "save_interval": (None, "iterations between checkpoints; default: only at the end"),
     "export_hf": (True, "export the result as a Hugging Face directory {save_dir}/hf (with adapters: merged)"),
+    "eval_accuracy": (False, "after training, greedy answers to valid_dataset_path's records vs their targets: exact "
+                             "match, written to {save_dir}/accuracy.json (megatron/training/finetune_accuracy.py)"),
     "workers": (1, "preprocessing processes"),
     "extra_args": ([], "further driver flags, passed as they are"),
     # FinLoRA's adapter keys: with lora_r the base stays frozen and adapters are trained,
@@ -159,7 +161,7 @@ VALUES = {
     "layout": (lambda v: isinstance(v, dict) and all(_is_int(n) and n >= 1 for n in v.values()),
                "an object of tensor_parallel, pipeline_parallel, data_parallel sizes (integers >= 1)"),
     "bf16": _BOOL, "dropout": _number(0, 1), "seed": _integer(0), "log_interval": _integer(1),
-    "save_interval": _or_null(_integer(1)), "export_hf": _BOOL, "workers": _integer(1),
+    "save_interval": _or_null(_integer(1)), "export_hf": _BOOL, "eval_accuracy": _BOOL, "workers": _integer(1),
     "extra_args": (lambda v: isinstance(v, list) and all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
                                                          for a in v), "a list of driver flags and values (strings)"),
     "lora_r": _or_null((lambda v: _is_int(v) and v >= 1, "a positive integer (the adapter rank, e.g. 8)")),
@@ -345,7 +347,7 @@ def _tokenizer_flags(cfg: dict, base_is_hf: bool) -> List[str]:
     if base_is_hf:
         kind, model = kind or "HuggingFaceTokenizer", model or cfg["base_model"]
     elif kind is None:
-        from megatron.training.checkpoint.save_load import read_checkpoint_args
+        from megatron.training.checkpoint.iterations import read_checkpoint_args
 
         saved = read_checkpoint_args(cfg["base_model"])
         kind, model = saved.get("tokenizer_type"), model or saved.get("tokenizer_model")
@@ -465,6 +467,8 @@ def export_commands(plan: Plan, repo: str) -> List[List[str]]:
     if plan.cfg["export_hf"] and not os.path.exists(os.path.join(out, "config.json")):
         tok = dict(zip(plan.tokenizer[::2], plan.tokenizer[1::2]))
         extra = ["--tokenizer-model", tok["--tokenizer-model"]] if tok.get("--tokenizer-model") else []
+        # an HF base's config.json and generation_config.json are the export's (checkpoint_convert/hf_metadata.py)
+        extra += ["--hf-base-dir", plan.cfg["base_model"]] if plan.base_is_hf else []
         commands.append(util + ["--saver", "hf", "--save-dir", out, *extra])
     return commands
 

@@ -224,6 +224,13 @@ class HuggingFaceTokenizer(_TokenizerBase):
             return self._backend.decode(list(ids), skip_special_tokens=False)
         return self.hf_tokenizer.decode(list(ids))
 
+    @property
+    def special_ids(self) -> set:
+        """The ids of the tokenizer's special tokens (BOS, EOS, chat-template markers such as <|eot_id|>)."""
+        if self._fast is not None:
+            return {i for i, token in self._backend.get_added_tokens_decoder().items() if token.special}
+        return set(self.hf_tokenizer.all_special_ids)
+
     # What BERT-family models and megatron-core's masked-LM dataset read: the
     # tokenizer's own special tokens (transformers' view of its configuration).
     @property

@@ -4,8 +4,11 @@ entries of finetune_configs.json, each on a tiny test-made base of that
 family (transformers' LlamaConfig with Llama 3.1's rope scaling, Qwen2Config
 with q/k/v biases and tied embeddings) with a word tokenizer: preprocess,
 convert, 8-bit QLoRA training, export to peft and to a merged HF model of the
-base's own class, which transformers and peft load and which agree."""
+base's own class (the base's config.json, generation_config.json and
+tokenizer files kept byte for byte), which transformers and peft load and
+which agree."""
 
+import filecmp
 import json
 import os
 
@@ -92,9 +95,15 @@ def test_shipped_family_configuration_runs_end_to_end(tmp_path, capfd, name):
         plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(tokens).logits
         adapted = PeftModel.from_pretrained(dequantized_base(base), str(out / "adapter"))(tokens).logits
     assert (adapted - plain).abs().max() > 1e-3, "training should have moved the model"
+    tokenizer_files = [n for n in os.listdir(base) if n.startswith("tokenizer") or n.startswith("chat_template")]
+    for name in tokenizer_files:  # beside the adapter, byte for byte
+        assert filecmp.cmp(os.path.join(base, name), out / "adapter" / name, shallow=False), name
     if entry["export_hf"]:
         with open(out / "hf" / "config.json") as f:
             assert json.load(f)["architectures"] == [architecture]
+        # the base's own metadata, byte for byte: nothing in it changes for an fp32 model of the same shape
+        for name in ["config.json", "generation_config.json", *tokenizer_files]:
+            assert filecmp.cmp(os.path.join(base, name), out / "hf" / name, shallow=False), name
         with torch.no_grad():
             merged = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)(tokens).logits
         assert (adapted - merged).abs().max().item() <= 1e-4

@@ -6,6 +6,7 @@ held-out prompts. The task maps an entity to its colour whatever the
 question's wording; each held-out prompt uses a wording the training set
 never pairs with that entity. Accuracy goes from chance to near 100%."""
 
+import filecmp
 import json
 import os
 import re
@@ -83,6 +84,9 @@ def test_finetune_config_learns_held_out_prompts(tmp_path, base_model, capfd, mo
     # each step ran: preprocessing, HF -> Megatron, training from the base with --finetune, export
     assert os.path.exists(os.path.join(out, "data", "valid_loss_mask_document.idx"))
     assert "--finetune" in log.out and "--saver hf" in log.out
+    for name in os.listdir(base_model):  # the export keeps the base's metadata files byte for byte
+        if name.endswith(".json") or name.endswith(".jinja"):
+            assert filecmp.cmp(os.path.join(base_model, name), os.path.join(out, "hf", name), shallow=False), name
     validation = [float(v) for v in re.findall(r"validation loss at iteration \d+ \| lm loss value: (\S+)", log.out)]
     assert len(validation) >= 10 and validation[-1] < 0.5 * validation[0], validation
 

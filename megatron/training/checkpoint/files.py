@@ -352,6 +352,15 @@ def load_common(iter_dir: str) -> dict:
     return torch_load_weights_only(path, path)
 
 
+def common_args(common: dict, iter_dir: str) -> dict:
+    """The flags a torch_dist iteration's common state records, as a dict."""
+    saved = common.get("args")
+    if saved is None:
+        raise CheckpointError(f"{iter_dir}/common.pt has no 'args': it was not written by a training run "
+                              "(this driver or Megatron-LM), so its model cannot be rebuilt")
+    return dict(vars(saved)) if hasattr(saved, "__dict__") else dict(saved)  # Megatron-LM: a Namespace
+
+
 def check_size(path: str, needed: int) -> None:
     """A file the index says holds `needed` bytes: missing or shorter is a CheckpointError."""
     if not os.path.isfile(path):

@@ -28,7 +28,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron.training.checkpoint.files import (
-    METADATA_FILE, check_size, checksum_problem, load_common, read_index,
+    METADATA_FILE, check_size, checksum_problem, common_args, load_common, read_index,
 )
 from megatron.training.errors import CheckpointError, first_line
 from megatron.training.fileio import (
@@ -257,6 +257,29 @@ def read_checkpoint_file(path: str, mmap: bool = True):
     if problem:
         raise CheckpointError(with_fallback(root, iteration, f"{path}: {problem}"))
     return state
+
+
+def first_rank_file(iter_dir: str) -> str:
+    """The first rank's file of a per-rank (--ckpt-format torch) iteration directory."""
+    names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_")) if os.path.isdir(iter_dir) else []
+    if not names:
+        raise CheckpointError(f"{iter_dir} holds no mp_rank_* directories: the checkpoint is incomplete, "
+                              "or not one of this format")
+    return os.path.join(iter_dir, names[0], RANK_FILE)
+
+
+def read_checkpoint_args(load_dir: str, step: Optional[int] = None) -> dict:
+    """The flags a checkpoint was saved with (for --use-checkpoint-args), of
+    either format; of iteration `step` when given (--ckpt-step). Reads one
+    small file and imports no megatron.core, so tools can check a run's
+    settings against its checkpoint in a moment (finetune.py does)."""
+    chosen = iteration_to_load(load_dir, step)
+    if chosen is None:
+        raise CheckpointError(not_a_checkpoint(load_dir))
+    iter_dir = chosen[0]
+    if is_torch_dist(iter_dir):
+        return common_args(load_common(iter_dir), iter_dir)
+    return read_checkpoint_file(first_rank_file(iter_dir))["args"]
 
 
 # ---------------------------------------------------------------- publishing and failed saves

@@ -7,7 +7,7 @@ whatever the iteration directory holds.
     load_checkpoint(args, model, optimizer, scheduler)     # -> (iteration, consumed_train_samples)
     save_checkpoint(args, iteration, model, optimizer, scheduler, consumed_train_samples)
     finalize_async_saves(args, blocking)                   # every iteration: publish finished async saves
-    read_checkpoint_args(load_dir, step)                   # the flags a checkpoint recorded
+    read_checkpoint_args(load_dir, step)                   # the flags a checkpoint recorded (iterations.py)
     first_rank_state(iter_dir)                             # its args and layout, either format
 
 The package, bottom-up: files.py (one file: atomic writes, checksums,
@@ -20,12 +20,15 @@ format) -> reshard.py (weights into another layout) -> torch_format.py
 through peft.checkpoint.load_adapter_checkpoint instead of load_checkpoint.
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
 from megatron.training.checkpoint import torch_format
-from megatron.training.checkpoint.iterations import is_torch_dist, iteration_to_load, not_a_checkpoint
+# read_checkpoint_args lives below (it reads one file, no megatron.core); the driver's callers find it here.
+from megatron.training.checkpoint.iterations import (  # noqa: F401
+    is_torch_dist, iteration_to_load, not_a_checkpoint, read_checkpoint_args,
+)
 from megatron.training.checkpoint.torch_dist import load as torch_dist_load
 from megatron.training.checkpoint.torch_dist import save as torch_dist_save
 from megatron.training.errors import CheckpointError
@@ -76,14 +79,3 @@ def first_rank_state(iter_dir: str) -> dict:
     if is_torch_dist(iter_dir):
         return torch_dist_load.first_state(iter_dir)
     return torch_format.first_rank_state(iter_dir)
-
-
-def read_checkpoint_args(load_dir: str, step: Optional[int] = None) -> dict:
-    """The flags a checkpoint was saved with (for --use-checkpoint-args); of
-    iteration `step` when given (--ckpt-step)."""
-    chosen = iteration_to_load(load_dir, step)
-    if chosen is None:
-        raise CheckpointError(not_a_checkpoint(load_dir))
-    if is_torch_dist(chosen[0]):
-        return torch_dist_load.checkpoint_args(chosen[0])
-    return torch_format.first_rank_state(chosen[0])["args"]

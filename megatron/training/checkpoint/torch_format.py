@@ -42,8 +42,8 @@ from megatron.training import sharding
 from megatron.training.checkpoint import reshard
 from megatron.training.checkpoint.files import atomic_torch_save, write_checksums
 from megatron.training.checkpoint.iterations import (
-    PARTIAL_SUFFIX, RANK_FILE, agreed_error, iteration_dir, publish_iteration, rank_dir_name, rank_file,
-    read_checkpoint_file, save_failed, sweep_save_dir,
+    PARTIAL_SUFFIX, RANK_FILE, agreed_error, first_rank_file, iteration_dir, publish_iteration, rank_dir_name,
+    rank_file, read_checkpoint_file, save_failed, sweep_save_dir,
 )
 from megatron.training.checkpoint.load_checks import check_state_fits, load_scheduler_state
 from megatron.training.checkpoint.settings import args_to_dict
@@ -178,11 +178,7 @@ def first_rank_state(iter_dir: str) -> dict:
     """The state of the first rank file of an iteration directory, memory-mapped
     (tensors are read only when touched): its `args` and `layout` are the
     checkpoint's, whatever the layout it was saved under."""
-    names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_")) if os.path.isdir(iter_dir) else []
-    if not names:
-        raise CheckpointError(f"{iter_dir} holds no mp_rank_* directories: the checkpoint is incomplete, "
-                              "or not one of this format")
-    return read_checkpoint_file(os.path.join(iter_dir, names[0], RANK_FILE))
+    return read_checkpoint_file(first_rank_file(iter_dir))
 
 
 def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iteration: int,

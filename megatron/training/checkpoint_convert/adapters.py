@@ -111,7 +111,11 @@ def open_source(path: str, tokenizer_model: Optional[str] = None) -> ModelSource
 
 def save_peft(source: ModelSource, out_dir: str, base_model_name_or_path: Optional[str] = None,
               dtype: Optional[torch.dtype] = None) -> dict:
-    """Write the adapters of `source` as a peft directory; returns adapter_config.json's content."""
+    """Write the adapters of `source` as a peft directory; returns adapter_config.json's content.
+    When `base_model_name_or_path` is a local directory, its tokenizer files are copied beside the
+    adapter byte for byte, as trl's and transformers' trainers save the tokenizer with an adapter (not
+    its config.json: transformers takes a directory holding config.json for a whole model, and would
+    look for the base's weights there instead of at base_model_name_or_path)."""
     if source.adapter is None:
         raise ConversionError(f"{source.path} holds no LoRA adapters (its args have no lora_rank): --saver peft "
                               "exports adapter checkpoints, written by training with --lora-rank")
@@ -123,10 +127,15 @@ def save_peft(source: ModelSource, out_dir: str, base_model_name_or_path: Option
             bar.update(1)
 
     try:
-        return peft.write_peft_dir(out_dir, source.adapter, layers(), source.num_layers, base_model_name_or_path,
-                                   dtype)
+        config = peft.write_peft_dir(out_dir, source.adapter, layers(), source.num_layers, base_model_name_or_path,
+                                     dtype)
     finally:
         bar.close()
+    if base_model_name_or_path and os.path.isdir(base_model_name_or_path):
+        from megatron.training.checkpoint_convert.hf_tokenizer import copy_tokenizer_files
+
+        copy_tokenizer_files(base_model_name_or_path, out_dir)
+    return config
 
 
 class MergedSource(ModelSource):

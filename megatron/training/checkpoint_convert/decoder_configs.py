@@ -173,6 +173,19 @@ def megatron_flags_from_hf(config: dict, tokenizer: Optional[Sequence[str]] = No
     return flags + dtype_and_tokenizer_flags(config, tokenizer)
 
 
+def megatron_args_from_hf(config: dict, tokenizer: Optional[Sequence[str]] = None,
+                          extra_flags: Sequence[str] = ()) -> dict:
+    """The settings (flag dests, plain values) a checkpoint converted from this
+    config.json records, as the driver parses megatron_flags_from_hf's flags;
+    hf_model_type (not a flag) names the HF class the export writes back."""
+    from megatron.training.arguments import parse_args
+    from megatron.training.checkpoint.settings import args_to_dict
+
+    args = args_to_dict(parse_args(megatron_flags_from_hf(config, tokenizer) + list(extra_flags)))
+    args["hf_model_type"] = config["model_type"]
+    return args
+
+
 # ------------------------------------------------------------------ Megatron -> HF
 
 def check_llama_architecture(args: dict) -> None:

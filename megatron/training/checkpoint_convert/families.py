@@ -4,9 +4,11 @@ Each family module provides HF_MODEL_TYPES (config.json model_type values),
 hf_source(model_dir, tokenizer_model) -> ModelSource, save_hf(source, out_dir,
 dtype, divisible_by, max_shard_bytes, tokenizer_model) and VERIFY_OUTPUTS
 (what --verify compares; None: next-token logits), and may name relatives it
-refuses, REFUSED_MODEL_TYPES {model_type: why}. A new family is a new row
-here and a new module; the converter core knows none of them. "GPT" reads
-Llama, Mistral, Qwen2 and Qwen3 (checkpoint_convert/decoder_configs.py).
+refuses, REFUSED_MODEL_TYPES {model_type: why}, and SAVES_FROM_HF_BASE = True
+when save_hf takes hf_base_dir (the HF directory whose config.json the
+export keeps). A new family is a new row here and a new module; the
+converter core knows none of them. "GPT" reads Llama, Mistral, Qwen2 and
+Qwen3 (checkpoint_convert/decoder_configs.py).
 """
 
 import importlib

@@ -5,6 +5,7 @@ for a Megatron checkpoint's tokenizer (shared by every model family)."""
 import json
 import os
 import shutil
+import tempfile
 from typing import Optional
 
 from megatron.training.checkpoint_convert.core import ConversionError
@@ -14,6 +15,8 @@ WORDPIECE_LOWER_CASE = {"BertWordPieceLowerCase": True, "BertWordPieceCase": Fal
 # The files a tokenizer directory ships, copied as they are into an export.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
+# What save_pretrained writes out of the others' content: an export adds none the source lacks.
+DERIVED_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def find_tokenizer(model_dir: str, tokenizer_model: Optional[str]):
@@ -35,6 +38,15 @@ def find_tokenizer(model_dir: str, tokenizer_model: Optional[str]):
     return ("HuggingFaceTokenizer" if path.endswith(".json") else "Llama2Tokenizer"), path
 
 
+def copy_tokenizer_files(path: str, out_dir: str) -> list:
+    """Copy the tokenizer files of the directory `path` (TOKENIZER_FILES) into
+    `out_dir` byte for byte; the names copied."""
+    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
+    for name in copied:
+        shutil.copyfile(os.path.join(path, name), os.path.join(out_dir, name))
+    return copied
+
+
 def check_tokenizer_vocab(tokenizer, vocab_size: int, what: str) -> None:
     """Raise ConversionError when the tokenizer (--tokenizer-type, path) has
     more tokens than config.json's vocab_size (the model's embedding rows);
@@ -53,20 +65,26 @@ def check_tokenizer_vocab(tokenizer, vocab_size: int, what: str) -> None:
 def export_tokenizer(tokenizer_type: str, path: str, out_dir: str) -> dict:
     """Write tokenizer files `transformers.AutoTokenizer` loads; returns the
     special token ids (bos, eos, pad, cls, sep, mask; None when absent).
-    From an HF tokenizer directory, its own files are copied over what
-    transformers writes, so the export keeps them as shipped: the chat
-    template and added tokens in tokenizer_config.json, and a
-    tokenizer_class any transformers version knows (transformers 5 would
-    write "TokenizersBackend" for Llama 3's "PreTrainedTokenizerFast")."""
+    From an HF tokenizer directory, its own files are copied byte for byte,
+    so the export keeps them as shipped: the chat template and added tokens
+    in tokenizer_config.json, a tokenizer_class any transformers version
+    knows (transformers 5 would write "TokenizersBackend" for Llama 3's
+    "PreTrainedTokenizerFast"), no local_files_only or other loading
+    arguments; transformers' save_pretrained only supplies a file the
+    tokenizer needs that the directory lacks (not one of DERIVED_FILES)."""
     from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
 
     if os.path.isdir(path):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        tok.save_pretrained(out_dir)
-        for name in TOKENIZER_FILES:
-            source, target = os.path.join(path, name), os.path.join(out_dir, name)
-            if os.path.isfile(source) and not (os.path.exists(target) and os.path.samefile(source, target)):
-                shutil.copy(source, target)
+        with tempfile.TemporaryDirectory() as saved:
+            tok.save_pretrained(saved)  # the names of the files it needs (vocab.txt, tokenizer.model, ...)
+            for name in sorted(set(os.listdir(saved)) | set(TOKENIZER_FILES)):
+                source, target = os.path.join(path, name), os.path.join(out_dir, name)
+                if not os.path.isfile(source):
+                    source = os.path.join(saved, name) if name not in DERIVED_FILES else None
+                if (source and os.path.isfile(source)
+                        and not (os.path.exists(target) and os.path.samefile(source, target))):
+                    shutil.copyfile(source, target)
         return _special_ids(tok)
     if tokenizer_type in WORDPIECE_LOWER_CASE:  # a BERT vocab.txt
         tok = BertTokenizerFast(path, do_lower_case=WORDPIECE_LOWER_CASE[tokenizer_type])

@@ -20,8 +20,8 @@ from megatron.training.checkpoint_convert.hf_tokenizer import (
     check_tokenizer_vocab, export_tokenizer, find_tokenizer,
 )
 from megatron.training.checkpoint_convert.decoder_configs import (  # noqa: F401 - the family interface, tasks/
-    HF_MODEL_TYPES, REFUSED_MODEL_TYPES, check_llama_architecture, hf_config_from_megatron, megatron_flags_from_hf,
-    rope_scaling,
+    HF_MODEL_TYPES, REFUSED_MODEL_TYPES, check_llama_architecture, hf_config_from_megatron, megatron_args_from_hf,
+    megatron_flags_from_hf, rope_scaling,
 )
 from megatron.training.models.hf_names import (
     EMBEDDING, FINAL_NORM, LLAMA_GLOBALS, OUTPUT_LAYER, decoder_layers, join_qkv, split_qkv,
@@ -40,9 +40,6 @@ class LlamaHFSource(ModelSource):
     format = "hf"
 
     def __init__(self, model_dir: str, tokenizer_model: Optional[str] = None, extra_flags: Sequence[str] = ()):
-        from megatron.training.arguments import parse_args
-        from megatron.training.checkpoint.settings import args_to_dict
-
         self.path = os.path.abspath(model_dir)
         config_path = os.path.join(self.path, "config.json")
         if not os.path.isfile(config_path):
@@ -52,9 +49,7 @@ class LlamaHFSource(ModelSource):
             self.config = json.load(f)
         tokenizer = find_tokenizer(self.path, tokenizer_model)
         self.flags = megatron_flags_from_hf(self.config, tokenizer) + list(extra_flags)
-        self.args = args_to_dict(parse_args(self.flags))
-        # not a flag: which HF class the export writes back (Mistral and Llama share a layout)
-        self.args["hf_model_type"] = self.config["model_type"]
+        self.args = megatron_args_from_hf(self.config, tokenizer, extra_flags)
         self.vocab_size = self.config["vocab_size"]
         check_tokenizer_vocab(tokenizer, self.vocab_size, "its tokenizer.model or HF directory")
         self.weights = HFWeights(self.path)
@@ -107,10 +102,12 @@ def hf_layer(tensors: Dict[str, torch.Tensor], index: int, args: dict) -> Dict[s
 
 
 def save_llama_hf(source: ModelSource, out_dir: str, dtype: Optional[torch.dtype] = None, divisible_by: int = 1,
-                  max_shard_bytes: int = 5 * 10 ** 9, tokenizer_model: Optional[str] = None) -> dict:
+                  max_shard_bytes: int = 5 * 10 ** 9, tokenizer_model: Optional[str] = None,
+                  hf_base_dir: Optional[str] = None) -> dict:
     """Write `source` as an HF directory of its family's class (decoder_configs.hf_family): safetensors shards
-    (+ index), config.json, generation_config.json and the tokenizer files.
-    Returns the config written."""
+    (+ index), config.json, generation_config.json and the tokenizer files; with `hf_base_dir` (the HF
+    directory the model came from) its config.json and generation_config.json, changing only what the
+    exported model requires (hf_metadata.py). Returns the config written."""
     args = source.args
     check_llama_architecture(args)
     rows = padded_vocab_size(source.vocab_size or args["padded_vocab_size"], divisible_by, 1)
@@ -142,15 +139,21 @@ def save_llama_hf(source: ModelSource, out_dir: str, dtype: Optional[torch.dtype
     writer.close()
 
     config = hf_config_from_megatron(args, rows, dtype, special)
+    generation = {k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id") and v is not None}
+    generation["_from_model_config"] = True
+    if hf_base_dir:
+        from megatron.training.checkpoint_convert.hf_metadata import write_from_base
+
+        return write_from_base(hf_base_dir, out_dir, config, args, generation)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    generation = {k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id") and v is not None}
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(dict(generation, _from_model_config=True), f, indent=2)
+        json.dump(generation, f, indent=2)
     return config
 
 
 # The family interface the checkpoint plugins use (checkpoint_convert/families.py).
 hf_source = LlamaHFSource
 save_hf = save_llama_hf
+SAVES_FROM_HF_BASE = True  # save_hf takes hf_base_dir
 VERIFY_OUTPUTS = None  # next-token logits (verify.GPT_OUTPUTS)

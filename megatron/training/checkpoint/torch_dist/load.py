@@ -24,7 +24,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from megatron.training import sharding
-from megatron.training.checkpoint.files import load_common
+from megatron.training.checkpoint.files import common_args, load_common
 from megatron.training.checkpoint.iterations import with_fallback
 from megatron.training.checkpoint.load_checks import load_scheduler_state
 from megatron.training.checkpoint.torch_dist import checksums, safe_load
@@ -39,17 +39,9 @@ _SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                 "untie_embeddings_and_output_weights", "add_bias_linear")
 
 
-def _args_dict(common: dict, iter_dir: str) -> dict:
-    saved = common.get("args")
-    if saved is None:
-        raise CheckpointError(f"{iter_dir}/common.pt has no 'args': it was not written by a training run "
-                              "(this driver or Megatron-LM), so its model cannot be rebuilt")
-    return dict(vars(saved)) if hasattr(saved, "__dict__") else dict(saved)  # Megatron-LM: a Namespace
-
-
 def checkpoint_args(iter_dir: str) -> dict:
     """The flags a torch_dist checkpoint was saved with (for --use-checkpoint-args)."""
-    return _args_dict(load_common(iter_dir), iter_dir)
+    return common_args(load_common(iter_dir), iter_dir)
 
 
 def first_state(iter_dir: str) -> dict:
@@ -57,7 +49,7 @@ def first_state(iter_dir: str) -> dict:
     a torch_dist directory's common state: `args`, `layout`, `iteration`,
     `consumed_train_samples` (no tensors)."""
     common = load_common(iter_dir)
-    saved = _args_dict(common, iter_dir)
+    saved = common_args(common, iter_dir)
     layout = layout_of(saved)
     return {"args": saved, "iteration": common.get("iteration"),
             "consumed_train_samples": saved.get("consumed_train_samples", 0),
@@ -201,7 +193,7 @@ def load_checkpoint(args, model: list, optimizer, scheduler, iter_dir: str, iter
         if getattr(args, "ckpt_checksum", False):
             checksums.verify(iter_dir, log=lambda line: print(line, flush=True))
         common = load_common(iter_dir)
-    saved = _args_dict(common, iter_dir)
+    saved = common_args(common, iter_dir)
     _check_model_shape(saved, args, iter_dir)
     saved_layout, this_layout = layout_of(saved), layout_of(vars(args))
     same_tp_pp = (saved_layout["TP"], saved_layout["PP"]) == (this_layout["TP"], this_layout["PP"])
