@@ -150,7 +150,7 @@ def test_attention_dropout_draws_per_rank_and_keeps_the_expectation(results):
 
 def test_start_up_line_says_sdpa_by_default_and_the_opt_out_restores_the_unfused_path(results):
     lines = results[0]["lines"]
-    assert "attention: local + torch SDPA" in lines["sdpa"]
+    assert "attention: local + torch SDPA (fused)" in lines["sdpa"]
     assert "attention: local (unfused softmax, --attention-backend unfused)" in lines["unfused"]
 
 

@@ -47,6 +47,12 @@ def _liger_swiglu(original):
     return LigerMegatronSwiGLU(fallback_impl=original)
 
 
+def _torch_swiglu(original):
+    from megatron.training.kernels.swiglu_torch import make_bias_swiglu_impl
+
+    return make_bias_swiglu_impl(original)
+
+
 def _liger_cross_entropy(original):
     from liger_kernel.megatron.cross_entropy import LigerMegatronCrossEntropy
 
@@ -77,7 +83,7 @@ def _foreach(name):
 CALL_SITES: Dict[str, Tuple[CallSite, ...]] = {
     "rope": (CallSite("megatron.core.models.common.embeddings.rope_utils", "fused_apply_rotary_pos_emb",
                       {"triton": _triton_rope, "torch": _torch_rope}),),
-    "swiglu": (CallSite("megatron.core.transformer.mlp", "bias_swiglu_impl", {"liger": _liger_swiglu}),),
+    "swiglu": (CallSite("megatron.core.transformer.mlp", "bias_swiglu_impl", {"liger": _liger_swiglu, "torch": _torch_swiglu}),),
     "cross_entropy": (CallSite("megatron.core.models.common.language_module.language_module",
                                "fused_vocab_parallel_cross_entropy", {"liger": _liger_cross_entropy}),),
     "grad_accum": (CallSite("megatron.core.tensor_parallel.layers", "fused_weight_gradient_mlp_cuda",

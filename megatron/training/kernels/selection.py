@@ -12,8 +12,8 @@ The policy this table encodes: with Transformer Engine installed its kernels
 our Triton RoPE, Liger's SwiGLU and vocab-parallel cross-entropy, the
 torch.addmm gradient-accumulation shim, torch's fused AdamW and foreach
 gradient clipping run; on a CPU the paths made of plain torch operators run
-(RoPE as one autograd function, addmm into fp32 main grads, torch's fused
-CPU AdamW, foreach clipping) and the Triton ones only with
+(RoPE and SwiGLU as one autograd function each, addmm into fp32 main grads,
+torch's fused CPU AdamW, foreach clipping) and the Triton ones only with
 FINLLAMA_CPU_KERNELS=1 (tests).
 """
 
@@ -72,6 +72,8 @@ KERNELS: Dict[str, Kernel] = {
         Provider("jit", "megatron-core jit", lambda c, a: c.transformer_engine and c.cuda),
         Provider("liger", "Liger gate-up, Triton", lambda c, a: c.triton_runs and c.liger),
         Provider("jit", "megatron-core jit", _cuda),
+        # Where no kernel runs: one autograd function on torch operators (swiglu_torch.py).
+        Provider("torch", "torch, ours", lambda c, a: True),
     )),
     "gelu": Kernel("bias-GeLU", "bias_gelu_fusion", lambda a: not a.swiglu, (
         Provider("jit", "megatron-core jit", _cuda),

@@ -33,8 +33,9 @@ LOCAL_CORE_ATTENTION = {
     "local": "unfused",
 }
 
+# The start-up line's words (on a GPU, torch picks SDPA's flash / memory-efficient / cuDNN kernel per call).
 LOCAL_DESCRIPTION = {
-    "sdpa": "local + torch SDPA (fused; torch picks the flash / memory-efficient / math kernel)",
+    "sdpa": "local + torch SDPA (fused)",
     "unfused": "local (unfused softmax, --attention-backend {backend})",
 }
 

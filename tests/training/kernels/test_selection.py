@@ -57,7 +57,7 @@ def test_gradient_accumulation_gate_does_not_count_transformer_engine_as_a_provi
 
 def test_a_cpu_runs_the_plain_torch_paths_and_the_triton_ones_only_when_told_it_is_a_kernel_device():
     assert choices(CPU, bf16=False) == {
-        "rope": "torch", "swiglu": OFF, "cross_entropy": OFF, "grad_accum": "addmm", "adam": "torch",
+        "rope": "torch", "swiglu": "torch", "cross_entropy": OFF, "grad_accum": "addmm", "adam": "torch",
         "grad_clip": "foreach", "masked_softmax": OFF, "bias_dropout": OFF, "persist_layer_norm": OFF}
     # bf16 weights into fp32 main grads need addmm's out_dtype, which the CPU lacks.
     assert choices(CPU)["grad_accum"] == OFF
@@ -119,11 +119,11 @@ def test_start_up_line_and_transformer_config_follow_the_selection():
 def test_the_driver_config_on_this_machine_runs_the_plain_torch_paths():
     args = args_for(bf16=False)
     config = transformer_config_from_args(args)
-    assert config.apply_rope_fusion and config.gradient_accumulation_fusion
-    assert not (config.bias_activation_fusion or config.cross_entropy_loss_fusion)
+    assert config.apply_rope_fusion and config.gradient_accumulation_fusion and config.bias_activation_fusion
+    assert not config.cross_entropy_loss_fusion
     assert {k for k, v in args.kernel_selection.choices.items() if v != OFF} == {
-        "rope", "grad_accum", "adam", "grad_clip"}
-    off = args_for("--no-rope-fusion", "--no-gradient-accumulation-fusion", "--no-fused-adam",
-                   "--no-foreach-grad-clip", bf16=False)
+        "rope", "swiglu", "grad_accum", "adam", "grad_clip"}
+    off = args_for("--no-rope-fusion", "--no-bias-swiglu-fusion", "--no-gradient-accumulation-fusion",
+                   "--no-fused-adam", "--no-foreach-grad-clip", bf16=False)
     transformer_config_from_args(off)
     assert set(off.kernel_selection.choices.values()) == {OFF}

@@ -83,3 +83,28 @@ def test_megatron_cores_clipping_reads_the_installed_foreach_functions(call_site
         torch.testing.assert_close(p.grad, g * (1.0 / (norm + 1e-6)), rtol=1e-6, atol=0)
     call_sites()
     assert clip_grads.l2_norm_impl is local_multi_tensor_l2_norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_swiglu_is_megatron_cores_unfused_glu_bit_for_bit(dtype):
+    from megatron.training.kernels.swiglu_torch import make_bias_swiglu_impl
+
+    torch.manual_seed(2)
+    y = torch.randn(5, 3, 2 * 24, dtype=dtype, requires_grad=True)
+    g = torch.randn(5, 3, 24, dtype=dtype)
+
+    def unfused(x):  # megatron-core's glu (mlp.py) without clamping or offset
+        gate, up = torch.chunk(x, 2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    def original(*args):
+        raise AssertionError("the plain case must not fall back")
+
+    out = make_bias_swiglu_impl(original)(y, None)
+    (grad,) = torch.autograd.grad(out, y, g)
+    ref = unfused(y)
+    (ref_grad,) = torch.autograd.grad(ref, y, g)
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad) and grad.is_contiguous()
+    called = []
+    make_bias_swiglu_impl(lambda *a: called.append(a) or a[0])(y, torch.zeros(48, dtype=dtype))
+    assert called  # a bias goes to megatron-core's own implementation
