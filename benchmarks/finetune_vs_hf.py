@@ -22,7 +22,11 @@ torch >= 2.8 --, zero_grad(set_to_none=True). Both read random token ids.
 
 The processes of one sequence length run together and take turns, one step
 each, in a rotating order, so that a noisy neighbour slows all of them
-alike; the first `--warmup` steps of each are not timed. Reported: the
+alike; the first `--warmup` steps of each are not timed. From
+`--pairs-from` tokens on (default 1024: four processes' memory does not fit
+24 GB there), the full fine-tuning pair and then the LoRA pair take turns
+instead, so ours and its reference always alternate, and our LoRA against
+our full step compares two consecutive phases. Reported: the
 median step time, tokens/s, our tokens/s over the reference's (also the
 range of the per-round ratios), our LoRA step over our full step, and the
 peak RSS (VmHWM) of each process. The machine's load (`/proc/loadavg`) is
@@ -127,6 +131,8 @@ def worker(spec: dict) -> None:
     its wall and CPU seconds; 'done' reports the totals as the last JSON line."""
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     lora = "LoRA" in spec["name"]
     rss_start = _status_mib("VmRSS")
     if spec["name"].startswith("ours"):
@@ -151,8 +157,8 @@ def worker(spec: dict) -> None:
 # ---------------------------------------------------------------- the coordinator
 
 class Worker:
-    def __init__(self, name: str, seq: int, base: str):
-        spec = json.dumps({"name": name, "seq": seq, "base": base})
+    def __init__(self, name: str, seq: int, base: str, threads=None):
+        spec = json.dumps({"name": name, "seq": seq, "base": base, "threads": threads})
         self.name = name
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", spec], stdin=subprocess.PIPE,
@@ -189,13 +195,13 @@ def loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def run_sequence(seq: int, base: str, rounds: int, warmup: int, names=WORKERS) -> dict:
+def run_sequence(seq: int, base: str, rounds: int, warmup: int, names=WORKERS, threads=None) -> dict:
     """Start the workers for `seq` one after another (each ready before the next starts, so that
     building one does not slow another's steps), then `warmup + rounds` rounds of one step each."""
     workers = []
     try:
         for name in names:
-            workers.append(Worker(name, seq, base))
+            workers.append(Worker(name, seq, base, threads))
             workers[-1].wait_ready()
         for r in range(warmup + rounds):
             k = r % len(workers)
@@ -262,11 +268,14 @@ def report(runs: dict, rounds: int, warmup: int, loads: list, command: str) -> s
         "Model: SmolLM2-135M's configuration with random weights (30 layers, hidden 576, 9 heads / 3 KV heads, "
         "intermediate 1536, vocabulary 49152, tied embeddings); micro-batch 4; AdamW, clipping at 1.0, no dropout. "
         f"Median of {rounds} steps per process after {warmup} warm-up steps; the processes of one sequence length "
-        "take turns step by step.",
+        "(or, at the longer ones, of one method) take turns step by step. Ratios above 1 mean ours is faster: "
+        "tokens/s from the median wall time; the per-round range from each round's pair of steps; 'by CPU time' "
+        "from the median process CPU seconds per step (all threads; less sensitive to other jobs taking the "
+        "cores, though threads that spin while waiting count).",
         "",
-        "| seq | method | ours tokens/s | reference tokens/s | ours / reference | per-round range | ours peak RSS MiB "
-        "| reference peak RSS MiB |",
-        "|---:|---|---:|---:|---:|---|---:|---:|",
+        "| seq | method | ours tokens/s | reference tokens/s | ours / reference | per-round range | by CPU time "
+        "| ours peak RSS MiB | reference peak RSS MiB |",
+        "|---:|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for seq, results in runs.items():
         s = summary(results, seq, warmup)
@@ -275,8 +284,10 @@ def report(runs: dict, rounds: int, warmup: int, loads: list, command: str) -> s
             lines.append(
                 f"| {seq} | {title} | {s[a]['tokens_per_s']:,.0f} | {s[b]['tokens_per_s']:,.0f} | "
                 f"**{s[a]['tokens_per_s'] / s[b]['tokens_per_s']:.2f}x** | {min(ratios):.2f}-{max(ratios):.2f} | "
+                f"{s[b]['cpu_s'] / s[a]['cpu_s']:.2f}x | "
                 f"{results[a]['rss_peak_mib']:,.0f} | {results[b]['rss_peak_mib']:,.0f} |")
-    lines += ["", "LoRA against full fine-tuning in each implementation (step time of full / step time of LoRA):",
+    lines += ["", "LoRA against full fine-tuning in each implementation (step time of full / step time of LoRA; "
+              "where the methods ran in pairs, from two consecutive phases):",
               "", "| seq | ours | reference | trainable (ours / reference) |", "|---:|---:|---:|---|"]
     for seq, results in runs.items():
         s = summary(results, seq, warmup)
@@ -302,6 +313,8 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--pairs-from", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -314,7 +327,10 @@ def main(argv=None) -> None:
         base = os.path.join(tmp, "base")
         write_base(base)
         for seq in opts.seq:
-            runs[seq] = run_sequence(seq, base, opts.rounds, opts.warmup)
+            groups = [WORKERS] if seq < opts.pairs_from else [WORKERS[:2], WORKERS[2:]]
+            runs[seq] = {}
+            for names in groups:
+                runs[seq].update(run_sequence(seq, base, opts.rounds, opts.warmup, names, opts.threads))
             loads.append(loadavg())
     sys.path.insert(0, HERE)
     from bench_report import emit
