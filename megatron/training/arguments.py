@@ -23,6 +23,7 @@ from megatron.training.sizes import default_ffn_hidden_size, divisors, tensor_pa
 from megatron.training.checkpoint.flags import (
     add_checkpoint_integrity_args, add_dist_ckpt_flags, validate_dist_ckpt_args,
 )
+from megatron.training.models.attention_backend import add_attention_flags, validate_attention_args
 
 
 def _add_model_flags(p):
@@ -63,8 +64,7 @@ def _add_model_flags(p):
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--apply-query-key-layer-scaling", action="store_true")
     g.add_argument("--attention-softmax-in-fp32", action="store_true")
-    g.add_argument("--use-flash-attn", action="store_true",
-                   help="fused attention: Transformer Engine's when present, else torch scaled_dot_product_attention")
+    add_attention_flags(g)
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="default: transformer_engine when it imports, else local")
     g.add_argument("--use-mcore-models", action="store_true", help="accepted for script compatibility (always on)")
@@ -384,6 +384,7 @@ def validate_args(args, world_size: int) -> None:
 
     validate_adapter_args(args, _fail)
     validate_dist_ckpt_args(args)
+    validate_attention_args(args, _fail)
 
     args.world_size = world_size
     args.data_parallel_size = dp
@@ -419,6 +420,7 @@ def transformer_config_from_args(args):
 
 def _transformer_config(args):
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnBackend
 
     from megatron.training import kernels
 
@@ -457,6 +459,10 @@ def _transformer_config(args):
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         **kernels.transformer_config_fields(args),
+        # Transformer Engine's spec only: megatron-core turns the value into TE's NVTE_*_ATTN switches,
+        # once per process; the local spec's choice is a layer-spec module (models/attention_backend.py).
+        **({"attention_backend": AttnBackend[args.attention_backend]}
+           if args.transformer_impl == "transformer_engine" else {}),
         deallocate_pipeline_outputs=True,
         # megatron-core 0.16.1's default "full" warns that it is deprecated at every
         # start-up; [] is its new spelling of the same (CUDA graphs are off anyway).

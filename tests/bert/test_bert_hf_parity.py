@@ -33,7 +33,9 @@ LAYOUTS = {  # name: (TP, PP, extra flags)
     "tp2": (2, 1, []),
     "pp2": (1, 2, []),
     "tp2_sp": (2, 1, ["--sequence-parallel"]),
-    "tp2_sdpa": (2, 1, ["--use-flash-attn"]),  # the SDPA core attention with a key-padding mask
+    # The other layouts run the default core attention, SDPA with a key-padding mask; this one
+    # megatron-core's unfused softmax path.
+    "tp2_unfused": (2, 1, ["--attention-backend", "unfused"]),
 }
 # What each model's heads compute, compared with transformers' output field.
 KINDS = {

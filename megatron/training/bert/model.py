@@ -41,6 +41,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, get
 from megatron.core.utils import make_viewless_tensor
 
 from megatron.training.errors import ArgumentError
+from megatron.training.models import attention_backend
 from megatron.training.models.norms import LocalNorm
 from megatron.training.models.padded_vocab import exclude_padded_vocab
 from megatron.training.models.sdpa_attention import SDPAttention
@@ -86,7 +87,8 @@ def build_bert_layer_spec(args, num_layers_in_chunk: int) -> TransformerBlockSub
     """The block spec for the flags: post-LN (--apply-residual-connection-post-layernorm)
     or pre-LN layers; Transformer Engine modules when --transformer-impl is
     transformer_engine, else megatron-core's local modules with `LocalNorm`
-    (sequence-parallel capable) and, with --use-flash-attn, SDPA core attention."""
+    (sequence-parallel capable) and SDPA core attention with a key-padding mask
+    (megatron-core's unfused one with --attention-backend unfused)."""
     post_ln = args.apply_residual_connection_post_layernorm
     if args.transformer_impl == "transformer_engine":
         layer, norm = _transformer_engine_layer(post_ln)
@@ -94,7 +96,7 @@ def build_bert_layer_spec(args, num_layers_in_chunk: int) -> TransformerBlockSub
         layer = copy.deepcopy(bert_layer_specs.bert_layer_local_spec)
         layer.submodules.input_layernorm = LocalNorm
         layer.submodules.pre_mlp_layernorm = LocalNorm
-        if args.use_flash_attn:
+        if attention_backend.local_core_attention(args) == "sdpa":
             layer.submodules.self_attention.submodules.core_attention = SDPAttention
         norm = LocalNorm
     if post_ln:

@@ -3,9 +3,11 @@
 Every fusion is on by default where it can run (see selection.py) and has a
 flag that turns it off. Our own additions are --no-cross-entropy-loss-fusion
 (Megatron-LM's fusion is opt-in with --cross-entropy-loss-fusion; here it is
-on by default), the `liger` choice of --cross-entropy-fusion-impl, and
+on by default), the `liger` choice of --cross-entropy-fusion-impl,
 --no-fused-adam (Megatron-LM always has Transformer Engine's or apex's
-FusedAdam; without them megatron-core builds torch's AdamW, made fused here).
+FusedAdam; without them megatron-core builds torch's AdamW, made fused here)
+and --no-foreach-grad-clip (likewise for the multi-tensor norm and scale of
+gradient clipping).
 """
 
 
@@ -34,6 +36,9 @@ def add_kernel_flags(parser) -> None:
     g.add_argument("--cross-entropy-fusion-impl", choices=["liger", "native", "te"], default=None,
                    help="liger: Liger's Triton kernel; native: megatron-core's fused path (bf16 gradients); "
                         "te: Transformer Engine's. Default: te with Transformer Engine, else liger")
+    g.add_argument("--no-foreach-grad-clip", action="store_false", dest="foreach_grad_clip", default=None,
+                   help="gradient norm and clipping with torch's foreach operators where Transformer Engine and apex "
+                        "are absent (megatron-core's fallback loops over the tensors, copying each one)")
     g.add_argument("--no-fused-adam", action="store_false", dest="fused_adam", default=None,
                    help="torch's AdamW without fused=True (Transformer Engine's or apex's FusedAdam, when "
                         "installed, is megatron-core's choice and stays)")

@@ -10,8 +10,11 @@ nothing here can serve is an error that names the fix.
 The policy this table encodes: with Transformer Engine installed its kernels
 (or megatron-core's own fusions) run, as in Megatron-LM; on CUDA without TE
 our Triton RoPE, Liger's SwiGLU and vocab-parallel cross-entropy, the
-torch.addmm gradient-accumulation shim and torch's fused AdamW run; on a CPU
-everything stays unfused unless FINLLAMA_CPU_KERNELS=1 (tests).
+torch.addmm gradient-accumulation shim, torch's fused AdamW and foreach
+gradient clipping run; on a CPU the paths made of plain torch operators run
+(RoPE and SwiGLU as one autograd function each, addmm into fp32 main grads,
+torch's fused CPU AdamW, foreach clipping) and the Triton ones only with
+FINLLAMA_CPU_KERNELS=1 (tests).
 """
 
 import dataclasses
@@ -61,12 +64,16 @@ KERNELS: Dict[str, Kernel] = {
     "rope": Kernel("RoPE", "apply_rope_fusion", lambda a: a.position_embedding_type == "rope", (
         Provider("te", "Transformer Engine", lambda c, a: c.transformer_engine and c.cuda),
         Provider("triton", "Triton, ours", lambda c, a: c.triton_runs),
+        # Where no kernel runs: the same rotation on torch operators, one autograd function (rope_torch.py).
+        Provider("torch", "torch, ours", lambda c, a: True),
     )),
     "swiglu": Kernel("SwiGLU", "bias_swiglu_fusion", lambda a: a.swiglu, (
         # Beside Transformer Engine, megatron-core's own fusion, as in Megatron-LM.
         Provider("jit", "megatron-core jit", lambda c, a: c.transformer_engine and c.cuda),
         Provider("liger", "Liger gate-up, Triton", lambda c, a: c.triton_runs and c.liger),
         Provider("jit", "megatron-core jit", _cuda),
+        # Where no kernel runs: one autograd function on torch operators (swiglu_torch.py).
+        Provider("torch", "torch, ours", lambda c, a: True),
     )),
     "gelu": Kernel("bias-GeLU", "bias_gelu_fusion", lambda a: not a.swiglu, (
         Provider("jit", "megatron-core jit", _cuda),
@@ -84,15 +91,23 @@ KERNELS: Dict[str, Kernel] = {
         Provider("apex", "apex fused_weight_gradient_mlp_cuda", lambda c, a: c.cuda and c.apex_wgrad),
         # megatron-core's own linears need apex's extension even under the Transformer
         # Engine spec (the output layer is one): the shim stands in for it.
-        Provider("addmm", "torch.addmm(out_dtype=fp32) shim",
-                 lambda c, a: c.addmm_out_dtype or (c.kernel_device and _fp32(a))),
+        # fp32 weights into fp32 main grads: addmm_ in place, on any device (a CPU too).
+        Provider("addmm", "torch.addmm(out_dtype=fp32) shim", lambda c, a: c.addmm_out_dtype or _fp32(a)),
     ), off_label="off"),
     "adam": Kernel("AdamW", "fused_adam", lambda a: a.optimizer == "adam", (
         # megatron-core imports these instead of torch's AdamW when it can.
         Provider("te", "Transformer Engine FusedAdam", lambda c, a: c.transformer_engine, switchable=False),
         Provider("apex", "apex FusedAdam", lambda c, a: c.apex, switchable=False),
-        Provider("torch", "torch fused", lambda c, a: c.kernel_device),
+        # torch >= 2.4 has a fused CPU kernel too (transformers' Trainer uses it by default).
+        Provider("torch", "torch fused", lambda c, a: c.kernel_device or c.torch_version >= (2, 4)),
     ), off_label="torch foreach"),
+    "grad_clip": Kernel("grad-norm clipping", "foreach_grad_clip", lambda a: a.clip_grad > 0, (
+        # megatron-core uses these multi-tensor kernels when it can import them.
+        Provider("te", "Transformer Engine multi-tensor", lambda c, a: c.transformer_engine, switchable=False),
+        Provider("apex", "apex multi-tensor", lambda c, a: c.apex, switchable=False),
+        # Else its per-tensor loops: multi_tensor.py's foreach versions instead.
+        Provider("foreach", "torch foreach", lambda c, a: True),
+    ), off_label="megatron-core per-tensor loop"),
     "masked_softmax": Kernel("masked softmax", "masked_softmax_fusion", _always, (
         Provider("ext", "megatron CUDA extension", lambda c, a: c.cuda and c.masked_softmax_ext),
     ), off_label="off"),

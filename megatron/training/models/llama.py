@@ -6,7 +6,8 @@ embeddings, Llama 3.x rope scaling); Qwen2 adds q/k/v biases
 of it is megatron-core's own modules, selected by a layer spec. Transformer
 Engine's spec is used when `--transformer-impl transformer_engine` (the
 default when it imports); otherwise the local spec, whose core attention is
-swapped for `SDPAttention` with `--use-flash-attn`.
+torch SDPA (`SDPAttention`) unless `--attention-backend unfused` asks for
+megatron-core's unfused softmax (models/attention_backend.py).
 """
 
 import copy
@@ -16,6 +17,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from megatron.training.models import attention_backend
 from megatron.training.models.norms import LocalNorm
 from megatron.training.models.padded_vocab import exclude_padded_vocab
 from megatron.training.models.sdpa_attention import SDPAttention
@@ -36,7 +38,7 @@ def build_llama_layer_spec(args, num_layers_in_chunk: int):
     if args.qk_layernorm:  # megatron-core's finalize_model_grads sums their gradients over TP (by name)
         layer.submodules.self_attention.submodules.q_layernorm = LocalNorm
         layer.submodules.self_attention.submodules.k_layernorm = LocalNorm
-    if args.use_flash_attn:
+    if attention_backend.local_core_attention(args) == "sdpa":
         layer.submodules.self_attention.submodules.core_attention = SDPAttention
     if getattr(args, "lora_quant_bits", None):  # QLoRA: the dense linears keep their weights quantised
         quantize_layer_spec(layer, args.lora_quant_bits)
@@ -45,9 +47,7 @@ def build_llama_layer_spec(args, num_layers_in_chunk: int):
 
 def attention_backend_name(args) -> str:
     """What attention implementation runs, for the start-up log."""
-    if args.transformer_impl == "transformer_engine":
-        return "Transformer Engine"
-    return "local + torch SDPA (fused)" if args.use_flash_attn else "local (unfused softmax)"
+    return attention_backend.describe(args)
 
 
 def build_gpt_model(args, config, pre_process=None, post_process=None, vp_stage=None) -> GPTModel:

@@ -32,6 +32,7 @@ import math
 from typing import Dict, Tuple
 
 from megatron.training.checkpoint_convert.peft import canonical_targets, layer_dims
+from megatron.training.models.attention_backend import keeps_attention_scores
 from megatron.training.peft.targets import COLUMN, TARGETS
 
 NF4_BLOCK = 64
@@ -139,7 +140,7 @@ def activation_delta_bytes(args, sequence_parallel: bool, element_bytes: int) ->
     # adapter (flash attention keeps its output, the input of linear_proj), its output rows on this rank)
     inputs = {
         "self_attention.linear_qkv": (e * dims.hidden / r, False, (query + 2 * key_value) / t),
-        "self_attention.linear_proj": (e * query / t, args.use_flash_attn, dims.hidden / r),
+        "self_attention.linear_proj": (e * query / t, not keeps_attention_scores(args), dims.hidden / r),
         "mlp.linear_fc1": (e * dims.hidden / r, False, fc1_rows / t),
         "mlp.linear_fc2": (e * dims.ffn / t, False, dims.hidden / r),
     }

@@ -39,7 +39,7 @@ What the model leaves out is covered by a headroom: CUDA context, NCCL
 buffers, allocator fragmentation, transient buffers (all-gathers, logits
 before the fp32 cross-entropy).
 
-Imports only torch and this package's arguments/flops: no megatron.core.
+Imports only torch and this package's arguments/flops/attention choice: no megatron.core.
 """
 
 import math
@@ -50,6 +50,7 @@ from megatron.training import arguments
 from megatron.training.flops import PEAK_BF16_TFLOPS, ModelShape, flops_per_iteration, throughput
 from megatron.training.planner import adapters
 from megatron.training.preference.arguments import add_preference_args, reference_mode
+from megatron.training.models.attention_backend import keeps_attention_scores
 from megatron.training.sizes import padded_vocab_size
 
 GIB = float(1 << 30)
@@ -311,7 +312,7 @@ def layer_activation_bytes(args, sequence_parallel: bool, selective: bool = Fals
     total = s * b * per_token
     if adapters.adapted(args):
         total += adapters.activation_delta_bytes(args, sequence_parallel, e)
-    if not args.use_flash_attn and not selective:
+    if keeps_attention_scores(args) and not selective:
         # Unfused attention keeps the softmax output (and with dropout its mask and output), a x s x s.
         per_score = e + ((1 + e) if args.attention_dropout > 0 else 0)
         total += args.num_attention_heads * s * s * b * per_score / t

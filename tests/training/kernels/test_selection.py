@@ -33,13 +33,14 @@ def choices(caps, *flags, bf16=True):
 def test_cuda_without_transformer_engine_runs_every_kernel_of_this_package():
     assert choices(CUDA) == {
         "rope": "triton", "swiglu": "liger", "cross_entropy": "liger", "grad_accum": "addmm", "adam": "torch",
-        "masked_softmax": OFF, "bias_dropout": "jit", "persist_layer_norm": OFF}
+        "grad_clip": "foreach", "masked_softmax": OFF, "bias_dropout": "jit", "persist_layer_norm": OFF}
 
 
 def test_transformer_engine_keeps_its_own_kernels_and_megatron_cores_fusions():
     got = choices(CUDA_TE, "--transformer-impl", "local")
     assert got["rope"] == "te" and got["swiglu"] == "jit" and got["cross_entropy"] == "te"
-    assert got["adam"] == "te"
+    assert got["adam"] == "te" and got["grad_clip"] == "te"
+    assert choices(dataclasses.replace(CUDA, apex=True), "--no-foreach-grad-clip")["grad_clip"] == "apex"
 
 
 @pytest.mark.parametrize("impl", ["local", "transformer_engine"])
@@ -54,8 +55,12 @@ def test_gradient_accumulation_gate_does_not_count_transformer_engine_as_a_provi
     assert choices(old_torch, "--transformer-impl", impl)["grad_accum"] == OFF  # bf16 needs addmm's out_dtype
 
 
-def test_a_cpu_stays_unfused_unless_told_it_is_a_kernel_device():
-    assert set(choices(CPU, bf16=False).values()) == {OFF}
+def test_a_cpu_runs_the_plain_torch_paths_and_the_triton_ones_only_when_told_it_is_a_kernel_device():
+    assert choices(CPU, bf16=False) == {
+        "rope": "torch", "swiglu": "torch", "cross_entropy": OFF, "grad_accum": "addmm", "adam": "torch",
+        "grad_clip": "foreach", "masked_softmax": OFF, "bias_dropout": OFF, "persist_layer_norm": OFF}
+    # bf16 weights into fp32 main grads need addmm's out_dtype, which the CPU lacks.
+    assert choices(CPU)["grad_accum"] == OFF
     cpu_kernels = dataclasses.replace(CPU, cpu_kernels=True, triton_interpreter=True)
     got = choices(cpu_kernels, bf16=False)
     assert (got["rope"], got["swiglu"], got["cross_entropy"], got["grad_accum"], got["adam"]) == (
@@ -67,7 +72,7 @@ def test_a_cpu_stays_unfused_unless_told_it_is_a_kernel_device():
 @pytest.mark.parametrize("flag, kernel", [
     ("--no-rope-fusion", "rope"), ("--no-bias-swiglu-fusion", "swiglu"),
     ("--no-cross-entropy-loss-fusion", "cross_entropy"), ("--no-gradient-accumulation-fusion", "grad_accum"),
-    ("--no-fused-adam", "adam"), ("--no-bias-dropout-fusion", "bias_dropout")])
+    ("--no-fused-adam", "adam"), ("--no-bias-dropout-fusion", "bias_dropout"), ("--no-foreach-grad-clip", "grad_clip")])
 def test_each_off_flag_turns_exactly_its_kernel_off(flag, kernel):
     on, off = choices(CUDA), choices(CUDA, flag)
     assert off[kernel] == OFF and on[kernel] != OFF
@@ -111,9 +116,14 @@ def test_start_up_line_and_transformer_config_follow_the_selection():
         "cross_entropy_loss_fusion"] is False
 
 
-def test_the_driver_config_on_this_machine_keeps_everything_unfused():
+def test_the_driver_config_on_this_machine_runs_the_plain_torch_paths():
     args = args_for(bf16=False)
     config = transformer_config_from_args(args)
-    assert not (config.apply_rope_fusion or config.bias_activation_fusion or config.cross_entropy_loss_fusion
-                or config.gradient_accumulation_fusion)
-    assert set(args.kernel_selection.choices.values()) == {OFF}
+    assert config.apply_rope_fusion and config.gradient_accumulation_fusion and config.bias_activation_fusion
+    assert not config.cross_entropy_loss_fusion
+    assert {k for k, v in args.kernel_selection.choices.items() if v != OFF} == {
+        "rope", "swiglu", "grad_accum", "adam", "grad_clip"}
+    off = args_for("--no-rope-fusion", "--no-bias-swiglu-fusion", "--no-gradient-accumulation-fusion",
+                   "--no-fused-adam", "--no-foreach-grad-clip", bf16=False)
+    transformer_config_from_args(off)
+    assert set(off.kernel_selection.choices.values()) == {OFF}
