@@ -15,12 +15,11 @@ retries them.
 """
 
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.training.errors import ArgumentError, Parser, run_main  # noqa: E402
+from megatron.training.errors import ArgumentError, Parser, run_main, sigterm_as_exit  # noqa: E402
 
 
 def build_parser() -> Parser:
@@ -92,10 +91,6 @@ def run(argv=None) -> int:
     from megatron.training.distill.teacher import SamplingConfig, build_teacher
     from megatron.training.tokenizer import build_tokenizer
 
-    def on_term(signum, frame):
-        raise SystemExit(f"stopped by signal {signum}; the shard in progress was removed, rerun to resume")
-
-    signal.signal(signal.SIGTERM, on_term)
     prefix_cfg = PrefixConfig(args.prefix_unit, args.prefix_length, args.min_doc_length, not args.no_bos)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     filters = FilterConfig(args.min_continuation_tokens, args.max_repetition, args.repetition_ngram)
@@ -111,7 +106,8 @@ def run(argv=None) -> int:
     teacher = build_teacher(args.backend, args.teacher, sampling, args.dtype, args.tensor_parallel_size,
                             args.gpu_memory_utilization, args.max_model_len)
     print(f"teacher {name} on {teacher.backend}", file=sys.stderr)
-    report = generate_synthetic_data(documents, PrefixCutter(prefix_cfg, teacher.tokenizer, stats), teacher, cfg)
+    with sigterm_as_exit("stopped by signal {signum}; the shard in progress was removed, rerun to resume"):
+        report = generate_synthetic_data(documents, PrefixCutter(prefix_cfg, teacher.tokenizer, stats), teacher, cfg)
     print(report.text(), file=sys.stderr)
     return 3 if report.still_failed else 0
 

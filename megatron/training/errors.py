@@ -38,6 +38,7 @@ import contextlib
 import difflib
 import json
 import os
+import signal
 import sys
 import time
 from typing import Callable, List, Optional
@@ -111,6 +112,30 @@ def os_errors_as_output_errors(outcome: str, flag: str = "--output-prefix"):
         if isinstance(e, UserError):
             raise
         raise OutputError(f"{describe_os_error(e, flag)}; {outcome}") from None
+
+
+@contextlib.contextmanager
+def sigterm_as_exit(message: str):
+    """Within the block SIGTERM stops this process like Ctrl-C: SystemExit(message)
+    unwinds it, so the cleanup of partial outputs runs. A process forked inside the
+    block (a worker pool) that meets SIGTERM before it sets its own handler dies of
+    the signal as by default; raising there would unwind the parent's stack in the
+    child (a test session forked by a pool would go on running the session). The
+    previous handler is back after the block."""
+    owner = os.getpid()
+
+    def on_term(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SystemExit(message.format(signum=signum))
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_main(main: Callable, *args) -> int:

@@ -30,7 +30,7 @@ from megatron.training.data.jsonl_reader import (
     BAD_DESCRIPTIONS, Block, InputError, bad_summary, find_input_files, parse_record, read_blocks, split_lines,
 )
 from megatron.training.data.long_text import tokenize_texts
-from megatron.training.errors import os_errors_as_output_errors
+from megatron.training.errors import os_errors_as_output_errors, sigterm_as_exit
 from megatron.training.fileio import sweep_stale_temps
 
 _SPLIT_CHUNK_CHARS = 1_000_000  # Megatron-LM splits sentences in pieces of this many characters
@@ -60,13 +60,10 @@ def run_data_tool(args, config_cls, run, report_text) -> None:
     UserErrors, and a failed write (a full disk, a read-only folder) becomes
     one: the entry point prints them in one line (errors.run_main)."""
 
-    def on_term(signum, frame):
-        raise SystemExit(f"stopped by signal {signum}; partial outputs removed")
-
-    signal.signal(signal.SIGTERM, on_term)
     fields = set(config_cls.__dataclass_fields__)
     cfg = config_cls(**{k: v for k, v in vars(args).items() if k in fields})
-    with os_errors_as_output_errors("partial outputs removed"):
+    with sigterm_as_exit("stopped by signal {signum}; partial outputs removed"), \
+            os_errors_as_output_errors("partial outputs removed"):
         report = run(cfg)
     print(report_text(report), file=sys.stderr)
 
