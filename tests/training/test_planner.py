@@ -36,6 +36,7 @@ def test_activation_formula_matches_korthikanti_for_gpt3_style_layers():
     and s*b*h*(10 + 24/t + 5*a*s/(h*t)) with TP alone."""
     s, b, h, a, t = 2048, 4, 12288, 96, 8
     argv = ["--num-layers", "8", "--hidden-size", str(h), "--num-attention-heads", str(a), "--seq-length", str(s),
+            "--attention-backend", "unfused",  # the paper's attention keeps its s x s scores
             "--micro-batch-size", str(b), "--bf16", "--lr", "1e-4", "--train-iters", "1", "--mock-data",
             "--vocab-size", "51200", "--attention-dropout", "0.1", "--hidden-dropout", "0.1"]
     args = _plan(argv, t, tensor_model_parallel_size=t).args

@@ -178,21 +178,18 @@ class ColumnParallelAdapter(ParallelAdapter):
             norms[name] = torch.linalg.norm(rows + self.scaling * self.sub(name).delta_weight(), dim=1).to(rows.dtype)
         return norms
 
-    def low_rank_input(self, x: torch.Tensor, dropped: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """[A_1 x_1, ..., A_k x_k] for the targeted parts, made complete for this rank (to_full_sequence);
-        one matmul with the stacked A's when every part sees the same input (no active dropout)."""
-        if self.dropout_active():
-            h = [self.sub(n).lora_A(dropped[n]) for n in self.targeted]
-            h = h[0] if len(h) == 1 else torch.cat(h, dim=-1)
-        else:
-            a = [self.sub(n).lora_A.weight for n in self.targeted]
-            h = F.linear(x, a[0] if len(a) == 1 else torch.cat(a))
-        return self.to_full_sequence(h)
+    def low_rank_input(self, dropped: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """[A_1 x_1, ..., A_k x_k] for the targeted parts, made complete for this rank (to_full_sequence).
+        One matmul per part: a concatenation of the A's would be a weight-sized copy kept for backward."""
+        h = [self.sub(n).lora_A(dropped[n]) for n in self.targeted]
+        return self.to_full_sequence(h[0] if len(h) == 1 else torch.cat(h, dim=-1))
 
     def stacked_b(self) -> torch.Tensor:
-        """s * [B_1, ..., B_k] as one [local rows, k r] matrix in megatron-core's row order: B_i in the rows
-        of its part and the columns of its A_i's output, zeros elsewhere (and in untargeted parts' rows)."""
-        blocks = [self.sub(n).lora_B.weight * self.scaling if n in self.targeted
+        """[B_1, ..., B_k] as one [local rows, k r] matrix in megatron-core's row order: B_i in the rows
+        of its part and the columns of its A_i's output, zeros elsewhere (and in untargeted parts' rows).
+        A linear of one part in order uses B itself; otherwise the matrix is a copy (kept for backward,
+        planner/adapters.py counts it)."""
+        blocks = [self.sub(n).lora_B.weight if n in self.targeted
                   else self.row_order.new_zeros((self.rows[n], 0), dtype=self.sub(self.targeted[0]).lora_B.weight.dtype)
                   for n in self.parts]
         b = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
@@ -201,13 +198,13 @@ class ColumnParallelAdapter(ParallelAdapter):
     def forward(self, x: torch.Tensor, base_output, base: nn.Module):
         out, out_bias = base_output
         dropped = {n: self.dropped(x, split_input=self.sequence_parallel) for n in self.targeted}
-        h = self.low_rank_input(x, dropped)
+        h = self.low_rank_input(dropped)
         if not self.dora:
-            # out + h B^T in one addmm: the delta lands in megatron-core's row order with no
+            # out + s h B^T in one addmm: the delta lands in megatron-core's row order with no
             # full-width concatenation or row permutation of it (forward or backward).
             rows = out.shape[-1]
-            return torch.addmm(out.reshape(-1, rows), h.reshape(-1, h.shape[-1]), self.stacked_b().t()).view(
-                out.shape), out_bias
+            return torch.addmm(out.reshape(-1, rows), h.reshape(-1, h.shape[-1]), self.stacked_b().t(),
+                               alpha=self.scaling).view(out.shape), out_bias
         deltas = {n: self.sub(n).lora_B(h_n) * self.scaling for n, h_n in zip(self.targeted, h.split(self.rank, -1))}
         delta = self.to_megatron_rows(deltas, 0.0)
         norms = self.weight_norms(base)
@@ -272,8 +269,8 @@ class RowParallelAdapter(ParallelAdapter):
         h = self.reduce(weights.lora_A(dropped))
         if not self.dora:
             rows = out.shape[-1]
-            return torch.addmm(out.reshape(-1, rows), h.reshape(-1, h.shape[-1]),
-                               (weights.lora_B.weight * self.scaling).t()).view(out.shape), out_bias
+            return torch.addmm(out.reshape(-1, rows), h.reshape(-1, h.shape[-1]), weights.lora_B.weight.t(),
+                               alpha=self.scaling).view(out.shape), out_bias
         delta = weights.lora_B(h) * self.scaling
         scale = weights.lora_magnitude_vector / self.weight_norms(base)[name]
         if self.dropout_active():

@@ -164,8 +164,13 @@ def activation_delta_bytes(args, sequence_parallel: bool, element_bytes: int) ->
                     per_token += e * features_in
                     per_micro_batch += e * features_out / t * features_in
         per_token += e * rank * len(parts) / (1 if column else r)  # B's input: A x, gathered (column) or reduced
+        fused_parts = {"self_attention.linear_qkv": 3, "mlp.linear_fc1": 2 if args.swiglu else 1}.get(module, 1)
+        if fused_parts > 1 and not args.lora_use_dora:
+            # the B's of a fused linear stacked in megatron-core's row order: a copy kept for backward
+            per_micro_batch += e * out_local * rank * len(parts)
         if args.lora_use_dora:
             per_token += 2 * e * out_local  # base and adapter outputs, for the magnitude's gradient
+            per_micro_batch += 2 * e * out_local  # the per-row scale m / ||W + s BA|| and scale - 1
     return per_token * tokens + per_micro_batch
 
 
