@@ -23,7 +23,7 @@ import sys
 from typing import List, Optional
 
 from megatron.training.fileio import remove_quietly
-from megatron.training.finetune_config import TRACKER, ConfigError, Plan
+from megatron.training.finetune_config import ConfigError, Plan, tracker_iteration
 
 OUTPUT = "accuracy"  # {save_dir}/accuracy.json, .md, .partial.jsonl
 
@@ -56,24 +56,16 @@ def _recorded_iteration(path: str, first_line: bool) -> Optional[object]:
         return None
 
 
-def _checkpoint_iteration(plan: Plan) -> Optional[int]:
-    try:
-        with open(os.path.join(plan.checkpoints, TRACKER)) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def is_current(plan: Plan) -> bool:
     """accuracy.json is of the checkpoint finetune.py trained last."""
-    iteration = _checkpoint_iteration(plan)
+    iteration = tracker_iteration(plan)
     return iteration is not None and _recorded_iteration(_path(plan, ".json"), False) == iteration
 
 
 def clear_stale(plan: Plan) -> None:
     """Remove accuracy files of another checkpoint iteration than the current one
     (a partial file of the current one is kept: the step resumes from it)."""
-    iteration = _checkpoint_iteration(plan)
+    iteration = tracker_iteration(plan)
     if _recorded_iteration(_path(plan, ".json"), False) != iteration:
         remove_quietly(_path(plan, ".json"))
         remove_quietly(_path(plan, ".md"))

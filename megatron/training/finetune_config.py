@@ -473,7 +473,8 @@ def export_commands(plan: Plan, repo: str) -> List[List[str]]:
     return commands
 
 
-def _tracker_iteration(plan: Plan) -> Optional[int]:
+def tracker_iteration(plan: Plan) -> Optional[int]:
+    """The iteration the run's checkpoint tracker names; None before the first save."""
     try:
         with open(os.path.join(plan.checkpoints, TRACKER)) as f:
             return int(f.read().strip())
@@ -485,7 +486,7 @@ def record_if_finished(plan: Plan, train_samples: int) -> None:
     """After the training step: when {save_dir}/checkpoints reached the end of
     this configuration's training, write {save_dir}/finished.json (the
     configuration and that iteration), so a rerun knows it is done."""
-    iteration = _tracker_iteration(plan)
+    iteration = tracker_iteration(plan)
     if iteration is not None and iteration == train_iterations(plan, train_samples):
         atomic_write_text(os.path.join(plan.cfg["save_dir"], FINISHED),
                           json.dumps({"config": plan.cfg, "iteration": iteration}, indent=2))
@@ -501,7 +502,7 @@ def finished_iteration(plan: Plan) -> Optional[int]:
     except (OSError, ValueError):
         return None
     same_config = record.get("config") == json.loads(json.dumps(plan.cfg))
-    iteration = _tracker_iteration(plan)
+    iteration = tracker_iteration(plan)
     return iteration if same_config and iteration == record.get("iteration") else None
 
 

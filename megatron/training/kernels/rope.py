@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron.training.kernels.rope_torch import check_rope_inputs
+
 # Elements of one (heads x half-channels) tile a program holds at once.
 _TILE = 2048
 
@@ -111,14 +113,5 @@ def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, transpose_o
                                interleaved: bool = False) -> torch.Tensor:
     """RoPE on t [s, b, h, d] (sbhd, any strides) with freqs [s', 1, 1, r] (fp32
     angles, s' >= s, r even and <= d). Returns a new contiguous tensor."""
-    if interleaved:
-        raise ValueError("the Triton RoPE kernel implements the rotate-half layout only: "
-                         "drop --rotary-interleaved or add --no-rope-fusion")
-    if t.dim() != 4 or freqs.dim() != 4 or freqs.shape[1] != 1 or freqs.shape[2] != 1:
-        raise ValueError(f"RoPE kernel: expected t [s, b, h, d] and freqs [s, 1, 1, r], got {tuple(t.shape)} "
-                         f"and {tuple(freqs.shape)}")
-    rot_dim = freqs.shape[-1]
-    if rot_dim % 2 or rot_dim > t.shape[-1] or freqs.shape[0] < t.shape[0]:
-        raise ValueError(f"RoPE kernel: freqs {tuple(freqs.shape)} do not fit t {tuple(t.shape)} "
-                         "(need an even rotary width <= head dim and at least as many positions)")
+    check_rope_inputs(t, freqs, "the Triton RoPE kernel", "RoPE kernel", interleaved)
     return _RotaryEmbedding.apply(t, freqs)

@@ -66,20 +66,26 @@ class _RotaryEmbedding(torch.autograd.Function):
         return _rotate(grad, cos, sin, transpose=True), None, None
 
 
+def check_rope_inputs(t: torch.Tensor, freqs: torch.Tensor, path: str, name: str, interleaved: bool) -> None:
+    """What the RoPE paths of this package take (this one and kernels/rope.py's Triton kernel): the
+    rotate-half layout, t [s, b, h, d] and freqs [s' >= s, 1, 1, r] with r even and <= d."""
+    if interleaved:
+        raise ValueError(f"{path} implements the rotate-half layout only: "
+                         "drop --rotary-interleaved or add --no-rope-fusion")
+    if t.dim() != 4 or freqs.dim() != 4 or freqs.shape[1] != 1 or freqs.shape[2] != 1:
+        raise ValueError(f"{name}: expected t [s, b, h, d] and freqs [s, 1, 1, r], got {tuple(t.shape)} "
+                         f"and {tuple(freqs.shape)}")
+    rot_dim = freqs.shape[-1]
+    if rot_dim % 2 or rot_dim > t.shape[-1] or freqs.shape[0] < t.shape[0]:
+        raise ValueError(f"{name}: freqs {tuple(freqs.shape)} do not fit t {tuple(t.shape)} "
+                         "(need an even rotary width <= head dim and at least as many positions)")
+
+
 def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, transpose_output_memory: bool = False,
                          interleaved: bool = False) -> torch.Tensor:
     """RoPE on t [s, b, h, d] (sbhd, any strides) with freqs [s', 1, 1, r] (fp32
     angles, s' >= s, r even and <= d). Returns a new contiguous tensor."""
-    if interleaved:
-        raise ValueError("the torch RoPE path implements the rotate-half layout only: "
-                         "drop --rotary-interleaved or add --no-rope-fusion")
-    if t.dim() != 4 or freqs.dim() != 4 or freqs.shape[1] != 1 or freqs.shape[2] != 1:
-        raise ValueError(f"RoPE: expected t [s, b, h, d] and freqs [s, 1, 1, r], got {tuple(t.shape)} "
-                         f"and {tuple(freqs.shape)}")
-    rot_dim = freqs.shape[-1]
-    if rot_dim % 2 or rot_dim > t.shape[-1] or freqs.shape[0] < t.shape[0]:
-        raise ValueError(f"RoPE: freqs {tuple(freqs.shape)} do not fit t {tuple(t.shape)} "
-                         "(need an even rotary width <= head dim and at least as many positions)")
+    check_rope_inputs(t, freqs, "the torch RoPE path", "RoPE", interleaved)
     cos, sin = _cos_sin(freqs, t.dtype)
     seq = t.shape[0]
     return _RotaryEmbedding.apply(t, cos[:seq], sin[:seq])
