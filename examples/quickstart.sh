@@ -9,6 +9,8 @@ OUT=${OUT:-runs/quickstart}
 ITERS=${ITERS:-300}
 HALF=$((ITERS / 2))
 PYTHON=${PYTHON:-python3}
+# Library deprecation notices (torch, megatron-core) would interleave with the log lines below.
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 
 if ! "$PYTHON" -c "import torch, megatron.core, sentencepiece, transformers, tokenizers, psutil" 2>/dev/null; then
     echo "== installing requirements (CPU torch, megatron-core 0.16.1, ...)"
