@@ -198,8 +198,9 @@ def build_parser(extra_args_provider=None) -> Parser:
         add(p)
     # Sequences of --seq-length each sample carries (not a flag): the pipeline schedule's micro-batch is
     # --micro-batch-size x this many sequences (preference tuning: a chosen and a rejected one, and their
-    # reference pass; preference/arguments.py sets it).
-    p.set_defaults(sequences_per_sample=1)
+    # reference pass; preference/arguments.py sets it); of those, the ones trained on (forward and
+    # backward), the rest being forward-only reference passes (the log's tokens/s and TFLOP/s count both).
+    p.set_defaults(sequences_per_sample=1, trained_sequences_per_sample=1)
     if extra_args_provider is not None:
         extra_args_provider(p)
     return p

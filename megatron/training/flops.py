@@ -52,6 +52,17 @@ def flops_per_iteration(shape: ModelShape, global_batch_size: int, seq_length: i
     return 12.0 * global_batch_size * seq_length * L * h * h * per_token_layer_terms
 
 
+def iteration_work(shape: ModelShape, global_batch_size: int, seq_length: int, sequences_per_sample: int = 1,
+                   trained_sequences_per_sample: int = 1):
+    """(model FLOPs, tokens trained on) of one iteration whose samples each carry `sequences_per_sample`
+    sequences, `trained_sequences_per_sample` of them trained on (preference tuning: chosen and rejected)
+    and the rest forward-only (a live reference model: a third of a training pass's FLOPs)."""
+    trained = global_batch_size * trained_sequences_per_sample
+    forward_only = global_batch_size * (sequences_per_sample - trained_sequences_per_sample)
+    flops = flops_per_iteration(shape, trained, seq_length) + flops_per_iteration(shape, forward_only, seq_length) / 3
+    return flops, trained * seq_length
+
+
 def parameter_count(shape: ModelShape, tied_embeddings: bool) -> int:
     """Parameters of the whole model (RMSNorm weights included, no biases)."""
     h = shape.hidden_size

@@ -21,7 +21,7 @@ from megatron.training.checkpoint import save_load
 from megatron.training.checkpoint.iterations import require_checkpoint
 from megatron.training.checkpoint.settings import flag, take_checkpoint_settings, vocabulary_difference
 from megatron.training.exit_signal import ExitSignalHandler
-from megatron.training.flops import ModelShape, flops_per_iteration
+from megatron.training.flops import ModelShape, iteration_work
 from megatron.training.peft.arguments import adapters_enabled
 from megatron.training.peft.checkpoint import load_adapter_checkpoint
 from megatron.training.sizes import padded_vocab_size
@@ -319,8 +319,9 @@ def _train_loop(args, forward_step_func, model, optimizer, scheduler, train_iter
     for chunk in model:
         chunk.train()
     shape = ModelShape.from_args(args)
-    logger = TrainingLogger(args, flops_per_iteration(shape, args.global_batch_size, args.seq_length))
-    tokens_per_iteration = args.global_batch_size * args.seq_length
+    flops, tokens_per_iteration = iteration_work(shape, args.global_batch_size, args.seq_length,
+                                                 args.sequences_per_sample, args.trained_sequences_per_sample)
+    logger = TrainingLogger(args, flops)
     start_time = time.time()
     saved_at = None
     print_rank_0(f"> training from iteration {state.iteration} to {args.train_iters}")

@@ -88,3 +88,21 @@ def test_resolved_reference_sets_the_pipeline_rows():
         validate_preference_args(args)  # idempotent: the providers may each call it
         rows[args.pref_reference] = args.sequences_per_sample
     assert rows == {"copy": 4, "adapters": 4, "precomputed": 2, None: 2}
+
+
+def test_the_log_counts_both_responses_and_the_reference_forward():
+    """tokens/s counts the chosen and the rejected response of each pair (the tokens trained on); TFLOP/s
+    adds the live reference's forward passes at a third of a training pass."""
+    from megatron.training import arguments
+    from megatron.training.flops import ModelShape, flops_per_iteration, iteration_work
+    from megatron.training.preference.arguments import add_preference_args, validate_preference_args
+
+    shape, batch, seq = ModelShape(2, 64, 128, 4, 2, 16, 256, True), 8, 32
+    one = flops_per_iteration(shape, batch, seq)
+    args = arguments.parse_args(DATA + ["--load", "x", "--finetune"], add_preference_args)
+    validate_preference_args(args)  # a live reference (a frozen copy)
+    flops, tokens = iteration_work(shape, batch, seq, args.sequences_per_sample, args.trained_sequences_per_sample)
+    assert tokens == 2 * batch * seq and flops == pytest.approx(one * (2 + 2 / 3), rel=1e-12)
+    plain = arguments.parse_args(DATA)
+    flops, tokens = iteration_work(shape, batch, seq, plain.sequences_per_sample, plain.trained_sequences_per_sample)
+    assert tokens == batch * seq and flops == pytest.approx(one, rel=1e-12)

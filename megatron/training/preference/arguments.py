@@ -102,4 +102,5 @@ def validate_preference_args(args) -> PreferenceSettings:
            f"--ref-load names the reference checkpoint, which --pref-reference {mode} does not use: drop it")
     args.pref_reference = mode
     args.sequences_per_sample = 4 if mode in LIVE_REFERENCES else 2
+    args.trained_sequences_per_sample = 2  # the chosen and the rejected response; the rest: reference forwards
     return settings_from_args(args)
