@@ -184,7 +184,9 @@ def test_startup_is_fast_and_imports_no_torch(tmp_path, sp_model):
             ) % (str(inp), str(tmp_path / "o"), sp_model, REPO, TOOL)
     t = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert time.time() - t < 2.0
+    # no torch or megatron.core import is what keeps start-up short (~0.3 s idle); the bound is generous for a
+    # loaded CI machine and catches only a start-up that imports the world
+    assert time.time() - t < 15.0
     assert out.stdout.split() == ["False", "False"]
 
 
