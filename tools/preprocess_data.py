@@ -20,6 +20,8 @@ from megatron.training.errors import Parser, run_main  # noqa: E402
 
 
 def build_parser() -> Parser:
+    from megatron.training.tokenizer import TOKENIZERS, add_tokenizer_file_flags
+
     p = Parser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True,
@@ -38,13 +40,8 @@ def build_parser() -> Parser:
                    help="stop at the first bad line (not JSON, missing key, empty, invalid UTF-8) "
                         "instead of skipping and counting it")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True,
-                   choices=["Llama2Tokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer",
-                            "GPT2BPETokenizer", "NullTokenizer", "BertWordPieceLowerCase", "BertWordPieceCase"])
-    g.add_argument("--tokenizer-model", help="sentencepiece .model, or HF tokenizer directory")
-    g.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json, or BertWordPiece* vocab.txt")
-    g.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt")
-    g.add_argument("--vocab-size", type=int, help="NullTokenizer: number of token ids")
+    g.add_argument("--tokenizer-type", required=True, choices=list(TOKENIZERS))
+    add_tokenizer_file_flags(g)
     g.add_argument("--legacy-tokenizer", action="store_true",
                    help="Megatron-LM's legacy tokenizer semantics (BOS for Llama2Tokenizer, HF special "
                         "tokens, SentencePiece <EOD>), as its --legacy-tokenizer; default: megatron-core's")

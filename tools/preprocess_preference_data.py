@@ -21,7 +21,7 @@ from megatron.training.errors import Parser, run_main  # noqa: E402
 
 def build_parser() -> Parser:
     from megatron.training.data.sft_templates import CHAT_TEMPLATE_CHOICES
-    from megatron.training.tokenizer import TOKENIZERS
+    from megatron.training.tokenizer import TOKENIZERS, add_tokenizer_file_flags
 
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="a .jsonl / .jsonl.gz file, a folder of them, or a quoted glob")
@@ -33,10 +33,7 @@ def build_parser() -> Parser:
                    help="auto: the tokenizer's own chat template when it has one, else raw (TRL strings), "
                         "alpaca (LLaMA-Factory records), chatml (message lists)")
     p.add_argument("--tokenizer-type", required=True, choices=list(TOKENIZERS))
-    p.add_argument("--tokenizer-model", help="sentencepiece .model, or HF tokenizer directory")
-    p.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json")
-    p.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt")
-    p.add_argument("--vocab-size", type=int, help="NullTokenizer: number of token ids")
+    add_tokenizer_file_flags(p)
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (one per core is right)")
     return p
 

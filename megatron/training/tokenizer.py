@@ -436,6 +436,14 @@ TOKENIZERS: Dict[str, type] = {
 }
 
 
+def add_tokenizer_file_flags(group) -> None:
+    """The files (and size) a --tokenizer-type reads, as the data tools take them."""
+    group.add_argument("--tokenizer-model", help="sentencepiece .model, or HF tokenizer directory")
+    group.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json, or BertWordPiece* vocab.txt")
+    group.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt")
+    group.add_argument("--vocab-size", type=int, help="NullTokenizer: number of token ids")
+
+
 def build_tokenizer(
     tokenizer_type: str,
     tokenizer_model: Optional[str] = None,
