@@ -265,9 +265,7 @@ def _check_adapter_keys(name: str, entry: dict, cfg: dict) -> None:
 
 
 def _check_stage_keys(name: str, entry: dict, cfg: dict) -> None:
-    if cfg["stage"] not in STAGES:
-        raise ConfigError(f"{name}: stage must be {' or '.join(STAGES)}, not {cfg['stage']!r}")
-    if cfg["stage"] != "dpo":
+    if cfg["stage"] != "dpo":  # (its value is checked with the others, VALUES)
         given = [k for k in PREFERENCE_FLAGS if k in entry]
         if given:
             raise ConfigError(f"{name}: {given[0]!r} configures preference tuning: add \"stage\": \"dpo\" (and "

@@ -18,13 +18,12 @@ single-process copy run also writes TensorBoard: TRL's metric names are its tags
 
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
-from tests.distributed.launcher import ROOT, run_distributed
 from tests.preference.conftest import driver_flags
+from tests.training.pretrain_runner import run_pretrain_sequence
 
 ITERS = 3
 RTOL = 1e-5
@@ -32,27 +31,7 @@ LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--lora-
 TP2, PP2 = ["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]
 
 
-def _runs(rank, world_size, argvs):
-    """[(iteration, loss, rewards/margins, rewards/accuracies)] per run, one process group for all."""
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    from megatron.core import parallel_state
-
-    import finetune_dpo
-    from megatron.training.initialize import destroy
-
-    out = []
-    try:
-        for argv in argvs:
-            try:
-                state = finetune_dpo.main(list(argv))
-            finally:
-                parallel_state.destroy_model_parallel()
-            out.append([(h["iteration"], h["loss"], h["rewards/margins"], h["rewards/accuracies"])
-                        for h in state.history if "loss" in h])
-    finally:
-        destroy()
-    return out
+FIELDS = ("loss", "rewards/margins", "rewards/accuracies")  # per iteration, after the iteration number
 
 
 def _flags(tiny, kind, data, extra=()):
@@ -70,13 +49,13 @@ def runs(tiny, tmp_path_factory):
         if name.startswith("train_pair"):
             shutil.copy(os.path.join(os.path.dirname(tiny["train"]), name), os.path.dirname(fresh))
     board = str(tmp_path_factory.mktemp("tensorboard"))
-    single = run_distributed(_runs, 1, args=([_flags(tiny, k, tiny["train"], ["--tensorboard-dir", board] if k == "copy"
-                                                     else []) for k in ("copy", "precomputed", "adapters")],))[0]
-    parallel = run_distributed(_runs, 4, args=([
+    single = run_pretrain_sequence([_flags(tiny, k, tiny["train"], ["--tensorboard-dir", board] if k == "copy" else [])
+                                    for k in ("copy", "precomputed", "adapters")], 1, "finetune_dpo", FIELDS)
+    parallel = run_pretrain_sequence([
         _flags(tiny, "copy", tiny["train"], TP2 + PP2 + ["--sequence-parallel"]),
         _flags(tiny, "adapters", tiny["train"], TP2 + ["--sequence-parallel"]),
         _flags(tiny, "precomputed", fresh, PP2),
-    ],))[-1]
+    ], 4, "finetune_dpo", FIELDS)
     return dict(zip(("copy", "precomputed", "adapters"), single)), dict(zip(("copy", "adapters", "precomputed"),
                                                                              parallel)), fresh, board
 

@@ -32,7 +32,7 @@ def _worker(rank, world_size, argv, entry_point):
     return [(h["iteration"], h["lm loss"], h["grad_norm"]) for h in state.history if "lm loss" in h]
 
 
-def _sequence_worker(rank, world_size, argvs, entry_point):
+def _sequence_worker(rank, world_size, argvs, entry_point, fields):
     """Several runs in one process group: only the parallel layout is torn down between them."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
@@ -49,16 +49,17 @@ def _sequence_worker(rank, world_size, argvs, entry_point):
                 state = importlib.import_module(entry_point).main(list(argv))
             finally:
                 parallel_state.destroy_model_parallel()
-            out.append([(h["iteration"], h["lm loss"], h["grad_norm"]) for h in state.history if "lm loss" in h])
+            out.append([(h["iteration"], *(h[f] for f in fields)) for h in state.history if fields[0] in h])
     finally:
         destroy()
     return out
 
 
-def run_pretrain_sequence(argvs, world_size=1, entry_point="pretrain_gpt"):
+def run_pretrain_sequence(argvs, world_size=1, entry_point="pretrain_gpt", fields=("lm loss", "grad_norm")):
     """run_pretrain for each argv in turn, in one launch of `world_size` processes
-    (one start-up for several runs); a list of their losses."""
-    return run_distributed(_sequence_worker, world_size=world_size, args=(tuple(map(tuple, argvs)), entry_point))[-1]
+    (one start-up for several runs); per run, [(iteration, *fields)] of the last rank's log."""
+    return run_distributed(_sequence_worker, world_size=world_size,
+                           args=(tuple(map(tuple, argvs)), entry_point, tuple(fields)))[-1]
 
 
 def run_pretrain(argv, world_size=1, entry_point="pretrain_gpt"):

@@ -27,10 +27,10 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
-from megatron.training.data.indexed_writer import IndexedDatasetWriter, optimal_dtype
+from megatron.training.data.indexed_writer import optimal_dtype
 from megatron.training.data.jsonl_reader import Block, InputError, find_input_files, split_lines
 from megatron.training.data.preference_formats import BadPair, PreferencePair, parse_preference_line
-from megatron.training.data.preprocess import InputAndTokenizerConfig, Report, encoded_blocks
+from megatron.training.data.preprocess import InputAndTokenizerConfig, MaskedDatasets, Report, encoded_blocks
 from megatron.training.data.sft_formats import BadRecord
 from megatron.training.data.sft_templates import Rendered, Segments, SFTEncoder
 
@@ -145,16 +145,12 @@ def preprocess_preference(cfg: PreferencePreprocessConfig, log=None) -> Report:
     log(f"preference pairs with {encoder.description}")
     _WORKER.update(cfg=cfg, encoder=encoder)  # inherited by forked workers
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
-    tokens_prefix, mask_prefix = preference_dataset_prefixes(cfg.output_prefix)
-    writers = [IndexedDatasetWriter(tokens_prefix, optimal_dtype(encoder.tokenizer.vocab_size)),
-               IndexedDatasetWriter(mask_prefix, np.uint8)]
     report = Report()
     report.response_tokens = 0
-    results = None
-    try:
-        results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_pair_block, _init_worker, (cfg,))
+    with MaskedDatasets(preference_dataset_prefixes(cfg.output_prefix), encoder.tokenizer.vocab_size) as out:
+        out.results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_pair_block, _init_worker, (cfg,))
         report.startup_s = time.time() - start
-        for result in results:
+        for result in out.results:
             if result["bad"] is not None:
                 line, why = result["bad"]
                 raise InputError(f"{result['path']}:{line}: {why}: fix or remove the record (nothing was written)")
@@ -163,19 +159,11 @@ def preprocess_preference(cfg: PreferencePreprocessConfig, log=None) -> Report:
             report.documents += result["pairs"]
             report.tokens += result["tokens"]
             report.response_tokens += int(result["mask"].sum())
-            two = np.full(result["pairs"], 2, dtype=np.int64)  # a pair: one document of two sequences
-            writers[0].add_documents(result["ids"], result["lengths"], two)
-            writers[1].add_documents(result["mask"], result["lengths"], two)
+            out.add(result, np.full(result["pairs"], 2, dtype=np.int64))  # a pair: one document of two sequences
         if report.documents == 0:
             raise InputError(f"--input {cfg.input} holds no preference pair: give a jsonl file of "
                              "{prompt, chosen, rejected} records")
-        report.outputs = [p for w in writers for p in w.finalize()]
-    except BaseException:
-        if results is not None:
-            results.close()
-        for w in writers:
-            w.abort()
-        raise
+        report.outputs = out.finalize()
     report.elapsed_s = time.time() - start
     return report
 

@@ -309,6 +309,35 @@ def require_documents(cfg: InputAndTokenizerConfig, report: Report) -> None:
                          "and --tokenizer-type")
 
 
+class MaskedDatasets:
+    """Token ids and their loss mask as two indexed datasets with the same documents (SFT and preference
+    preprocessing). Used as a context manager: on any failure inside the block the workers' results are
+    closed (`self.results`, when set) and both partial datasets are removed."""
+
+    def __init__(self, prefixes: Tuple[str, str], vocab_size: int):
+        self.writers = [IndexedDatasetWriter(prefixes[0], optimal_dtype(vocab_size)),
+                        IndexedDatasetWriter(prefixes[1], np.uint8)]
+        self.results = None
+
+    def add(self, result: dict, documents: np.ndarray) -> None:
+        """An encoded block's "ids" and "mask" over its "lengths", `documents` sequences per document."""
+        for writer, key in zip(self.writers, ("ids", "mask")):
+            writer.add_documents(result[key], result["lengths"], documents)
+
+    def finalize(self) -> List[str]:
+        return [p for w in self.writers for p in w.finalize()]
+
+    def __enter__(self) -> "MaskedDatasets":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            if self.results is not None:
+                self.results.close()
+            for w in self.writers:
+                w.abort()
+
+
 def encoded_blocks(files: Sequence[str], block_bytes: int, workers: int, encode, initializer, initargs,
                    damaged: Optional[List[str]] = None):
     """An iterator of `encode(block)` for every block of `files`, in input

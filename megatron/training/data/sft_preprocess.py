@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron.training.data.indexed_writer import IndexedDatasetWriter, optimal_dtype
+from megatron.training.data.indexed_writer import optimal_dtype
 from megatron.training.data.jsonl_reader import Block, InputError, find_input_files, split_lines
-from megatron.training.data.preprocess import InputAndTokenizerConfig, Report, _account, encoded_blocks
+from megatron.training.data.preprocess import (
+    InputAndTokenizerConfig, MaskedDatasets, Report, _account, encoded_blocks,
+)
 from megatron.training.data.sft_formats import SFT_BAD_REASONS, BadRecord, parse_sft_line
 from megatron.training.data.sft_templates import SFTEncoder
 
@@ -115,34 +117,22 @@ def preprocess_sft(cfg: SFTPreprocessConfig, log=None) -> Report:
     log(f"SFT records ({cfg.sft_format}) with {encoder.description}")
     _WORKER.update(cfg=cfg, encoder=encoder)  # inherited by forked workers
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
-    tokens_prefix, mask_prefix = sft_dataset_prefixes(cfg.output_prefix)
-    writers = [IndexedDatasetWriter(tokens_prefix, optimal_dtype(encoder.tokenizer.vocab_size)),
-               IndexedDatasetWriter(mask_prefix, np.uint8)]
     report = Report(reasons=SFT_BAD_REASONS)
     report.response_tokens = 0
-    results = None
-    try:
-        results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_sft_block, _init_worker, (cfg,),
-                                 None if cfg.strict else report.damaged)
+    with MaskedDatasets(sft_dataset_prefixes(cfg.output_prefix), encoder.tokenizer.vocab_size) as out:
+        out.results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_sft_block, _init_worker, (cfg,),
+                                     None if cfg.strict else report.damaged)
         report.startup_s = time.time() - start
-        for result in results:
+        for result in out.results:
             _account(cfg, report, result, log)
             report.response_tokens += int(result["mask"].sum())
-            docs = np.ones(result["documents"], dtype=np.int64)
-            writers[0].add_documents(result["ids"], result["lengths"], docs)
-            writers[1].add_documents(result["mask"], result["lengths"], docs)
+            out.add(result, np.ones(result["documents"], dtype=np.int64))
         if report.documents == 0:
             raise InputError(f"--input {cfg.input} has no usable record ({sum(report.bad.values())} bad lines): "
                              "fix the records the report lists, or give --sft-format")
         for message in report.damaged:
             log(f"warning: {message}")
-        report.outputs = [p for w in writers for p in w.finalize()]
-    except BaseException:
-        if results is not None:
-            results.close()
-        for w in writers:
-            w.abort()
-        raise
+        report.outputs = out.finalize()
     report.elapsed_s = time.time() - start
     return report
 
