@@ -6,8 +6,9 @@ flag that turns it off. Our own additions are --no-cross-entropy-loss-fusion
 on by default), the `liger` choice of --cross-entropy-fusion-impl,
 --no-fused-adam (Megatron-LM always has Transformer Engine's or apex's
 FusedAdam; without them megatron-core builds torch's AdamW, made fused here)
-and --no-foreach-grad-clip (likewise for the multi-tensor norm and scale of
-gradient clipping).
+--no-foreach-grad-clip (likewise for the multi-tensor norm and scale of
+gradient clipping) and --no-rmsnorm-fusion (torch's RMSNorm module instead of
+ours, on a CPU).
 """
 
 
@@ -26,6 +27,9 @@ def add_kernel_flags(parser) -> None:
                         "fusion beside Transformer Engine")
     g.add_argument("--no-rope-fusion", action="store_false", dest="apply_rope_fusion", default=None,
                    help="rotary embedding on q/k views of the fused QKV: our Triton kernel, or Transformer Engine's")
+    g.add_argument("--no-rmsnorm-fusion", action="store_false", dest="rmsnorm_fusion", default=None,
+                   help="RMSNorm of the local spec as one autograd function on a CPU (torch's module is a "
+                        "composite of elementwise passes there); off: torch.nn.RMSNorm")
     g.add_argument("--no-gradient-accumulation-fusion", action="store_false", dest="gradient_accumulation_fusion",
                    default=None, help="weight gradients accumulated straight into the fp32 main grads: apex's "
                                       "extension, else torch.addmm(out_dtype=fp32) (CUDA, torch >= 2.8)")

@@ -7,7 +7,8 @@
 megatron-core calls each of these only when the matching TransformerConfig
 fusion is on (apply_rope_fusion, bias_activation_fusion, cross_entropy_loss_fusion
 with impl 'native', gradient_accumulation_fusion); selection.py sets those
-fields from the same selection. The gradient norm and clipping names are
+fields from the same selection. The RMSNorm name is our own norm module's
+(models/norms.py), which the local spec builds. The gradient norm and clipping names are
 read whenever Transformer Engine and apex are both absent. `install` makes every call site match a
 selection: ours where it picks our provider, megatron-core's original
 otherwise, so one process can build models with kernels on and off.
@@ -53,6 +54,12 @@ def _torch_swiglu(original):
     return make_bias_swiglu_impl(original)
 
 
+def _torch_rmsnorm(original):
+    from megatron.training.kernels.rmsnorm_torch import rms_norm
+
+    return rms_norm
+
+
 def _liger_cross_entropy(original):
     from liger_kernel.megatron.cross_entropy import LigerMegatronCrossEntropy
 
@@ -84,6 +91,8 @@ CALL_SITES: Dict[str, Tuple[CallSite, ...]] = {
     "rope": (CallSite("megatron.core.models.common.embeddings.rope_utils", "fused_apply_rotary_pos_emb",
                       {"triton": _triton_rope, "torch": _torch_rope}),),
     "swiglu": (CallSite("megatron.core.transformer.mlp", "bias_swiglu_impl", {"liger": _liger_swiglu, "torch": _torch_swiglu}),),
+    # Our local spec's norm module (models/norms.py) calls this name.
+    "rmsnorm": (CallSite("megatron.training.models.norms", "rms_norm", {"torch": _torch_rmsnorm}),),
     "cross_entropy": (CallSite("megatron.core.models.common.language_module.language_module",
                                "fused_vocab_parallel_cross_entropy", {"liger": _liger_cross_entropy}),),
     "grad_accum": (CallSite("megatron.core.tensor_parallel.layers", "fused_weight_gradient_mlp_cuda",

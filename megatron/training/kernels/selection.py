@@ -12,7 +12,7 @@ The policy this table encodes: with Transformer Engine installed its kernels
 our Triton RoPE, Liger's SwiGLU and vocab-parallel cross-entropy, the
 torch.addmm gradient-accumulation shim, torch's fused AdamW and foreach
 gradient clipping run; on a CPU the paths made of plain torch operators run
-(RoPE and SwiGLU as one autograd function each, addmm into fp32 main grads,
+(RoPE, SwiGLU and RMSNorm as one autograd function each, addmm into fp32 main grads,
 torch's fused CPU AdamW, foreach clipping) and the Triton ones only with
 FINLLAMA_CPU_KERNELS=1 (tests).
 """
@@ -75,6 +75,12 @@ KERNELS: Dict[str, Kernel] = {
         # Where no kernel runs: one autograd function on torch operators (swiglu_torch.py).
         Provider("torch", "torch, ours", lambda c, a: True),
     )),
+    # The local spec's norms (models/norms.py; Transformer Engine's spec has its own). On CUDA torch's
+    # RMSNorm is a fused kernel; on a CPU it is a composite of ~18 passes: one autograd function there.
+    "rmsnorm": Kernel("RMSNorm", "rmsnorm_fusion",
+                      lambda a: a.normalization == "RMSNorm" and a.transformer_impl != "transformer_engine", (
+                          Provider("torch", "torch, ours", lambda c, a: not c.cuda),
+                      ), off_label="torch.nn.RMSNorm"),
     "gelu": Kernel("bias-GeLU", "bias_gelu_fusion", lambda a: not a.swiglu, (
         Provider("jit", "megatron-core jit", _cuda),
     )),

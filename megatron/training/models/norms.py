@@ -6,11 +6,25 @@ gradients must be summed over the TP group. megatron-core's
 `finalize_model_grads` does that for every parameter tagged
 `sequence_parallel=True`; this module builds torch's own RMSNorm/LayerNorm
 and adds that tag, which is all sequence parallelism needs from a norm.
+
+The RMSNorm is torch's module computing through `rms_norm`, a module-level
+name: torch's function unless the kernel selection puts ours there
+(kernels/rmsnorm_torch.py, on a CPU; kernels/hooks.py installs it).
 """
 
 import torch
 
-_NORMS = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
+rms_norm = torch.nn.functional.rms_norm
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm (same parameters and state dict) through this module's `rms_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+_NORMS = {"RMSNorm": RMSNorm, "LayerNorm": torch.nn.LayerNorm}
 
 
 class LocalNorm:

@@ -30,7 +30,7 @@ MODEL = [
 ]
 TP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 OFF = ["--no-rope-fusion", "--no-bias-swiglu-fusion", "--no-cross-entropy-loss-fusion",
-       "--no-gradient-accumulation-fusion", "--no-fused-adam"]
+       "--no-gradient-accumulation-fusion", "--no-fused-adam", "--no-rmsnorm-fusion"]
 
 
 def _one_step(rank, world_size, argv, cpu_kernels):
@@ -73,10 +73,11 @@ def runs():
 def test_start_up_line_names_each_kernel_path(runs):
     (on,), (off,) = runs["on"][0]["kernels"], runs["off"][0]["kernels"]  # printed once, by rank 0
     for path in ("RoPE: Triton, ours", "SwiGLU: Liger gate-up, Triton", "cross-entropy: Liger vocab-parallel, Triton",
-                 "gradient-accumulation fusion: torch.addmm(out_dtype=fp32) shim", "AdamW: torch fused"):
+                 "gradient-accumulation fusion: torch.addmm(out_dtype=fp32) shim", "AdamW: torch fused",
+                 "RMSNorm: torch, ours"):
         assert path in on
     for path in ("RoPE: unfused", "SwiGLU: unfused", "cross-entropy: unfused", "gradient-accumulation fusion: off",
-                 "AdamW: torch foreach"):
+                 "AdamW: torch foreach", "RMSNorm: torch.nn.RMSNorm"):
         assert path in off
     assert runs["on"][0]["fused_adam"] == {True} and runs["off"][0]["fused_adam"] == {False}
 

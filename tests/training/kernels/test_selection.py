@@ -32,8 +32,8 @@ def choices(caps, *flags, bf16=True):
 
 def test_cuda_without_transformer_engine_runs_every_kernel_of_this_package():
     assert choices(CUDA) == {
-        "rope": "triton", "swiglu": "liger", "cross_entropy": "liger", "grad_accum": "addmm", "adam": "torch",
-        "grad_clip": "foreach", "masked_softmax": OFF, "bias_dropout": "jit", "persist_layer_norm": OFF}
+        "rope": "triton", "swiglu": "liger", "rmsnorm": OFF, "cross_entropy": "liger", "grad_accum": "addmm",
+        "adam": "torch", "grad_clip": "foreach", "masked_softmax": OFF, "bias_dropout": "jit", "persist_layer_norm": OFF}
 
 
 def test_transformer_engine_keeps_its_own_kernels_and_megatron_cores_fusions():
@@ -57,14 +57,14 @@ def test_gradient_accumulation_gate_does_not_count_transformer_engine_as_a_provi
 
 def test_a_cpu_runs_the_plain_torch_paths_and_the_triton_ones_only_when_told_it_is_a_kernel_device():
     assert choices(CPU, bf16=False) == {
-        "rope": "torch", "swiglu": "torch", "cross_entropy": OFF, "grad_accum": "addmm", "adam": "torch",
-        "grad_clip": "foreach", "masked_softmax": OFF, "bias_dropout": OFF, "persist_layer_norm": OFF}
+        "rope": "torch", "swiglu": "torch", "rmsnorm": "torch", "cross_entropy": OFF, "grad_accum": "addmm",
+        "adam": "torch", "grad_clip": "foreach", "masked_softmax": OFF, "bias_dropout": OFF, "persist_layer_norm": OFF}
     # bf16 weights into fp32 main grads need addmm's out_dtype, which the CPU lacks.
     assert choices(CPU)["grad_accum"] == OFF
     cpu_kernels = dataclasses.replace(CPU, cpu_kernels=True, triton_interpreter=True)
     got = choices(cpu_kernels, bf16=False)
-    assert (got["rope"], got["swiglu"], got["cross_entropy"], got["grad_accum"], got["adam"]) == (
-        "triton", "liger", "liger", "addmm", "torch")
+    assert (got["rope"], got["swiglu"], got["cross_entropy"], got["grad_accum"], got["adam"], got["rmsnorm"]) == (
+        "triton", "liger", "liger", "addmm", "torch", "torch")
     with pytest.raises(ArgumentError, match="also set TRITON_INTERPRET=1 before Python starts"):
         choices(dataclasses.replace(CPU, cpu_kernels=True), bf16=False)
 
@@ -96,6 +96,17 @@ def test_optimizer_fusion_of_transformer_engine_is_megatron_cores_choice():
     assert "adam" not in choices(CUDA, "--optimizer", "sgd")
 
 
+def test_cpu_rmsnorm_has_its_off_flag_and_is_absent_where_the_local_norm_is_not_built():
+    assert choices(CPU, "--no-rmsnorm-fusion", bf16=False)["rmsnorm"] == OFF
+    assert {k: v for k, v in choices(CPU, "--no-rmsnorm-fusion", bf16=False).items() if k != "rmsnorm"} == {
+        k: v for k, v in choices(CPU, bf16=False).items() if k != "rmsnorm"}
+    assert "rmsnorm" not in choices(CUDA_TE, "--transformer-impl", "transformer_engine")  # TE's spec: TE's norms
+    layer_norm = parse_args([("LayerNorm" if a == "RMSNorm" else a) for a in LLAMA])
+    assert "rmsnorm" not in select(layer_norm, CPU).choices
+    line = select(args_for("--no-rmsnorm-fusion", bf16=False), CPU).describe()
+    assert "RMSNorm: torch.nn.RMSNorm" in line and "RMSNorm: torch, ours" in select(args_for(bf16=False), CPU).describe()
+
+
 def test_models_without_the_operation_do_not_list_its_kernel():
     learned = parse_args([a for a in LLAMA if a != "--use-rotary-position-embeddings"] + ["--bf16"])
     assert "rope" not in select(learned, CUDA).choices
@@ -106,7 +117,7 @@ def test_models_without_the_operation_do_not_list_its_kernel():
 def test_start_up_line_and_transformer_config_follow_the_selection():
     selection = select(args_for(), CUDA)
     line = selection.describe()
-    assert line.startswith("RoPE: Triton, ours; SwiGLU: Liger gate-up, Triton; "
+    assert line.startswith("RoPE: Triton, ours; SwiGLU: Liger gate-up, Triton; RMSNorm: torch.nn.RMSNorm; "
                            "cross-entropy: Liger vocab-parallel, Triton; "
                            "gradient-accumulation fusion: torch.addmm(out_dtype=fp32) shim; AdamW: torch fused")
     fields = selection.transformer_config_fields(swiglu=True)
@@ -122,8 +133,8 @@ def test_the_driver_config_on_this_machine_runs_the_plain_torch_paths():
     assert config.apply_rope_fusion and config.gradient_accumulation_fusion and config.bias_activation_fusion
     assert not config.cross_entropy_loss_fusion
     assert {k for k, v in args.kernel_selection.choices.items() if v != OFF} == {
-        "rope", "swiglu", "grad_accum", "adam", "grad_clip"}
+        "rope", "swiglu", "rmsnorm", "grad_accum", "adam", "grad_clip"}
     off = args_for("--no-rope-fusion", "--no-bias-swiglu-fusion", "--no-gradient-accumulation-fusion",
-                   "--no-fused-adam", "--no-foreach-grad-clip", bf16=False)
+                   "--no-fused-adam", "--no-foreach-grad-clip", "--no-rmsnorm-fusion", bf16=False)
     transformer_config_from_args(off)
     assert set(off.kernel_selection.choices.values()) == {OFF}

@@ -108,3 +108,52 @@ def test_torch_swiglu_is_megatron_cores_unfused_glu_bit_for_bit(dtype):
     called = []
     make_bias_swiglu_impl(lambda *a: called.append(a) or a[0])(y, torch.zeros(48, dtype=dtype))
     assert called  # a bias goes to megatron-core's own implementation
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_rmsnorm_is_torchs_forward_bit_for_bit_and_its_gradients_to_rounding(dtype):
+    from megatron.training.kernels.rmsnorm_torch import rms_norm
+
+    torch.manual_seed(3)
+    # [s, b, h] as the layers' norms see it, and a non-contiguous [s, b, heads, d] view as the
+    # per-head q/k norms (--qk-layernorm) see it.
+    hidden = torch.randn(7, 3, 40, dtype=dtype)
+    heads = torch.randn(7, 3, 4, 2 * 16, dtype=dtype)[..., :16]
+    for x in (hidden, heads):
+        x = x.requires_grad_()
+        w = (1 + 0.1 * torch.randn(x.shape[-1])).to(dtype).requires_grad_()
+        g = torch.randn(x.shape, dtype=dtype)
+        out = rms_norm(x, (x.shape[-1],), w, 1e-5)
+        ref = torch.nn.functional.rms_norm(x, (x.shape[-1],), w, 1e-5)
+        assert torch.equal(out, ref)  # the same operators in the same order (fp32 inside for bf16)
+        grads = torch.autograd.grad(out, (x, w), g)
+        ref_grads = torch.autograd.grad(ref, (x, w), g)
+        for got, want in zip(grads, ref_grads):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            # The closed-form backward against autograd's through torch's composite: fp32 rounding
+            # (~1e-7 relative) apart; in bf16 both are computed in fp32 and rounded once.
+            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(got, want, **tol)
+    # A LoRA run's frozen norm weight: only the input's gradient, the same as torch's.
+    frozen = torch.nn.Parameter(1 + 0.1 * torch.randn(40), requires_grad=False)
+    x = hidden.float().requires_grad_()
+    g = torch.randn(x.shape)
+    (dx,) = torch.autograd.grad(rms_norm(x, (40,), frozen, 1e-5), x, g)
+    (ref_dx,) = torch.autograd.grad(torch.nn.functional.rms_norm(x, (40,), frozen, 1e-5), x, g)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
+
+def test_the_local_specs_rmsnorm_computes_through_the_installed_function(call_sites):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.training.kernels import rmsnorm_torch
+    from megatron.training.models import norms
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm")
+    norm = norms.LocalNorm(config, 8, eps=1e-5)
+    assert isinstance(norm, torch.nn.RMSNorm) and list(norm.state_dict()) == ["weight"]
+    call_sites(rmsnorm="torch")
+    assert norms.rms_norm is rmsnorm_torch.rms_norm
+    x = torch.randn(3, 2, 8, requires_grad=True)
+    assert norm(x).grad_fn.name().endswith("_RMSNormBackward")
+    call_sites()
+    assert norms.rms_norm is torch.nn.functional.rms_norm
+    assert not norm(x).grad_fn.name().endswith("_RMSNormBackward")
