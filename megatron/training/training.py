@@ -165,9 +165,11 @@ def _check_checkpoint_vocabulary(args, vocab: int, padded: int) -> Tuple[int, in
 
 def build_model(args, model_provider) -> list:
     """This rank's model chunks (one per virtual stage), wrapped in
-    megatron-core's DistributedDataParallel."""
-    from megatron.core.distributed import DistributedDataParallel
+    megatron-core's DistributedDataParallel (ddp.py: its grad buffer zeroed
+    lazily where every writer allows it)."""
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from megatron.training.ddp import DistributedDataParallel, lazy_zero_applies
     from megatron.core.transformer.module import Float16Module
 
     config = arguments_module.transformer_config_from_args(args)
@@ -184,8 +186,9 @@ def build_model(args, model_provider) -> list:
     if args.fp16 or args.bf16:
         chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = arguments_module.ddp_config_from_args(args)
+    lazy_zero = lazy_zero_applies(args)
     model = [
-        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=(i > 0))
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=(i > 0), lazy_zero=lazy_zero)
         for i, chunk in enumerate(chunks)
     ]
     for chunk in model:
