@@ -1,8 +1,9 @@
 """The grad buffer zeroed lazily (megatron/training/ddp.py): the first write of an iteration
 overwrites a main grad, so whatever the buffer held before (poisoned here with NaN) never reaches
-a gradient. Two data-parallel ranks, two micro-batches per step (so later micro-batches add onto
-the first), tied embeddings (the output layer's fused write plus the embedding's gradient through
-the hook): the same losses, gradient norms and main grads as megatron-core's eager zeroing."""
+a gradient. Two data-parallel ranks (all-reduce, and the distributed optimizer's reduce-scatter),
+two micro-batches per step (so later micro-batches add onto the first), tied embeddings (the
+output layer's fused write plus the embedding's gradient through the hook): the same losses,
+gradient norms and main grads as megatron-core's eager zeroing."""
 
 import math
 import sys
@@ -17,7 +18,7 @@ ARGV = ([a for a in TINY_LLAMA if a != "--untie-embeddings-and-output-weights"] 
         + ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4"])
 
 
-def _steps(rank, world_size, lazy):
+def _steps(rank, world_size, lazy, extra):
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     import pretrain_gpt
@@ -25,7 +26,7 @@ def _steps(rank, world_size, lazy):
     from megatron.training.initialize import destroy
 
     try:
-        args = training.setup_args(list(ARGV))
+        args = training.setup_args(list(ARGV) + list(extra))
         tokenizer = training.build_tokenizer_from_args(args)
         model = training.build_model(args, pretrain_gpt.model_provider)
         assert [chunk.lazy_zero for chunk in model] == [True]  # this config takes the lazy path by default
@@ -51,12 +52,9 @@ def _steps(rank, world_size, lazy):
         destroy()
 
 
-@pytest.fixture(scope="module")
-def runs():
-    return {lazy: run_distributed(_steps, 2, args=(lazy,)) for lazy in (True, False)}
-
-
-def test_lazy_zeroing_gives_megatron_cores_steps_from_a_poisoned_buffer(runs):
+@pytest.mark.parametrize("extra", [[], ["--use-distributed-optimizer"]], ids=["all-reduce", "distributed-optimizer"])
+def test_lazy_zeroing_gives_megatron_cores_steps_from_a_poisoned_buffer(extra):
+    runs = {lazy: run_distributed(_steps, 2, args=(lazy, extra)) for lazy in (True, False)}
     for rank, ((lazy, lazy_untouched), (eager, eager_untouched)) in enumerate(zip(runs[True], runs[False])):
         assert lazy_untouched and eager_untouched
         for step, ((loss, norm, grads), (ref_loss, ref_norm, ref_grads)) in enumerate(zip(lazy, eager)):
