@@ -7,7 +7,7 @@ On a CPU, torch's RMSNorm is a composite: about six elementwise passes
 forward, each with its own output kept for backward, and about a dozen more
 in autograd's backward of them. Here the forward is the same operators in
 the same order (its output is bitwise torch's) and keeps only the input and
-the per-row rstd; the backward is the closed form, two elementwise passes
+the per-row rstd; the backward is the closed form, four elementwise passes
 and two matrix-vector products over g * x:
 
     t = g * x
@@ -16,7 +16,8 @@ and two matrix-vector products over g * x:
 
 fp16/bf16 inputs are computed in fp32 and rounded once at the end, as torch's
 composite does. Other shapes (a multi-dimensional normalized_shape, no weight) go to
-torch's function.
+torch's function, and so does a call without gradients (evaluation, generation): the same
+forward.
 """
 
 import torch
@@ -50,8 +51,9 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
-    if weight is None or len(normalized_shape) != 1 or not (input.requires_grad or weight.requires_grad):
-        return F.rms_norm(input, normalized_shape, weight, eps)
+    if (weight is None or len(normalized_shape) != 1 or not torch.is_grad_enabled()
+            or not (input.requires_grad or weight.requires_grad)):
+        return F.rms_norm(input, normalized_shape, weight, eps)  # nothing to keep for backward
     if eps is None:  # torch's default: the epsilon of the dtype it computes in
         eps = torch.finfo(torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype).eps
     return _RMSNorm.apply(input, weight, eps)
