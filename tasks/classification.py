@@ -16,7 +16,8 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from tasks.lm import EvalError, LanguageModel, chunks, document_prefix, require_tokenizer
+from tasks.chat import chat_settings, prompt_renderer
+from tasks.lm import EvalError, LanguageModel, chunks, require_tokenizer
 from tasks import multiple_choice
 from tasks.results import PartialResults, markdown_table
 from tasks.scoring import encode_pairs, precision_recall_f1, score_continuations
@@ -93,16 +94,18 @@ def load_fingpt_files(args, labels: Optional[List[str]] = None,
 
 
 def evaluate(lm: LanguageModel, task: str, examples: List[Example], labels: List[str], template: Dict[str, str],
-             results: PartialResults, batch_size: int = 4, max_length: int = 0, per_step: int = 8) -> None:
+             results: PartialResults, batch_size: int = 4, max_length: int = 0, per_step: int = 8,
+             render=None) -> None:
+    """`render(prompt) -> (context text, prefix ids)`: tasks/chat.py's (default: the plain prompt)."""
     require_tokenizer(lm, "classification")
-    prefix = document_prefix(lm.tokenizer)
+    render = render or prompt_renderer(lm.tokenizer)
     todo = [e for e in examples if f"{task}/{e.index}" not in results]
     for step in chunks(todo, per_step):
         requests = []
         for e in step:
-            prompt = template["prompt"].format(instruction=e.instruction, input=e.input)
-            requests += encode_pairs(lm.tokenizer, prompt, [template["answer"].format(label=label) for label in labels],
-                                     prefix)
+            context, prefix = render(template["prompt"].format(instruction=e.instruction, input=e.input))
+            answers = [template["answer"].format(label=label) for label in labels]
+            requests += encode_pairs(lm.tokenizer, context, answers, prefix)
         scores = score_continuations(lm, requests, batch_size, max_length)
         n = len(labels)
         results.add({"key": f"{task}/{e.index}", "label": e.label,
@@ -144,10 +147,12 @@ def run(args, lm: LanguageModel) -> dict:
     loaded, problems = load_fingpt_files(args, labels, min_labels=2)
     settings = {"task": "fingpt", "model": args.load or args.hf_model, "template": template,
                 "labels": {t: v[1] for t, v in loaded.items()}, "label_scoring": args.label_scoring,
-                "interpolation_factor": lm.interpolation_factor, "max_length": args.max_length}
+                "interpolation_factor": lm.interpolation_factor, "max_length": args.max_length, **chat_settings(args)}
     results = PartialResults(args.results_file, settings, lm.is_writer)
     out = {"settings": settings, "tasks": {}, "malformed_rows": problems}
+    render = prompt_renderer(lm.tokenizer, args.apply_chat_template, args.system_instruction)
     for task, (examples, task_labels) in loaded.items():
-        evaluate(lm, task, examples, task_labels, template, results, args.micro_batch_size, args.max_length)
+        evaluate(lm, task, examples, task_labels, template, results, args.micro_batch_size, args.max_length,
+                 render=render)
         out["tasks"][task] = task_report(task, examples, task_labels, results, args.label_scoring == "mean")
     return out

@@ -10,6 +10,9 @@
         --output results/fineval
     # FinGPT sentiment, label likelihood
     python tasks/main.py --task fingpt --load ckpt --data fpb.jsonl fiqa.jsonl tfns.jsonl nwgi.jsonl --output results/fingpt
+    # the same for an instruct model: each prompt as a user turn of its chat template (tasks/chat.py)
+    python tasks/main.py --task fingpt --hf-model Llama-3.1-8B-Instruct --data fpb.jsonl --apply-chat-template \
+        --output results/fingpt_instruct
     # FinGPT NER: greedy generation, entity-level precision / recall / F1
     python tasks/main.py --task ner --load ckpt --data fingpt_ner_test.jsonl --output results/ner
     # task accuracy of greedy answers on fine-tuning records (FinLoRA's {context, target}, ...): exact match
@@ -35,6 +38,7 @@ TASKS = ("perplexity", "fineval", "fingpt", "ner", "answers")
 def build_parser() -> Parser:
     from megatron.training.data.sft_formats import SFT_FORMATS
     from megatron.training.data.sft_templates import CHAT_TEMPLATE_CHOICES
+    from tasks.chat import add_chat_args
     from tasks.lm import add_model_args
 
     p = Parser(description=__doc__.split("\n\n")[0])
@@ -72,6 +76,7 @@ def build_parser() -> Parser:
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="ner: longest generated answer (default 64); answers: default the target's tokens + "
                         "8 (tasks/answers.py)")
+    add_chat_args(g)
     g = p.add_argument_group("answers (tasks/answers.py)")
     g.add_argument("--sft-format", choices=SFT_FORMATS, default="auto",
                    help="--data's record format, as preprocessing read it")
@@ -95,6 +100,7 @@ def main(argv=None) -> int:
 def run(args):
     """(result dict, markdown, whether this rank writes) for the parsed flags; writes --output on the writer rank."""
     from tasks import answers, classification, multiple_choice, ner, perplexity
+    from tasks.chat import check_chat_args
     from tasks.lm import EvalError, build_language_model
     from tasks.results import write_json, write_text
 
@@ -115,6 +121,7 @@ def run(args):
         if args.task == "answers" and not args.data:
             raise EvalError("--task answers needs --data FILE.jsonl [...]: records with their targets, in a format "
                             "the SFT tools read ({context, target}, alpaca, chat) or preference pairs")
+    check_chat_args(args)
     if args.task == "ner" and args.max_new_tokens is None:
         args.max_new_tokens = 64
     lm = build_language_model(args)

@@ -22,7 +22,8 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from tasks.lm import EvalError, LanguageModel, chunks, document_prefix, require_tokenizer
+from tasks.chat import chat_settings, prompt_renderer
+from tasks.lm import EvalError, LanguageModel, chunks, require_tokenizer
 from tasks.results import PartialResults, markdown_table
 from tasks.scoring import encode_pairs, score_continuations
 
@@ -211,18 +212,20 @@ def build_prompt(template: Dict[str, str], subject: str, shots: List[Question], 
 # ------------------------------------------------------------------ evaluation
 
 def evaluate(lm: LanguageModel, subjects: List[Subject], template: Dict[str, str], scoring: str,
-             results: PartialResults, batch_size: int = 4, max_length: int = 0, questions_per_step: int = 8) -> None:
-    """Score every question not yet in `results`, adding a record per question."""
+             results: PartialResults, batch_size: int = 4, max_length: int = 0, questions_per_step: int = 8,
+             render=None) -> None:
+    """Score every question not yet in `results`, adding a record per question. `render(prompt) ->
+    (context text, prefix ids)`: tasks/chat.py's (default: the plain prompt)."""
     require_tokenizer(lm, "multiple choice")
-    prefix = document_prefix(lm.tokenizer)
+    render = render or prompt_renderer(lm.tokenizer)
     for subject in subjects:
         todo = [q for q in subject.questions if f"{subject.name}/{q.id}" not in results]
         for step in chunks(todo, questions_per_step):
             requests = []
             for q in step:
-                prompt = build_prompt(template, subject.display, subject.dev, q, scoring)
+                context, prefix = render(build_prompt(template, subject.display, subject.dev, q, scoring))
                 options = [option_text(template, q, letter, scoring) for letter in LETTERS]
-                requests += encode_pairs(lm.tokenizer, prompt, options, prefix)
+                requests += encode_pairs(lm.tokenizer, context, options, prefix)
             scores = score_continuations(lm, requests, batch_size, max_length)
             records = []
             for i, q in enumerate(step):
@@ -287,7 +290,8 @@ def run(args, lm: LanguageModel) -> dict:
     template = load_template(args.template)
     settings = {"task": "fineval", "model": args.load or args.hf_model, "split": args.split, "shots": args.shots,
                 "scoring": args.scoring, "template": template,
-                "interpolation_factor": lm.interpolation_factor, "max_length": args.max_length}
+                "interpolation_factor": lm.interpolation_factor, "max_length": args.max_length, **chat_settings(args)}
     results = PartialResults(args.results_file, settings, lm.is_writer)
-    evaluate(lm, subjects, template, args.scoring, results, args.micro_batch_size, args.max_length)
+    evaluate(lm, subjects, template, args.scoring, results, args.micro_batch_size, args.max_length,
+             render=prompt_renderer(lm.tokenizer, args.apply_chat_template, args.system_instruction))
     return report(subjects, results, problems, settings)

@@ -24,7 +24,8 @@ from typing import Dict, List, Sequence, Set, Tuple
 
 from tasks.classification import Example, load_fingpt_files, load_template
 from tasks.generation import generate
-from tasks.lm import LanguageModel, document_prefix, require_tokenizer
+from tasks.chat import chat_settings, prompt_renderer
+from tasks.lm import LanguageModel, encode, require_tokenizer
 from tasks.results import PartialResults, markdown_table
 from tasks.scoring import precision_recall_f1
 
@@ -73,15 +74,16 @@ def entity_metrics(gold: List[Set[Span]], predicted: List[Set[Span]], types: Seq
 
 
 def evaluate(lm: LanguageModel, task: str, examples: List[Example], template: Dict[str, str],
-             results: PartialResults, max_new_tokens: int = 64, max_length: int = 0) -> None:
-    """Generate the answer of every example not yet in `results`, one record each."""
+             results: PartialResults, max_new_tokens: int = 64, max_length: int = 0, render=None) -> None:
+    """Generate the answer of every example not yet in `results`, one record each. `render(prompt) ->
+    (context text, prefix ids)`: tasks/chat.py's (default: the plain prompt)."""
     require_tokenizer(lm, "ner")
     tok = lm.tokenizer
-    prefix = document_prefix(tok)
+    render = render or prompt_renderer(tok)
     todo = [e for e in examples if f"{task}/{e.index}" not in results]
     for n, e in enumerate(todo, start=1):
-        prompt = template["prompt"].format(instruction=e.instruction, input=e.input)
-        new = generate(lm, prefix + tok.tokenize(prompt, bos=False), max_new_tokens, stop_ids=[tok.eod],
+        context, prefix = render(template["prompt"].format(instruction=e.instruction, input=e.input))
+        new = generate(lm, prefix + encode(tok, context), max_new_tokens, stop_ids=[tok.eod],
                        max_length=max_length)
         if new and new[-1] == tok.eod:
             new = new[:-1]
@@ -114,10 +116,11 @@ def run(args, lm: LanguageModel) -> dict:
     loaded, problems = load_fingpt_files(args)
     settings = {"task": "ner", "model": args.load or args.hf_model, "template": template, "entity_types": list(types),
                 "max_new_tokens": args.max_new_tokens, "interpolation_factor": lm.interpolation_factor,
-                "max_length": args.max_length}
+                "max_length": args.max_length, **chat_settings(args)}
     results = PartialResults(args.results_file, settings, lm.is_writer)
     out = {"settings": settings, "tasks": {}, "malformed_rows": problems}
+    render = prompt_renderer(lm.tokenizer, args.apply_chat_template, args.system_instruction)
     for task, (examples, _) in loaded.items():
-        evaluate(lm, task, examples, template, results, args.max_new_tokens, args.max_length)
+        evaluate(lm, task, examples, template, results, args.max_new_tokens, args.max_length, render=render)
         out["tasks"][task] = task_report(task, examples, results, types)
     return out

@@ -71,7 +71,8 @@ class DistributedDataParallel(_CoreDDP):
                 raise RuntimeError("param.grad is None: unsafe with overlap_grad_reduce")
             # A fused linear's weight gradient is already in main_grad; a tied weight's dummy is
             # zeros beside the other use's real gradient, which still has to be added.
-            if param.grad is not None and (not param.grad_added_to_main_grad or getattr(param, "zero_out_wgrad", False)):
+            tied_dummy = getattr(param, "zero_out_wgrad", False)
+            if param.grad is not None and (not param.grad_added_to_main_grad or tied_dummy):
                 grad_accum.add_or_copy(param.main_grad, param.grad.data)
             param.grad = None
             if self.ddp_config.overlap_grad_reduce:
