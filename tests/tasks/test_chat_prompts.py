@@ -3,7 +3,7 @@ tokenizer's chat template, assistant turn opened, the answer scored after it. Ch
 random Llama with the tiny Llama 3.1 tokenizer and its chat template: each label's log-likelihood
 is the one transformers gives for `apply_chat_template(tokenize=True, add_generation_prompt=True)`'s
 ids followed by the answer's (no second <|begin_of_text|>, the system turn in place); without the
-flag the plain prompt is scored; the misuses are one-line errors."""
+flag the plain prompt is scored; NER generates after the template; the misuses are one-line errors."""
 
 import json
 
@@ -95,3 +95,28 @@ def test_chat_template_misuses_are_one_line_errors(instruct_model, tmp_path):
     with pytest.raises(EvalError, match="has no chat template .* drop the flag for a base model"):
         run(build_parser().parse_args(["--task", "fingpt", "--hf-model", no_template, "--data", data,
                                        "--output", str(tmp_path / "y"), "--apply-chat-template"]))
+
+
+def test_ner_generates_after_the_chat_template_with_an_hf_tokenizer(instruct_model, tmp_path):
+    # NER prompts of HF tokenizers used to fail (tokenize() takes no bos=); with the template, the greedy
+    # continuation is transformers' greedy continuation of apply_chat_template's ids.
+    from tasks.main import build_parser, run
+
+    path, hf, model, _ = instruct_model
+    data = tmp_path / "ner.jsonl"
+    rows = [{"instruction": "Extract the entities.", "input": "Tim Cook leads Apple Inc in Cupertino.",
+             "output": "tim cook is a person, apple inc is an organization."}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ner"
+    run(build_parser().parse_args(["--task", "ner", "--hf-model", path, "--data", str(data), "--output", str(out),
+                                   "--max-new-tokens", "5", "--apply-chat-template"]))
+    (record,) = [r for r in map(json.loads, open(str(out) + ".partial.jsonl")) if "key" in r]
+    prompt = "Instruction: {instruction}\nInput: {input}\nAnswer:".format(**rows[0])
+    ids = hf.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    with torch.no_grad():
+        new = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, eos_token_id=None,
+                             pad_token_id=hf.eos_token_id)[0, len(ids):].tolist()
+    if hf.eos_token_id in new:
+        new = new[:new.index(hf.eos_token_id)]
+    assert record["generated"] == hf.decode(new)
