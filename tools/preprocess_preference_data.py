@@ -8,7 +8,8 @@ datasets, one document of two sequences (chosen, rejected) per pair.
 
 Record formats: megatron/training/data/preference_formats.py; templates and
 masks: the SFT ones (sft_templates.py). The first bad record stops the run
-with its file:line, and nothing is written.
+with its file:line, and nothing is written; an over-long pair is one, unless
+--truncation-mode cuts it.
 """
 
 import os
@@ -28,7 +29,11 @@ def build_parser() -> Parser:
     p.add_argument("--output-prefix", required=True, help="path prefix of the outputs, without suffix")
     p.add_argument("--seq-length", type=int, required=True,
                    help="the training --seq-length: a pair whose chosen or rejected side has more than "
-                        "seq_length + 1 tokens is refused with its line")
+                        "seq_length + 1 tokens is refused with its line (unless --truncation-mode)")
+    p.add_argument("--truncation-mode", choices=["keep_start", "keep_end"], default=None,
+                   help="cut a side longer than seq_length + 1 tokens to its first (keep_start) or last (keep_end) "
+                        "tokens, as TRL's DPO collator does with max_length = seq_length + 1; pairs left with no "
+                        "response token are dropped and counted. Default: refuse such pairs")
     p.add_argument("--chat-template", choices=CHAT_TEMPLATE_CHOICES, default="auto",
                    help="auto: the tokenizer's own chat template when it has one, else raw (TRL strings), "
                         "alpaca (LLaMA-Factory records), chatml (message lists)")

@@ -12,9 +12,13 @@ context, as in TRL and LLaMA-Factory. Both sides share the prompt's ids.
 Bad input is refused, not skipped: the first record that is not a valid pair
 (missing chosen/rejected, identical responses, an empty response, a pair
 longer than --seq-length + 1 tokens, ...) stops the run with one line naming
-its file and line, and nothing is written. Over-long pairs are refused rather
-than truncated (TRL cuts the end of the longer sequence; a preference
-decided by a response's end would be lost silently).
+its file and line, and nothing is written. Over-long pairs are refused by
+default rather than truncated: a preference decided by a response's end would
+be lost silently. --truncation-mode keep_start / keep_end truncates as TRL's
+DPO collator does (each side, prompt and response together, to its first /
+last seq_length + 1 tokens, the loss mask with it); a pair left with no
+response token on a side (its prompt fills the window) is dropped, as TRL
+drops pairs whose prompt fills max_length, and the report counts both.
 """
 
 import itertools
@@ -42,6 +46,9 @@ MASK_SUFFIX = "_pair_loss_mask_document"
 class PreferencePreprocessConfig(InputAndTokenizerConfig):
     chat_template: str = "auto"
     seq_length: Optional[int] = None  # a pair fits when each side has at most seq_length + 1 tokens
+    truncation_mode: Optional[str] = None  # None: refuse over-long pairs; keep_start / keep_end: TRL's truncation
+
+TRUNCATION = {"keep_start": lambda seq, window: seq[:window], "keep_end": lambda seq, window: seq[-window:]}
 
 
 def preference_dataset_prefixes(prefix: str) -> Tuple[str, str]:
@@ -87,7 +94,9 @@ def _init_worker(cfg: PreferencePreprocessConfig) -> None:
         _WORKER.update(cfg=cfg, encoder=_build_encoder(cfg))
 
 
-def _encode_pair(encoder: SFTEncoder, pair: PreferencePair, window: int):
+def _encode_pair(encoder: SFTEncoder, pair: PreferencePair, window: int, truncation_mode: Optional[str] = None):
+    """(((chosen ids, mask), (rejected ids, mask)), truncated?), cut to `window` tokens a side by
+    `truncation_mode`; the sides are None when truncation left one with no response token."""
     from megatron.training.tokenizer import TokenizerInputError
 
     try:
@@ -99,24 +108,36 @@ def _encode_pair(encoder: SFTEncoder, pair: PreferencePair, window: int):
     if chosen == rejected:
         raise BadPair("identical", "their token ids are the same")
     longest = max(len(chosen), len(rejected))
-    if longest > window:
+    if longest > window and truncation_mode is None:
         raise BadPair("too_long", f"{len(chosen)} + {len(rejected)} tokens; each side may have at most "
-                                  f"--seq-length + 1 = {window}: raise --seq-length to {longest - 1} or shorten "
-                                  "the record")
-    return (chosen, chosen_mask), (rejected, rejected_mask)
+                                  f"--seq-length + 1 = {window}: raise --seq-length to {longest - 1}, shorten "
+                                  "the record, or pass --truncation-mode keep_start|keep_end")
+    sides = [(chosen, chosen_mask), (rejected, rejected_mask)]
+    if longest <= window:
+        return sides, False
+    cut = TRUNCATION[truncation_mode]
+    sides = [(cut(ids, window), cut(mask, window)) for ids, mask in sides]
+    return (sides if all(any(mask) for _, mask in sides) else None), True
 
 
 def encode_pair_block(block: Block) -> dict:
     """Parse and encode one block; stops at its first bad record."""
     cfg: PreferencePreprocessConfig = _WORKER["cfg"]
     encoder: SFTEncoder = _WORKER["encoder"]
-    sides, bad = [], None
+    sides, bad, truncated, dropped = [], None, 0, 0
     lines = split_lines(block.data)
+    window = cfg.seq_length + 1
     for i, line in enumerate(lines):
         try:
             pair = parse_preference_line(line)
-            if pair is not None:
-                sides += _encode_pair(encoder, pair, cfg.seq_length + 1)
+            if pair is None:
+                continue
+            encoded, cut = _encode_pair(encoder, pair, window, cfg.truncation_mode)
+            if encoded is None:
+                dropped += 1
+                continue
+            truncated += cut
+            sides += encoded
         except BadPair as e:
             bad = (block.first_line + i, e.describe())
             break
@@ -124,7 +145,7 @@ def encode_pair_block(block: Block) -> dict:
     n = int(lengths.sum())
     dtype = optimal_dtype(encoder.tokenizer.vocab_size)
     return {"path": block.path, "bad": bad, "lines": len(lines), "bytes": len(block.data), "pairs": len(sides) // 2,
-            "tokens": n, "lengths": lengths,
+            "truncated": truncated, "dropped": dropped, "tokens": n, "lengths": lengths,
             "ids": np.fromiter(itertools.chain.from_iterable(i for i, _ in sides), dtype=dtype, count=n),
             "mask": np.fromiter(itertools.chain.from_iterable(m for _, m in sides), dtype=np.uint8, count=n)}
 
@@ -135,6 +156,8 @@ def preprocess_preference(cfg: PreferencePreprocessConfig, log=None) -> Report:
     output is removed."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.time()
+    if cfg.truncation_mode not in (None, *TRUNCATION):
+        raise InputError(f"--truncation-mode {cfg.truncation_mode}: choose keep_start or keep_end")
     if cfg.seq_length is None or cfg.seq_length < 1:
         raise InputError("--seq-length is required: the training sequence length, so pairs that do not fit are "
                          "refused here with their line")
@@ -146,7 +169,7 @@ def preprocess_preference(cfg: PreferencePreprocessConfig, log=None) -> Report:
     _WORKER.update(cfg=cfg, encoder=encoder)  # inherited by forked workers
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
     report = Report()
-    report.response_tokens = 0
+    report.response_tokens = report.truncated = report.dropped = 0
     with MaskedDatasets(preference_dataset_prefixes(cfg.output_prefix), encoder.tokenizer.vocab_size) as out:
         out.results = encoded_blocks(files, cfg.block_bytes, cfg.workers, encode_pair_block, _init_worker, (cfg,))
         report.startup_s = time.time() - start
@@ -159,16 +182,22 @@ def preprocess_preference(cfg: PreferencePreprocessConfig, log=None) -> Report:
             report.documents += result["pairs"]
             report.tokens += result["tokens"]
             report.response_tokens += int(result["mask"].sum())
+            report.truncated += result["truncated"]
+            report.dropped += result["dropped"]
             out.add(result, np.full(result["pairs"], 2, dtype=np.int64))  # a pair: one document of two sequences
         if report.documents == 0:
-            raise InputError(f"--input {cfg.input} holds no preference pair: give a jsonl file of "
-                             "{prompt, chosen, rejected} records")
+            raise InputError(f"--input {cfg.input} holds no preference pair" + (
+                f" that fits --seq-length {cfg.seq_length} ({report.dropped:,} dropped: their prompts fill the "
+                "window): raise --seq-length" if report.dropped else
+                ": give a jsonl file of {prompt, chosen, rejected} records"))
         report.outputs = out.finalize()
     report.elapsed_s = time.time() - start
     return report
 
 
 def preference_report_text(report: Report) -> str:
-    return (f"pairs {report.documents:,}   tokens {report.tokens:,} (response tokens {report.response_tokens:,})   "
+    cut = (f"   truncated {report.truncated:,}, dropped {report.dropped:,} (prompt fills the window)"
+           if report.truncated or report.dropped else "")
+    return (f"pairs {report.documents:,}{cut}   tokens {report.tokens:,} (response tokens {report.response_tokens:,})   "
             f"input {report.bytes / 1e6:,.1f} MB in {report.elapsed_s:.1f} s\n"
             + "\n".join(f"wrote {p}" for p in report.outputs))
