@@ -79,6 +79,8 @@ FIELDS = {
     "simpo_gamma": (0.5, "dpo: SimPO's target margin (--simpo-gamma)"),
     "pref_reference": ("auto", "dpo: the reference model: auto (adapters off with lora_r, else a frozen copy of the "
                                "base), copy, or precomputed log-probs stored beside the data (--pref-reference)"),
+    "pref_truncation": ("refuse", "dpo: pairs longer than seq_length: refuse (one line naming the record), "
+                                  "keep_start or keep_end (TRL's truncation; --truncation-mode of the preprocessing)"),
 }
 LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "data_parallel")
 # The adapter keys that mean nothing without lora_r.
@@ -178,6 +180,7 @@ VALUES = {
     "simpo_gamma": _number(0),
     "pref_reference": (lambda v: isinstance(v, str) and v in _preference_choices()[1],
                        "auto, adapters, copy or precomputed"),
+    "pref_truncation": _one_of("refuse", "keep_start", "keep_end"),
 }
 assert set(VALUES) == set(FIELDS), "every key has its check"
 
@@ -267,6 +270,7 @@ def _check_adapter_keys(name: str, entry: dict, cfg: dict) -> None:
 def _check_stage_keys(name: str, entry: dict, cfg: dict) -> None:
     if cfg["stage"] != "dpo":  # (its value is checked with the others, VALUES)
         given = [k for k in PREFERENCE_FLAGS if k in entry]
+        given += ["pref_truncation"] if "pref_truncation" in entry else []
         if given:
             raise ConfigError(f"{name}: {given[0]!r} configures preference tuning: add \"stage\": \"dpo\" (and "
                               "chosen/rejected records), or remove the key")
@@ -359,10 +363,12 @@ def preprocess_config(plan: Plan, split: str):
     common = dict(input=plan.to_preprocess[split], output_prefix=plan.data[split],
                   tokenizer_type=tok["--tokenizer-type"], tokenizer_model=tok.get("--tokenizer-model"),
                   chat_template=plan.cfg["chat_template"], workers=plan.cfg["workers"])
-    if plan.cfg["stage"] == "dpo":  # pairs longer than the sequence are refused here, with their line
+    if plan.cfg["stage"] == "dpo":  # pairs longer than the sequence are refused here (or truncated, if asked)
         from megatron.training.data.preference_preprocess import PreferencePreprocessConfig
 
-        return PreferencePreprocessConfig(seq_length=plan.cfg["seq_length"], **common)
+        mode = plan.cfg["pref_truncation"]
+        return PreferencePreprocessConfig(seq_length=plan.cfg["seq_length"],
+                                          truncation_mode=None if mode == "refuse" else mode, **common)
     from megatron.training.data.sft_preprocess import SFTPreprocessConfig
 
     return SFTPreprocessConfig(sft_format=plan.cfg["format"], **common)

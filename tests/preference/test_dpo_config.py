@@ -26,6 +26,9 @@ def test_stage_dpo_trains_with_finetune_dpo_and_the_pref_keys(tmp_path, base):
     assert not [f for f in cmd if f.startswith("--sft")]
     config = fc.preprocess_config(plan, "train")
     assert type(config).__name__ == "PreferencePreprocessConfig" and config.seq_length == 2048
+    assert config.truncation_mode is None  # over-long pairs refused by default
+    cut = fc.make_plan(fc.load_config(write(tmp_path, dict(base, pref_truncation="keep_end")), "run"))
+    assert fc.preprocess_config(cut, "train").truncation_mode == "keep_end"
 
     lora = fc.make_plan(fc.load_config(write(tmp_path, dict(base, lora_r=8)), "run"))
     cmd = fc.train_command(lora, REPO, 100, None)
@@ -45,6 +48,8 @@ def test_shipped_dpo_example_plans_on_a_fresh_clone():
 @pytest.mark.parametrize("entry,message", [
     ({"stage": "ppo"}, "stage must be sft or dpo"),
     ({"stage": "sft", "pref_beta": 0.2}, "'pref_beta' configures preference tuning: add \"stage\": \"dpo\""),
+    ({"stage": "sft", "pref_truncation": "keep_end"}, "'pref_truncation' configures preference tuning"),
+    ({"pref_truncation": "left"}, "pref_truncation"),
     ({"packing": True}, "stage dpo keeps one pair per sample"),
 ])
 def test_config_errors_name_the_fix(tmp_path, base, entry, message):
