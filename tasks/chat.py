@@ -5,9 +5,8 @@ models: Llama 3.x Instruct, Qwen2.5 Instruct, ...), as lm-evaluation-harness's
 --apply_chat_template does. The scored answer or the generation follows the
 rendered prompt.
 
-    render = prompt_renderer(lm.tokenizer, args.apply_chat_template, args.system_instruction)
+    render, settings = chat_prompts(args, lm.tokenizer)   # from the flags; settings: the results' entry
     text, prefix = render(prompt)     # the context text, and the ids put before its tokens
-    settings.update(chat_settings(args))
 
 Plain prompts get the tokenizer's document prefix ([BOS] where training data
 has one). A rendered prompt carries the template's own special tokens as text
@@ -60,8 +59,9 @@ def prompt_renderer(tokenizer, apply_chat_template: bool = False,
     return render
 
 
-def chat_settings(args) -> dict:
-    """The run's settings entry (partial results made without the template do not mix with these)."""
-    if not getattr(args, "apply_chat_template", False):
-        return {}
-    return {"chat_template": {"system_instruction": getattr(args, "system_instruction", None)}}
+def chat_prompts(args, tokenizer) -> Tuple[Callable[[str], Tuple[str, List[int]]], dict]:
+    """(the renderer the flags ask for, the run's settings entry: partial results made without the
+    template do not mix with these)."""
+    render = prompt_renderer(tokenizer, args.apply_chat_template, args.system_instruction)
+    settings = {"chat_template": {"system_instruction": args.system_instruction}} if args.apply_chat_template else {}
+    return render, settings

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from tasks.chat import chat_settings, prompt_renderer
+from tasks.chat import chat_prompts, prompt_renderer
 from tasks.lm import EvalError, LanguageModel, chunks, require_tokenizer
 from tasks import multiple_choice
 from tasks.results import PartialResults, markdown_table
@@ -145,12 +145,12 @@ def run(args, lm: LanguageModel) -> dict:
     labels = [normalise_label(x) for x in args.labels.split(",")] if args.labels else None
     template = load_template(args.template)
     loaded, problems = load_fingpt_files(args, labels, min_labels=2)
+    render, chat = chat_prompts(args, lm.tokenizer)
     settings = {"task": "fingpt", "model": args.load or args.hf_model, "template": template,
                 "labels": {t: v[1] for t, v in loaded.items()}, "label_scoring": args.label_scoring,
-                "interpolation_factor": lm.interpolation_factor, "max_length": args.max_length, **chat_settings(args)}
+                "interpolation_factor": lm.interpolation_factor, "max_length": args.max_length, **chat}
     results = PartialResults(args.results_file, settings, lm.is_writer)
     out = {"settings": settings, "tasks": {}, "malformed_rows": problems}
-    render = prompt_renderer(lm.tokenizer, args.apply_chat_template, args.system_instruction)
     for task, (examples, task_labels) in loaded.items():
         evaluate(lm, task, examples, task_labels, template, results, args.micro_batch_size, args.max_length,
                  render=render)

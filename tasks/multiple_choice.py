@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from tasks.chat import chat_settings, prompt_renderer
+from tasks.chat import chat_prompts, prompt_renderer
 from tasks.lm import EvalError, LanguageModel, chunks, require_tokenizer
 from tasks.results import PartialResults, markdown_table
 from tasks.scoring import encode_pairs, score_continuations
@@ -288,10 +288,10 @@ def run(args, lm: LanguageModel) -> dict:
     for p in problems:
         print(f"warning: skipped malformed row {p}", file=sys.stderr)
     template = load_template(args.template)
+    render, chat = chat_prompts(args, lm.tokenizer)
     settings = {"task": "fineval", "model": args.load or args.hf_model, "split": args.split, "shots": args.shots,
                 "scoring": args.scoring, "template": template,
-                "interpolation_factor": lm.interpolation_factor, "max_length": args.max_length, **chat_settings(args)}
+                "interpolation_factor": lm.interpolation_factor, "max_length": args.max_length, **chat}
     results = PartialResults(args.results_file, settings, lm.is_writer)
-    evaluate(lm, subjects, template, args.scoring, results, args.micro_batch_size, args.max_length,
-             render=prompt_renderer(lm.tokenizer, args.apply_chat_template, args.system_instruction))
+    evaluate(lm, subjects, template, args.scoring, results, args.micro_batch_size, args.max_length, render=render)
     return report(subjects, results, problems, settings)

@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence, Set, Tuple
 
 from tasks.classification import Example, load_fingpt_files, load_template
 from tasks.generation import generate
-from tasks.chat import chat_settings, prompt_renderer
+from tasks.chat import chat_prompts, prompt_renderer
 from tasks.lm import LanguageModel, encode, require_tokenizer
 from tasks.results import PartialResults, markdown_table
 from tasks.scoring import precision_recall_f1
@@ -114,12 +114,12 @@ def run(args, lm: LanguageModel) -> dict:
     types = tuple(t.strip().lower() for t in args.entity_types.split(",") if t.strip())
     template = load_template(args.template)
     loaded, problems = load_fingpt_files(args)
+    render, chat = chat_prompts(args, lm.tokenizer)
     settings = {"task": "ner", "model": args.load or args.hf_model, "template": template, "entity_types": list(types),
                 "max_new_tokens": args.max_new_tokens, "interpolation_factor": lm.interpolation_factor,
-                "max_length": args.max_length, **chat_settings(args)}
+                "max_length": args.max_length, **chat}
     results = PartialResults(args.results_file, settings, lm.is_writer)
     out = {"settings": settings, "tasks": {}, "malformed_rows": problems}
-    render = prompt_renderer(lm.tokenizer, args.apply_chat_template, args.system_instruction)
     for task, (examples, _) in loaded.items():
         evaluate(lm, task, examples, template, results, args.max_new_tokens, args.max_length, render=render)
         out["tasks"][task] = task_report(task, examples, results, types)

@@ -91,6 +91,8 @@ STAGES = ("sft", "dpo")
 PREFERENCE_FLAGS = {"pref_loss": "--pref-loss", "pref_beta": "--pref-beta", "pref_ftx": "--pref-ftx",
                     "dpo_label_smoothing": "--dpo-label-smoothing", "simpo_gamma": "--simpo-gamma",
                     "pref_reference": "--pref-reference"}
+# The keys that mean nothing without stage dpo: the driver's and the preprocessing's.
+PREFERENCE_KEYS = (*PREFERENCE_FLAGS, "pref_truncation")
 # What each stage's preprocessed data is called ({prefix}<suffix>.idx) and which script trains on it.
 REFERENCE_FREE = ("simpo",)  # preference losses without a reference model
 STAGE_DATA_SUFFIX = {"sft": "_text_document", "dpo": "_pair_text_document"}
@@ -269,8 +271,7 @@ def _check_adapter_keys(name: str, entry: dict, cfg: dict) -> None:
 
 def _check_stage_keys(name: str, entry: dict, cfg: dict) -> None:
     if cfg["stage"] != "dpo":  # (its value is checked with the others, VALUES)
-        given = [k for k in PREFERENCE_FLAGS if k in entry]
-        given += ["pref_truncation"] if "pref_truncation" in entry else []
+        given = [k for k in PREFERENCE_KEYS if k in entry]
         if given:
             raise ConfigError(f"{name}: {given[0]!r} configures preference tuning: add \"stage\": \"dpo\" (and "
                               "chosen/rejected records), or remove the key")

@@ -168,9 +168,9 @@ def build_model(args, model_provider) -> list:
     megatron-core's DistributedDataParallel (ddp.py: its grad buffer zeroed
     lazily where every writer allows it)."""
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
 
     from megatron.training.ddp import DistributedDataParallel, lazy_zero_applies
-    from megatron.core.transformer.module import Float16Module
 
     config = arguments_module.transformer_config_from_args(args)
     vp = args.virtual_pipeline_model_parallel_size

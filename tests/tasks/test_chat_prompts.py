@@ -47,6 +47,12 @@ def _scores(path, data, out, *flags):
             for i, e in enumerate(EXAMPLES) for j, label in enumerate(labels)}, result
 
 
+def _template_ids(hf, messages):
+    """transformers' own ids of the rendered conversation, the assistant turn opened."""
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in some versions
+
+
 def _reference(hf, model, context_ids, answer):
     answer_ids = hf(answer, add_special_tokens=False).input_ids
     ids = torch.tensor([context_ids + answer_ids])
@@ -66,8 +72,7 @@ def test_labels_are_scored_after_the_chat_templates_assistant_turn(instruct_mode
         example = next(e for e in EXAMPLES if e["input"] == text)
         messages = [{"role": "system", "content": SYSTEM},
                     {"role": "user", "content": prompt.format(**example)}]
-        ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        ids = _template_ids(hf, messages)
         assert ids[0] == hf.bos_token_id and ids[1] != hf.bos_token_id
         # fp32 forward of the same ids: ~1e-6 apart in a sum of a few log-probabilities
         assert got == pytest.approx(_reference(hf, model, ids, " " + label), abs=1e-4)
@@ -112,8 +117,7 @@ def test_ner_generates_after_the_chat_template_with_an_hf_tokenizer(instruct_mod
                                    "--max-new-tokens", "5", "--apply-chat-template"]))
     (record,) = [r for r in map(json.loads, open(str(out) + ".partial.jsonl")) if "key" in r]
     prompt = "Instruction: {instruction}\nInput: {input}\nAnswer:".format(**rows[0])
-    ids = hf.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = _template_ids(hf, [{"role": "user", "content": prompt}])
     with torch.no_grad():
         new = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, eos_token_id=None,
                              pad_token_id=hf.eos_token_id)[0, len(ids):].tolist()

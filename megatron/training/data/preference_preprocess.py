@@ -48,6 +48,8 @@ class PreferencePreprocessConfig(InputAndTokenizerConfig):
     seq_length: Optional[int] = None  # a pair fits when each side has at most seq_length + 1 tokens
     truncation_mode: Optional[str] = None  # None: refuse over-long pairs; keep_start / keep_end: TRL's truncation
 
+
+# --truncation-mode -> the tokens of a side that stay (TRL's DataCollatorForPreference slices)
 TRUNCATION = {"keep_start": lambda seq, window: seq[:window], "keep_end": lambda seq, window: seq[-window:]}
 
 
@@ -156,8 +158,6 @@ def preprocess_preference(cfg: PreferencePreprocessConfig, log=None) -> Report:
     output is removed."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.time()
-    if cfg.truncation_mode not in (None, *TRUNCATION):
-        raise InputError(f"--truncation-mode {cfg.truncation_mode}: choose keep_start or keep_end")
     if cfg.seq_length is None or cfg.seq_length < 1:
         raise InputError("--seq-length is required: the training sequence length, so pairs that do not fit are "
                          "refused here with their line")

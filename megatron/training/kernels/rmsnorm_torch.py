@@ -23,13 +23,15 @@ forward.
 import torch
 import torch.nn.functional as F
 
+_HALF = (torch.float16, torch.bfloat16)  # computed in fp32, as torch's composite does
+
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xf = x2.float() if x2.dtype in (torch.float16, torch.bfloat16) else x2
+        xf = x2.float() if x2.dtype in _HALF else x2
         rstd = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
         y = torch.mul(xf, rstd).mul_(weight.to(xf.dtype)).to(torch.promote_types(x.dtype, weight.dtype))
         ctx.save_for_backward(x2, weight, rstd)
@@ -55,5 +57,5 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
             or not (input.requires_grad or weight.requires_grad)):
         return F.rms_norm(input, normalized_shape, weight, eps)  # nothing to keep for backward
     if eps is None:  # torch's default: the epsilon of the dtype it computes in
-        eps = torch.finfo(torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype).eps
+        eps = torch.finfo(torch.float32 if input.dtype in _HALF else input.dtype).eps
     return _RMSNorm.apply(input, weight, eps)
